@@ -1,0 +1,624 @@
+"""SlabStore: the facade tying slab, index, policy and I/O engine together.
+
+Crash protocol (why each step is where it is):
+
+1. In one index transaction: take a free slot, or evict the policy's victim
+   (its entry is deleted in that same transaction), bump the slot's
+   generation and mark it reserved by this process.  From here on no
+   reader can reach the slot's old bytes through the index.
+2. Write the payload and the slot's record (and fdatasync in strict mode).
+3. In a second transaction: insert the entry and drop the reservation.
+
+A crash after 1 leaves a reservation by a dead process, released at the
+next open; a crash after 2 leaves the same, with orphan bytes nobody points
+at.  Readers look an entry up, copy its bytes, then check in the index that
+the entry still names the same slot and generation: a slot is rewritten only
+after its entry is gone and with a new generation, so a read that passes
+that check saw no rewrite, and a read that fails it is a miss.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import shutil
+import threading
+import time
+from contextlib import contextmanager
+from typing import Iterable, Iterator
+
+import torch
+
+from . import owner as owners
+from .errors import (
+    ConfigError, CorruptStoreError, EntryTooLargeError, StoreClosedError,
+)
+from .format import (
+    EntryMeta, SlotRecord, canonical_key, checksum, decode_key, index_key, key_hash,
+    pack_record_meta,
+)
+from .index import COUNTERS, Entry, Index, IndexTxn
+from .io import ENGINES, Engine, make_engine
+from .policy import Policy, UseStats, make_policy
+from .slab import SLAB_NAME, SlotRecords, check_geometry, create_slab, read_slab_header
+from .values import allocate, describe, direct_parts, match_out
+
+log = logging.getLogger(__name__)
+
+INDEX_NAME = "index"
+LOCK_NAME = "lock"
+DURABILITY = ("fast", "strict")
+
+
+def _positive_int(name: str, v) -> int | None:
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ConfigError(f"{name} must be an int number of bytes, got {type(v).__name__} {v!r}")
+    if v <= 0:
+        raise ConfigError(f"{name} must be positive, got {v}")
+    return v
+
+
+class SlabStore:
+    """A key -> tensor(s) store in one preallocated slab file plus an LMDB index.
+
+    Open with :meth:`SlabStore.open`.  Thread-safe; several processes may
+    open the same path at once.
+    """
+
+    def __init__(self, *, path: str, engine: Engine, index: Index, records: SlotRecords,
+                 policy: Policy, geometry, creation_id: bytes, durability: str,
+                 checksum: bool, lock_fd: int, readonly: bool):
+        self.path = path
+        self.engine = engine
+        self.index = index
+        self.records = records
+        self.policy = policy
+        self.geometry = geometry
+        self.creation_id = creation_id
+        self.durability = durability
+        self.checksum = checksum
+        self.readonly = readonly
+        self._lock_fd = lock_fd
+        self._owner = owners.new_handle()
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._active = 0
+        self._closed = False
+        self._pending = dict.fromkeys(COUNTERS, 0)
+        # Test hook: called between copying a slot's bytes and validating
+        # them, so a race with eviction can be forced deterministically.
+        self._after_read_hook = None
+
+    # ------------------------------------------------------------------ open
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, capacity_bytes: int | None = None,
+             slot_bytes: int | None = None, policy: str | None = None, io: str = "mmap",
+             durability: str = "fast", checksum: bool = True, *, readonly: bool = False,
+             index_map_bytes: int | None = None) -> "SlabStore":
+        """Open the store at directory ``path``, creating it if needed.
+
+        Creating needs ``capacity_bytes`` and ``slot_bytes``; reopening reads
+        them from the slab and raises LayoutMismatchError if given values
+        disagree.  ``policy`` defaults to the store's own (``lru`` when new).
+        Raises ConfigError for bad arguments or paths, CorruptStoreError for a
+        damaged store, StorageFullError when the slab cannot be preallocated.
+        """
+        if not isinstance(path, (str, os.PathLike)):
+            raise ConfigError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+        path = os.path.abspath(os.fspath(path))
+        capacity_bytes = _positive_int("capacity_bytes", capacity_bytes)
+        slot_bytes = _positive_int("slot_bytes", slot_bytes)
+        index_map_bytes = _positive_int("index_map_bytes", index_map_bytes)
+        pol = make_policy(policy) if policy is not None else None
+        if io not in ENGINES:
+            raise ConfigError(f"unknown io engine {io!r}; use one of {', '.join(ENGINES)}")
+        if durability not in DURABILITY:
+            raise ConfigError(f"unknown durability {durability!r}; use 'fast' or 'strict'")
+        if not isinstance(checksum, bool):
+            raise ConfigError(f"checksum must be True or False, got {checksum!r}")
+
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise ConfigError(f"{path} exists and is not a directory; give a directory for the store")
+        slab_path = os.path.join(path, SLAB_NAME)
+        if readonly:
+            if not os.path.exists(slab_path):
+                raise ConfigError(f"no slabcache store at {path} (no {SLAB_NAME} file)")
+        else:
+            try:
+                os.makedirs(path, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(f"cannot create store directory {path}: {exc.strerror}") from exc
+            if not os.access(path, os.W_OK | os.X_OK):
+                raise ConfigError(f"store directory {path} is not writable; fix its permissions or choose another path")
+
+        lock_fd = cls._lock_store(path, readonly)
+        try:
+            return cls._open_locked(path, slab_path, capacity_bytes, slot_bytes, pol, io,
+                                    durability, checksum, readonly, index_map_bytes, lock_fd)
+        except BaseException:
+            os.close(lock_fd)
+            raise
+
+    @staticmethod
+    def _lock_store(path: str, readonly: bool) -> int:
+        lock_path = os.path.join(path, LOCK_NAME)
+        if readonly and not os.path.exists(lock_path):
+            return os.open(path, os.O_RDONLY)  # nothing to coordinate with
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT if not readonly else os.O_RDONLY, 0o644)
+        # Exclusive while creating/validating so two processes never create
+        # at once; shared afterwards, which lets `fsck --repair` detect users.
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return fd
+
+    @classmethod
+    def _open_locked(cls, path, slab_path, capacity_bytes, slot_bytes, pol, io, durability,
+                     checksum, readonly, index_map_bytes, lock_fd) -> "SlabStore":
+        index_path = os.path.join(path, INDEX_NAME)
+        created = False
+        if os.path.exists(slab_path):
+            g, creation_id = read_slab_header(slab_path)
+            check_geometry(g, path, capacity_bytes, slot_bytes)
+            if not os.path.exists(os.path.join(index_path, "data.mdb")):
+                raise CorruptStoreError(
+                    f"the index of {path} is missing; run `slabcache fsck {path} "
+                    "--rebuild-index` to rebuild it from the slab"
+                )
+        else:
+            if capacity_bytes is None or slot_bytes is None:
+                raise ConfigError(
+                    f"no store at {path} yet: pass capacity_bytes and slot_bytes to create one"
+                )
+            # An index without a slab is a creation that never finished.
+            shutil.rmtree(index_path, ignore_errors=True)
+            g, creation_id = create_slab(slab_path + ".new", capacity_bytes, slot_bytes)
+            created = True
+
+        map_size = index_map_bytes or max(1 << 30, g.slot_count * 8192)
+        try:
+            index = Index(index_path, map_size=map_size, sync=durability == "strict",
+                          readonly=readonly, create=not readonly)
+        except BaseException:
+            if created:
+                os.unlink(slab_path + ".new")
+            raise
+        try:
+            if created:
+                with index.write() as t:
+                    t.meta_put("creation_id", creation_id)
+                    t.meta_put("policy", (pol.name if pol else "lru").encode())
+                os.rename(slab_path + ".new", slab_path)
+            pol = cls._settle_policy(index, pol, path, readonly)
+            with index.read() as t:
+                if t.meta_get("creation_id") != creation_id:
+                    raise CorruptStoreError(
+                        f"the index of {path} belongs to another slab (creation ids differ); "
+                        f"run `slabcache fsck {path} --rebuild-index`"
+                    )
+            engine = make_engine(io, slab_path, g)
+        except BaseException:
+            index.close()
+            raise
+        rec_fd = os.open(slab_path, os.O_RDONLY if readonly else os.O_RDWR)
+        store = cls(path=path, engine=engine, index=index, records=SlotRecords(rec_fd, g),
+                    policy=pol, geometry=g, creation_id=creation_id, durability=durability,
+                    checksum=checksum, lock_fd=lock_fd, readonly=readonly)
+        if not readonly:
+            with index.write() as t:
+                reaped = t.reap_dead()
+                t.register_owner(store._owner, writable=True)
+            if any(reaped.values()):
+                log.info("released what dead processes left in %s: %s", path, reaped)
+        fcntl.flock(lock_fd, fcntl.LOCK_SH)
+        return store
+
+    @staticmethod
+    def _settle_policy(index: Index, pol: Policy | None, path: str, readonly: bool) -> Policy:
+        with index.read() as t:
+            stored = (t.meta_get("policy") or b"lru").decode()
+            others = [o for o in t.owners() if owners.is_alive(o[0])]
+        if pol is None or pol.name == stored:
+            return make_policy(stored)
+        if readonly or others:
+            raise ConfigError(
+                f"store at {path} uses policy {stored!r} and is open elsewhere "
+                f"(pids {sorted({owners.pid_of(o[0]) for o in others})}); open it with "
+                f"policy={stored!r} or None, or change the policy while no one else has it open"
+            )
+        old = make_policy(stored)
+        with index.write() as t:
+            t.rekey_order(old, pol)
+            t.meta_put("policy", pol.name.encode())
+        log.info("store %s: eviction policy changed from %s to %s", path, stored, pol.name)
+        return pol
+
+    # ------------------------------------------------------------------ life
+
+    @contextmanager
+    def _op(self) -> Iterator[None]:
+        with self._lock:
+            if self._closed:
+                raise StoreClosedError(f"store at {self.path} is closed; open it again")
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._active -= 1
+                if self._active == 0:
+                    self._idle.notify_all()
+
+    def _write_op(self):
+        if self.readonly:
+            raise ConfigError(f"store at {self.path} was opened read-only; open it without readonly=True to change it")
+        return self._op()
+
+    def close(self) -> None:
+        """Flush counters, release this handle's pins, close files.  Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            while self._active:
+                self._idle.wait()
+        try:
+            if not self.readonly:
+                with self.index.write() as t:
+                    self._flush(t)
+                    for ikey, who, _n in t.all_pins():
+                        if who == self._owner:
+                            t.delete_pin(ikey, who)
+                    t.unregister_owner(self._owner)
+        finally:
+            self.engine.close()
+            os.close(self.records.fd)
+            self.index.close()
+            os.close(self._lock_fd)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> "SlabStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"{self.geometry.slot_count} slots"
+        return f"<SlabStore {self.path} {self.engine.name} {self.policy.name} {state}>"
+
+    # ------------------------------------------------------------------ counters
+
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self._pending[name] += n
+
+    def _flush(self, t: IndexTxn) -> None:
+        with self._lock:
+            delta, self._pending = self._pending, dict.fromkeys(COUNTERS, 0)
+        t.add_counters(delta)
+
+    # ------------------------------------------------------------------ keys
+
+    @staticmethod
+    def _keys(key) -> tuple[bytes, bytes]:
+        canon = canonical_key(key)
+        return canon, index_key(canon)
+
+    # ------------------------------------------------------------------ put
+
+    def put(self, key: str | bytes, value, *, extra: bytes = b"") -> bool:
+        """Store ``value`` (a tensor or list of tensors) under ``key``.
+
+        Returns True when stored or already present (then it counts as a use
+        and is not rewritten), False when no slot is free and every entry is
+        pinned.  Raises EntryTooLargeError, InvalidKeyError,
+        UnsupportedValueError, SlabIOError (nothing stored is lost).
+        """
+        canon, ikey = self._keys(key)
+        parts, meta = describe(value, extra)
+        return self._put_parts(canon, ikey, parts, meta)
+
+    def _put_parts(self, canon: bytes, ikey: bytes, parts: list[torch.Tensor],
+                   meta: EntryMeta) -> bool:
+        if meta.length > self.geometry.slot_bytes:
+            raise EntryTooLargeError(
+                f"value of {meta.length} bytes does not fit a slot of "
+                f"{self.geometry.slot_bytes} bytes; split it, or re-slot the store with "
+                "`slabcache compact --slot-bytes`"
+            )
+        with self._write_op():
+            got = self._reserve(canon, ikey)
+            if got is None or got is True:
+                return got is True
+            slot, gen = got
+            try:
+                csum = checksum([p.numpy() for p in parts]) if self.checksum else 0
+                self.engine.write(slot, parts)
+                self.records.write(slot, SlotRecord(
+                    gen, meta.length, csum, key_hash(canon), pack_record_meta(canon, meta)))
+                if self.durability == "strict":
+                    self.engine.sync()
+            except BaseException:
+                with self.index.write() as t:
+                    if t.reservation(slot) == (gen, self._owner):
+                        t.unreserve(slot)
+                        t.release_slot(slot, gen)
+                raise
+            return self._commit(canon, ikey, slot, gen, csum, meta)
+
+    def _reserve(self, canon: bytes, ikey: bytes):
+        """True if present (used), None if no slot can be had, else (slot, gen)."""
+        with self.index.write() as t:
+            self._flush(t)
+            e = t.get_entry(ikey, canon)
+            if e is not None:
+                t.record_use(e, self.policy, time.time())
+                return True
+            got = t.take_free_slot(self.geometry.slot_count)
+            if got is None:
+                t.reap_dead()
+                got = t.take_free_slot(self.geometry.slot_count)
+            if got is None:
+                victim = t.find_victim(self.policy)
+                if victim is None:
+                    t.add_counters({"rejected_puts": 1})
+                    return None
+                t.delete_entry(victim, self.policy)
+                t.add_counters({"evictions": 1})
+                got = (victim.slot, victim.generation)
+            slot, gen = got
+            gen = (gen + 1) & 0xFFFFFFFF or 1
+            t.reserve(slot, gen, self._owner)
+            return slot, gen
+
+    def _commit(self, canon, ikey, slot, gen, csum, meta) -> bool:
+        now = time.time()
+        with self.index.write() as t:
+            if t.reservation(slot) != (gen, self._owner):
+                log.warning("slot %d of %s was taken from this put (repair?); dropping it", slot, self.path)
+                return False
+            t.unreserve(slot)
+            old = t.entry_at(ikey)
+            if old is not None and old.canon == canon:
+                # Another thread or process stored the same key meanwhile.
+                t.release_slot(slot, gen)
+                return True
+            if old is not None:  # a different key with the same hash: replace it
+                t.delete_entry(old, self.policy)
+                t.drop_pins(ikey)
+                t.release_slot(old.slot, old.generation)
+            tick = t.next_tick()
+            t.put_entry(Entry(ikey, canon, slot, gen, meta.length, csum,
+                              UseStats(tick, 0, tick), now, now, meta), self.policy)
+            t.add_counters({"puts": 1})
+        return True
+
+    # ------------------------------------------------------------------ get
+
+    def _lookup(self, key) -> Entry | None:
+        canon, ikey = self._keys(key)
+        with self.index.read() as t:
+            return t.get_entry(ikey, canon)
+
+    def get(self, key: str | bytes):
+        """The stored value (same dtypes, shapes, bytes), or None on a miss.
+
+        A checksum mismatch is a miss (counted in ``checksum_failures``, the
+        entry dropped); wrong bytes are never returned.
+        """
+        with self._op():
+            e = self._lookup(key)
+            if e is None:
+                self._count("misses")
+                return None
+            value, parts = allocate(e.meta, self.engine.empty)
+            return value if self._read_checked(e, parts) else None
+
+    def get_into(self, key: str | bytes, out) -> bool:
+        """Read the value into ``out`` (same dtypes and shapes).  False on a miss.
+
+        When False is returned the contents of ``out`` are unspecified.
+        Raises UnsupportedValueError when ``out`` does not match the entry.
+        """
+        with self._op():
+            e = self._lookup(key)
+            if e is None:
+                self._count("misses")
+                return False
+            outs = match_out(out, e.meta)
+            parts = direct_parts(outs)
+            if parts is not None:
+                return self._read_checked(e, parts)
+            value, parts = allocate(e.meta, self.engine.empty)
+            if not self._read_checked(e, parts):
+                return False
+            for dst, src in zip(outs, value if e.meta.is_list else [value]):
+                dst.copy_(src)
+            return True
+
+    def _read_checked(self, e: Entry, parts: list[torch.Tensor]) -> bool:
+        try:
+            self.engine.read_into(e.slot, parts)
+        except OSError as exc:
+            log.error("%s; serving a miss", exc)
+            self._count("misses")
+            return False
+        if self._after_read_hook is not None:
+            self._after_read_hook(e)
+        bad = self.checksum and checksum([p.numpy() for p in parts]) != e.checksum
+        if self.readonly:
+            # A read-only handle cannot record uses or drop entries; it only
+            # refuses to serve bytes that fail either check.
+            with self.index.read() as t:
+                cur = t.entry_at(e.ikey)
+            ok = (cur is not None and cur.slot == e.slot and cur.generation == e.generation
+                  and not bad)
+            self._count("hits" if ok else "misses")
+            return ok
+        with self.index.write() as t:
+            self._flush(t)
+            cur = t.entry_at(e.ikey)
+            if cur is None or cur.slot != e.slot or cur.generation != e.generation:
+                t.add_counters({"misses": 1})  # evicted or replaced while we read
+                return False
+            if bad:
+                log.warning("checksum mismatch in slot %d of %s (key %r); dropping the entry",
+                            e.slot, self.path, decode_key(e.canon))
+                t.delete_entry(cur, self.policy)
+                t.drop_pins(cur.ikey)
+                t.release_slot(cur.slot, cur.generation)
+                t.add_counters({"misses": 1, "checksum_failures": 1})
+                return False
+            t.record_use(cur, self.policy, time.time())
+            t.add_counters({"hits": 1})
+        return True
+
+    # ------------------------------------------------------------------ lookups
+
+    def contains(self, key: str | bytes) -> bool:
+        """True if ``key`` is stored.  Does not count as a use."""
+        canon, ikey = self._keys(key)
+        with self._op(), self.index.read() as t:
+            return t.has(ikey, canon)
+
+    __contains__ = contains
+
+    def batched_contains(self, keys: Iterable[str | bytes]) -> int:
+        """How many leading keys are stored (stops at the first miss)."""
+        n = 0
+        with self._op(), self.index.read() as t:
+            for key in keys:
+                canon, ikey = self._keys(key)
+                if not t.has(ikey, canon):
+                    break
+                n += 1
+        return n
+
+    def touch(self, keys: Iterable[str | bytes]) -> None:
+        """Count a use of each stored key (missing keys are ignored)."""
+        if isinstance(keys, (str, bytes)):
+            keys = [keys]
+        pairs = [self._keys(k) for k in keys]
+        now = time.time()
+        with self._write_op(), self.index.write() as t:
+            for canon, ikey in pairs:
+                e = t.get_entry(ikey, canon)
+                if e is not None:
+                    t.record_use(e, self.policy, now)
+
+    def describe(self, key: str | bytes) -> EntryMeta | None:
+        """Dtypes, shapes and sizes of a stored value, without reading it."""
+        with self._op():
+            e = self._lookup(key)
+        return None if e is None else e.meta
+
+    def entry(self, key: str | bytes) -> Entry | None:
+        """The index entry for ``key`` (slot, generation, use stats); a peek."""
+        with self._op():
+            return self._lookup(key)
+
+    # ------------------------------------------------------------------ pins
+
+    def pin(self, key: str | bytes) -> bool:
+        """Protect ``key`` from eviction until unpinned (or this process ends).
+
+        Pins nest.  Returns False if the key is not stored.
+        """
+        canon, ikey = self._keys(key)
+        with self._write_op(), self.index.write() as t:
+            if not t.has(ikey, canon):
+                return False
+            t.pin(ikey, self._owner)
+            return True
+
+    def unpin(self, key: str | bytes) -> bool:
+        """Release one pin this handle took.  False if it held none."""
+        canon, ikey = self._keys(key)
+        with self._write_op(), self.index.write() as t:
+            return t.unpin(ikey, self._owner)
+
+    def pin_count(self, key: str | bytes) -> int:
+        """Pins held on ``key`` by live processes."""
+        canon, ikey = self._keys(key)
+        with self._op(), self.index.read() as t:
+            return t.pin_count(ikey) if t.has(ikey, canon) else 0
+
+    # ------------------------------------------------------------------ remove
+
+    def remove(self, key: str | bytes, force: bool = False) -> bool:
+        """Delete ``key``; its slot is free at once.  False if absent.
+
+        A pinned entry is kept (False) unless ``force`` is True.
+        """
+        canon, ikey = self._keys(key)
+        with self._write_op(), self.index.write() as t:
+            e = t.get_entry(ikey, canon)
+            if e is None:
+                return False
+            if not force and t.pin_count(ikey) > 0:
+                return False
+            t.delete_entry(e, self.policy)
+            t.drop_pins(ikey)
+            t.release_slot(e.slot, e.generation)
+            return True
+
+    def clear(self) -> int:
+        """Remove every entry, pinned or not.  Returns how many were removed."""
+        with self._write_op(), self.index.write() as t:
+            entries = list(t.entries())
+            for e in entries:
+                t.delete_entry(e, self.policy)
+                t.drop_pins(e.ikey)
+                t.release_slot(e.slot, e.generation)
+            return len(entries)
+
+    # ------------------------------------------------------------------ listing
+
+    def keys(self) -> list[str | bytes]:
+        with self._op(), self.index.read() as t:
+            return [decode_key(e.canon) for e in t.entries()]
+
+    def __len__(self) -> int:
+        with self._op(), self.index.read() as t:
+            return t.entry_count()
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def stats(self) -> dict:
+        """Geometry, occupancy and counters (totals over every process)."""
+        g = self.geometry
+        with self._op(), self.index.read() as t:
+            counters = t.counters()
+            used = t.entry_count()
+            free = t.free_count(g.slot_count)
+            reserved = len(t.reservations())
+            pinned = len({ikey for ikey, who, _ in t.all_pins() if owners.is_alive(who)})
+        with self._lock:
+            for k, v in self._pending.items():
+                counters[k] += v
+        return {
+            "path": self.path,
+            "slots_total": g.slot_count,
+            "slots_used": used,
+            "slots_free": free,
+            "slots_reserved": reserved,
+            "slot_bytes": g.slot_bytes,
+            "capacity_bytes": g.capacity_bytes,
+            "file_bytes": g.file_bytes,
+            "alignment": g.alignment,
+            "pinned": pinned,
+            "policy": self.policy.name,
+            "io": self.engine.name,
+            "durability": self.durability,
+            "checksum": self.checksum,
+            "bytes_read": self.engine.bytes_read,
+            "bytes_written": self.engine.bytes_written,
+            **counters,
+        }
