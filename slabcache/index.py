@@ -26,12 +26,12 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Callable, Iterator
+from typing import Iterator
 
 import lmdb
 
 from . import owner as owners
-from .errors import CorruptStoreError, StorageFullError
+from .errors import ConfigError, CorruptStoreError, StorageFullError
 from .format import EntryMeta
 from .policy import Policy, UseStats
 
@@ -334,16 +334,55 @@ class IndexTxn:
 
 
 class Index:
-    """One LMDB environment holding a store's index."""
+    """One LMDB environment holding a store's index.
 
-    def __init__(self, path: str, *, map_size: int, sync: bool, readonly: bool = False,
+    LMDB allows one environment per file per process, while a process may
+    open the same store several times (LMCache can build its backends
+    twice): ``Index.acquire`` shares one environment per path, reference
+    counted, and ``release`` closes it with the last user.
+    """
+
+    _registry: dict[str, "Index"] = {}
+    _registry_lock = threading.Lock()
+
+    @classmethod
+    def acquire(cls, path: str, *, map_size: int, readonly: bool = False,
+                create: bool = False) -> "Index":
+        key = os.path.realpath(path)
+        with cls._registry_lock:
+            idx = cls._registry.get(key)
+            if idx is not None:
+                if idx.readonly and not readonly:
+                    raise ConfigError(
+                        f"the index at {path} is open read-only in this process; close "
+                        "that handle before opening the store for writing"
+                    )
+                idx._refs += 1
+                return idx
+            idx = cls(path, map_size=map_size, readonly=readonly, create=create)
+            cls._registry[key] = idx
+            return idx
+
+    def release(self) -> None:
+        with Index._registry_lock:
+            self._refs -= 1
+            if self._refs > 0:
+                return
+            Index._registry.pop(os.path.realpath(self.path), None)
+            self.env.close()
+            self.env = None
+
+    def __init__(self, path: str, *, map_size: int, readonly: bool = False,
                  create: bool = False):
         self.path = path
-        self.sync = sync
+        self.readonly = readonly
+        self._refs = 1
         try:
+            # No sync at commit: strict handles call sync() after their
+            # commits, so fast and strict handles can share one environment.
             self.env = lmdb.open(
                 path, map_size=map_size, max_dbs=len(_DBS) + 1, subdir=True,
-                sync=sync, metasync=sync, readahead=False, max_readers=1024,
+                sync=False, metasync=False, readahead=False, max_readers=1024,
                 readonly=readonly, create=create, lock=True, meminit=False,
             )
         except lmdb.Error as exc:
@@ -367,8 +406,7 @@ class Index:
                 f"{os.path.dirname(path)} --rebuild-index`"
             ) from exc
         # One writer per process at a time: LMDB serialises writers across
-        # processes itself; this keeps threads of one process from queueing
-        # inside the C library while holding the GIL-free wait.
+        # processes itself; this keeps threads of one process queueing here.
         self._wlock = threading.Lock()
 
     @contextmanager
@@ -377,7 +415,8 @@ class Index:
             yield IndexTxn(self, txn)
 
     @contextmanager
-    def write(self) -> Iterator[IndexTxn]:
+    def write(self, durable: bool = False) -> Iterator[IndexTxn]:
+        """A write transaction; ``durable`` syncs it to disk before returning."""
         with self._wlock:
             txn = self.env.begin(write=True)
             try:
@@ -393,10 +432,5 @@ class Index:
             except BaseException:
                 txn.abort()
                 raise
-
-    def transact(self, fn: Callable[[IndexTxn], object]) -> object:
-        with self.write() as t:
-            return fn(t)
-
-    def close(self) -> None:
-        self.env.close()
+        if durable:
+            self.env.sync(True)

@@ -135,24 +135,39 @@ class SlabStore:
             if not os.access(path, os.W_OK | os.X_OK):
                 raise ConfigError(f"store directory {path} is not writable; fix its permissions or choose another path")
 
-        lock_fd = cls._lock_store(path, readonly)
+        dir_fd, lock_fd = cls._lock_store(path, readonly)
         try:
             return cls._open_locked(path, slab_path, capacity_bytes, slot_bytes, pol, io,
                                     durability, checksum, readonly, index_map_bytes, lock_fd)
         except BaseException:
             os.close(lock_fd)
             raise
+        finally:
+            os.close(dir_fd)
 
     @staticmethod
-    def _lock_store(path: str, readonly: bool) -> int:
-        lock_path = os.path.join(path, LOCK_NAME)
-        if readonly and not os.path.exists(lock_path):
-            return os.open(path, os.O_RDONLY)  # nothing to coordinate with
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT if not readonly else os.O_RDONLY, 0o644)
-        # Exclusive while creating/validating so two processes never create
-        # at once; shared afterwards, which lets `fsck --repair` detect users.
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        return fd
+    def _lock_store(path: str, readonly: bool) -> tuple[int, int]:
+        """Serialise opens on ``path``: (directory fd, lifetime lock fd).
+
+        The directory itself is locked exclusively while a store is created or
+        validated, so two processes never create one at once.  The ``lock``
+        file is then held shared for the handle's life, which lets
+        ``slabcache fsck --repair`` see that someone has the store open.
+        Closing the directory fd ends the open's exclusive section.
+        """
+        dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        fcntl.flock(dir_fd, fcntl.LOCK_EX)
+        try:
+            lock_path = os.path.join(path, LOCK_NAME)
+            if readonly and not os.path.exists(lock_path):
+                fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+            else:
+                fd = os.open(lock_path, os.O_RDONLY if readonly else os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            return dir_fd, fd
+        except BaseException:
+            os.close(dir_fd)
+            raise
 
     @classmethod
     def _open_locked(cls, path, slab_path, capacity_bytes, slot_bytes, pol, io, durability,
@@ -179,8 +194,8 @@ class SlabStore:
 
         map_size = index_map_bytes or max(1 << 30, g.slot_count * 8192)
         try:
-            index = Index(index_path, map_size=map_size, sync=durability == "strict",
-                          readonly=readonly, create=not readonly)
+            index = Index.acquire(index_path, map_size=map_size, readonly=readonly,
+                                  create=not readonly)
         except BaseException:
             if created:
                 os.unlink(slab_path + ".new")
@@ -200,7 +215,7 @@ class SlabStore:
                     )
             engine = make_engine(io, slab_path, g)
         except BaseException:
-            index.close()
+            index.release()
             raise
         rec_fd = os.open(slab_path, os.O_RDONLY if readonly else os.O_RDWR)
         store = cls(path=path, engine=engine, index=index, records=SlotRecords(rec_fd, g),
@@ -212,7 +227,6 @@ class SlabStore:
                 t.register_owner(store._owner, writable=True)
             if any(reaped.values()):
                 log.info("released what dead processes left in %s: %s", path, reaped)
-        fcntl.flock(lock_fd, fcntl.LOCK_SH)
         return store
 
     @staticmethod
@@ -275,7 +289,7 @@ class SlabStore:
         finally:
             self.engine.close()
             os.close(self.records.fd)
-            self.index.close()
+            self.index.release()
             os.close(self._lock_fd)
 
     @property
@@ -379,7 +393,7 @@ class SlabStore:
 
     def _commit(self, canon, ikey, slot, gen, csum, meta) -> bool:
         now = time.time()
-        with self.index.write() as t:
+        with self.index.write(durable=self.durability == "strict") as t:
             if t.reservation(slot) != (gen, self._owner):
                 log.warning("slot %d of %s was taken from this put (repair?); dropping it", slot, self.path)
                 return False

@@ -46,7 +46,8 @@ def as_list(value) -> tuple[list[torch.Tensor], bool]:
             _check_tensor(t, f"value[{i}]")
         return list(value), True
     raise UnsupportedValueError(
-        f"value is a {type(value).__name__}; store a torch.Tensor or a list of them"
+        f"value is a {type(value).__name__}; store a torch.Tensor or a list of them "
+        "(torch.as_tensor(...) converts arrays)"
     )
 
 
