@@ -41,7 +41,9 @@ _U64 = struct.Struct(">Q")
 _U32 = struct.Struct("<I")
 # slot, generation, length, checksum, tick, hits, inserted, created, used, meta len
 _ENTRY = struct.Struct("<QIQQQQQddI")
-COUNTERS = ("hits", "misses", "puts", "evictions", "checksum_failures", "rejected_puts")
+# Persisted as consecutive u64s: append new counters at the end only.
+COUNTERS = ("hits", "misses", "puts", "evictions", "checksum_failures", "rejected_puts",
+            "queue_rejections", "io_errors")
 _COUNTERS = struct.Struct(f"<{len(COUNTERS)}Q")
 
 _DBS = ("meta", "entries", "order", "free", "reserved", "pins", "owners")
@@ -117,8 +119,9 @@ class IndexTxn:
         return t
 
     def counters(self) -> dict[str, int]:
-        raw = self.meta_get("counters")
-        vals = _COUNTERS.unpack(raw) if raw else (0,) * len(COUNTERS)
+        raw = bytes(self.meta_get("counters") or b"")
+        vals = struct.unpack(f"<{len(raw) // 8}Q", raw[:len(raw) // 8 * 8])
+        vals = (vals + (0,) * len(COUNTERS))[:len(COUNTERS)]
         return dict(zip(COUNTERS, vals))
 
     def add_counters(self, delta: dict[str, int]) -> None:

@@ -25,14 +25,15 @@ import os
 import shutil
 import threading
 import time
+from concurrent.futures import Future
 from contextlib import contextmanager
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import torch
 
 from . import owner as owners
 from .errors import (
-    ConfigError, CorruptStoreError, EntryTooLargeError, StoreClosedError,
+    ConfigError, CorruptStoreError, EntryTooLargeError, QueueFullError, StoreClosedError,
 )
 from .format import (
     EntryMeta, SlotRecord, canonical_key, checksum, decode_key, index_key, key_hash,
@@ -42,7 +43,10 @@ from .index import COUNTERS, Entry, Index, IndexTxn
 from .io import ENGINES, Engine, make_engine
 from .policy import Policy, UseStats, make_policy
 from .slab import SLAB_NAME, SlotRecords, check_geometry, create_slab, read_slab_header
-from .values import allocate, describe, direct_parts, match_out
+from .values import (
+    allocate, as_list, direct_parts, host_parts, match_out, meta_for, on_cuda,
+)
+from .workers import Priority, WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +74,8 @@ class SlabStore:
 
     def __init__(self, *, path: str, engine: Engine, index: Index, records: SlotRecords,
                  policy: Policy, geometry, creation_id: bytes, durability: str,
-                 checksum: bool, lock_fd: int, readonly: bool):
+                 checksum: bool, lock_fd: int, readonly: bool, io_threads: int = 4,
+                 max_pending_puts: int = 64, queue_full: str = "reject"):
         self.path = path
         self.engine = engine
         self.index = index
@@ -91,6 +96,9 @@ class SlabStore:
         # Test hook: called between copying a slot's bytes and validating
         # them, so a race with eviction can be forced deterministically.
         self._after_read_hook = None
+        self._pool_settings = (io_threads, max_pending_puts, queue_full)
+        self._pool: WorkerPool | None = None
+        self._staging = None
 
     # ------------------------------------------------------------------ open
 
@@ -98,12 +106,16 @@ class SlabStore:
     def open(cls, path: str | os.PathLike, capacity_bytes: int | None = None,
              slot_bytes: int | None = None, policy: str | None = None, io: str = "mmap",
              durability: str = "fast", checksum: bool = True, *, readonly: bool = False,
+             io_threads: int = 4, max_pending_puts: int = 64, queue_full: str = "reject",
              index_map_bytes: int | None = None) -> "SlabStore":
         """Open the store at directory ``path``, creating it if needed.
 
         Creating needs ``capacity_bytes`` and ``slot_bytes``; reopening reads
         them from the slab and raises LayoutMismatchError if given values
         disagree.  ``policy`` defaults to the store's own (``lru`` when new).
+        ``io_threads`` worker threads serve put_async, prefetch and get_many;
+        at most ``max_pending_puts`` asynchronous puts are queued, and when
+        full ``queue_full`` ('reject' or 'wait') decides what put_async does.
         Raises ConfigError for bad arguments or paths, CorruptStoreError for a
         damaged store, StorageFullError when the slab cannot be preallocated.
         """
@@ -120,6 +132,7 @@ class SlabStore:
             raise ConfigError(f"unknown durability {durability!r}; use 'fast' or 'strict'")
         if not isinstance(checksum, bool):
             raise ConfigError(f"checksum must be True or False, got {checksum!r}")
+        WorkerPool.check_settings(io_threads, max_pending_puts, queue_full)
 
         if os.path.exists(path) and not os.path.isdir(path):
             raise ConfigError(f"{path} exists and is not a directory; give a directory for the store")
@@ -137,8 +150,10 @@ class SlabStore:
 
         dir_fd, lock_fd = cls._lock_store(path, readonly)
         try:
-            return cls._open_locked(path, slab_path, capacity_bytes, slot_bytes, pol, io,
-                                    durability, checksum, readonly, index_map_bytes, lock_fd)
+            store = cls._open_locked(path, slab_path, capacity_bytes, slot_bytes, pol, io,
+                                     durability, checksum, readonly, index_map_bytes, lock_fd)
+            store._pool_settings = (io_threads, max_pending_puts, queue_full)
+            return store
         except BaseException:
             os.close(lock_fd)
             raise
@@ -270,11 +285,23 @@ class SlabStore:
             raise ConfigError(f"store at {self.path} was opened read-only; open it without readonly=True to change it")
         return self._op()
 
-    def close(self) -> None:
-        """Flush counters, release this handle's pins, close files.  Idempotent."""
+    def close(self, cancel_pending: bool = False) -> None:
+        """Finish queued puts, flush counters, release this handle's pins, close files.
+
+        With ``cancel_pending`` queued (not yet started) asynchronous work is
+        cancelled instead: its futures report cancelled, nothing half-written
+        becomes visible.  Idempotent.
+        """
         with self._lock:
             if self._closed:
                 return
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            # Before marking closed: queued puts still need the store.
+            cancelled = pool.shutdown(cancel_pending)
+            if cancelled:
+                log.info("store %s: cancelled %d queued operations at close", self.path, cancelled)
+        with self._lock:
             self._closed = True
             while self._active:
                 self._idle.wait()
@@ -335,17 +362,42 @@ class SlabStore:
         UnsupportedValueError, SlabIOError (nothing stored is lost).
         """
         canon, ikey = self._keys(key)
-        parts, meta = describe(value, extra)
-        return self._put_parts(canon, ikey, parts, meta)
+        tensors, is_list = as_list(value)
+        meta = meta_for(tensors, is_list, extra)
+        return self._put_tensors(canon, ikey, tensors, meta)
 
-    def _put_parts(self, canon: bytes, ikey: bytes, parts: list[torch.Tensor],
-                   meta: EntryMeta) -> bool:
+    def _put_tensors(self, canon: bytes, ikey: bytes, tensors: list[torch.Tensor],
+                     meta: EntryMeta) -> bool:
+        if not on_cuda(tensors):
+            return self._put_parts(canon, ikey, host_parts(tensors), meta)
+        from .transfer import to_host
+
+        self._check_size(meta)
+        parts, buf = to_host(tensors, self._staging_pool())
+        try:
+            return self._put_parts(canon, ikey, parts, meta)
+        finally:
+            self._staging.release(buf)
+
+    def _check_size(self, meta: EntryMeta) -> None:
         if meta.length > self.geometry.slot_bytes:
             raise EntryTooLargeError(
                 f"value of {meta.length} bytes does not fit a slot of "
                 f"{self.geometry.slot_bytes} bytes; split it, or re-slot the store with "
                 "`slabcache compact --slot-bytes`"
             )
+
+    def _staging_pool(self):
+        from .transfer import StagingPool
+
+        with self._lock:
+            if self._staging is None:
+                self._staging = StagingPool(count=2 * self._pool_settings[0])
+            return self._staging
+
+    def _put_parts(self, canon: bytes, ikey: bytes, parts: list[torch.Tensor],
+                   meta: EntryMeta) -> bool:
+        self._check_size(meta)
         with self._write_op():
             got = self._reserve(canon, ikey)
             if got is None or got is True:
@@ -449,6 +501,8 @@ class SlabStore:
             parts = direct_parts(outs)
             if parts is not None:
                 return self._read_checked(e, parts)
+            if on_cuda(outs):
+                return self._read_to_cuda(e, outs)
             value, parts = allocate(e.meta, self.engine.empty)
             if not self._read_checked(e, parts):
                 return False
@@ -456,12 +510,30 @@ class SlabStore:
                 dst.copy_(src)
             return True
 
+    def _read_to_cuda(self, e: Entry, outs: list[torch.Tensor]) -> bool:
+        from .transfer import from_host
+
+        pool = self._staging_pool()
+        buf = pool.acquire(max(1, e.length))
+        try:
+            parts, pos = [], 0
+            for n in e.meta.nbytes:
+                parts.append(buf[pos:pos + n])
+                pos += n
+            if not self._read_checked(e, parts):
+                return False
+            from_host(parts, outs, pool)
+            return True
+        finally:
+            pool.release(buf)
+
     def _read_checked(self, e: Entry, parts: list[torch.Tensor]) -> bool:
         try:
             self.engine.read_into(e.slot, parts)
         except OSError as exc:
             log.error("%s; serving a miss", exc)
             self._count("misses")
+            self._count("io_errors")
             return False
         if self._after_read_hook is not None:
             self._after_read_hook(e)
@@ -492,6 +564,68 @@ class SlabStore:
             t.record_use(cur, self.policy, time.time())
             t.add_counters({"hits": 1})
         return True
+
+    # ------------------------------------------------------------------ async
+
+    def _workers(self) -> WorkerPool:
+        with self._lock:
+            if self._closed:
+                raise StoreClosedError(f"store at {self.path} is closed; open it again")
+            if self._pool is None:
+                threads, max_puts, on_full = self._pool_settings
+                self._pool = WorkerPool(threads, max_puts, on_full)
+            return self._pool
+
+    def put_async(self, key: str | bytes, value, *, extra: bytes = b"") -> "Future[bool]":
+        """Queue a put; the Future resolves to what :meth:`put` returns.
+
+        The value's tensors are held, not copied (a non-contiguous one is
+        made contiguous first); do not modify them until the Future is done.
+        The entry becomes visible only once written and committed.  Bad keys
+        and values raise here, at once.  Raises QueueFullError when
+        ``max_pending_puts`` puts are queued and ``queue_full='reject'``.
+        """
+        if self.readonly:
+            raise ConfigError(f"store at {self.path} was opened read-only; open it without readonly=True to change it")
+        canon, ikey = self._keys(key)
+        tensors, is_list = as_list(value)
+        meta = meta_for(tensors, is_list, extra)
+        self._check_size(meta)
+        if not on_cuda(tensors):
+            tensors = [t.detach().contiguous() for t in tensors]
+        try:
+            return self._workers().submit(Priority.PUT, self._put_tensors, canon, ikey, tensors, meta)
+        except QueueFullError:
+            self._count("queue_rejections")
+            raise
+
+    def get_many(self, keys: Sequence[str | bytes]) -> list:
+        """Values for ``keys`` (None for misses), read in parallel by the workers."""
+        return self.prefetch(keys).result()
+
+    def prefetch(self, keys: Sequence[str | bytes]) -> "Future[list]":
+        """Read ``keys`` ahead of every queued put; the Future gives get()'s results."""
+        keys = list(keys)
+        for k in keys:
+            canonical_key(k)  # bad keys raise here, not inside a worker
+        pool = self._workers()
+        futs = [pool.submit(Priority.PREFETCH, self.get, k) for k in keys]
+        return _gather(futs)
+
+    def get_many_into(self, keys: Sequence[str | bytes], outs: Sequence) -> list[bool]:
+        """get_into for each (key, out) pair in parallel; CUDA outs go through
+        pinned staging so disk reads and device copies overlap."""
+        keys, outs = list(keys), list(outs)
+        if len(keys) != len(outs):
+            raise ValueError(f"get_many_into got {len(keys)} keys but {len(outs)} outs; pass one out per key")
+        pool = self._workers()
+        futs = [pool.submit(Priority.PREFETCH, self.get_into, k, o) for k, o in zip(keys, outs)]
+        return _gather(futs).result()
+
+    def remove_async(self, key: str | bytes, force: bool = False) -> "Future[bool]":
+        """Queue a remove (after prefetches, before puts)."""
+        canonical_key(key)
+        return self._workers().submit(Priority.DELETE, self.remove, key, force)
 
     # ------------------------------------------------------------------ lookups
 
@@ -634,5 +768,31 @@ class SlabStore:
             "checksum": self.checksum,
             "bytes_read": self.engine.bytes_read,
             "bytes_written": self.engine.bytes_written,
+            "io_threads": self._pool_settings[0],
+            "queued": self._pool.queued() if self._pool else 0,
             **counters,
         }
+
+
+def _gather(futs: list[Future]) -> Future:
+    """One Future for the list of results of ``futs`` (first exception wins)."""
+    out: Future = Future()
+    if not futs:
+        out.set_result([])
+        return out
+    remaining = [len(futs)]
+    lock = threading.Lock()
+
+    def done(_f: Future) -> None:
+        with lock:
+            remaining[0] -= 1
+            last = remaining[0] == 0
+        if last:
+            try:
+                out.set_result([f.result() for f in futs])
+            except BaseException as exc:
+                out.set_exception(exc)
+
+    for f in futs:
+        f.add_done_callback(done)
+    return out

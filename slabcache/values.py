@@ -59,23 +59,32 @@ def byte_view(t: torch.Tensor) -> torch.Tensor:
     return flat.view(torch.uint8)
 
 
-def describe(value, extra: bytes = b"") -> tuple[list[torch.Tensor], EntryMeta]:
-    """Byte parts (CPU, contiguous, no copy where possible) and a description."""
-    tensors, is_list = as_list(value)
-    parts = []
-    for t in tensors:
-        t = t.detach()
-        if t.device.type != "cpu":
-            t = t.to("cpu")
-        parts.append(byte_view(t.contiguous()))
-    meta = EntryMeta(
+def meta_for(tensors: Sequence[torch.Tensor], is_list: bool, extra: bytes = b"") -> EntryMeta:
+    if not isinstance(extra, (bytes, bytearray)):
+        raise UnsupportedValueError(f"extra must be bytes, got {type(extra).__name__}")
+    return EntryMeta(
         is_list=is_list,
         dtypes=tuple(dtype_name(t.dtype) for t in tensors),
         shapes=tuple(tuple(t.shape) for t in tensors),
-        nbytes=tuple(p.numel() for p in parts),
+        nbytes=tuple(t.numel() * t.element_size() for t in tensors),
         extra=bytes(extra),
     )
-    return parts, meta
+
+
+def host_parts(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Byte views of CPU tensors (a copy only where one is not contiguous)."""
+    return [byte_view(t.detach().contiguous()) for t in tensors]
+
+
+def describe(value, extra: bytes = b"") -> tuple[list[torch.Tensor], EntryMeta]:
+    """Byte parts (CPU, contiguous, no copy where possible) and a description."""
+    tensors, is_list = as_list(value)
+    tensors = [t if t.device.type == "cpu" else t.detach().to("cpu") for t in tensors]
+    return host_parts(tensors), meta_for(tensors, is_list, extra)
+
+
+def on_cuda(tensors: Sequence[torch.Tensor]) -> bool:
+    return any(t.device.type == "cuda" for t in tensors)
 
 
 def allocate(meta: EntryMeta, empty: Callable[[int], torch.Tensor]):

@@ -1,0 +1,87 @@
+"""Moving bytes between the slab and CUDA tensors through pinned staging.
+
+Disk I/O needs host memory; page-locked (pinned) host memory lets the
+host-to-device copy run asynchronously at full PCIe speed.  Each I/O worker
+takes a staging buffer from a small pool, reads into it, and enqueues the
+copy on its own CUDA stream, so the disk read of one key overlaps the
+device copy of another across a batch.
+
+``torch.cuda`` is touched only here, and only when a CUDA tensor is passed.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+
+class StagingPool:
+    """Reusable pinned host buffers, grown on demand, at most ``count`` live."""
+
+    def __init__(self, count: int = 8):
+        self._free: list[torch.Tensor] = []
+        self._sem = threading.Semaphore(count)
+        self._lock = threading.Lock()
+        self._streams = threading.local()
+
+    def acquire(self, nbytes: int) -> torch.Tensor:
+        self._sem.acquire()
+        with self._lock:
+            for i, buf in enumerate(self._free):
+                if buf.numel() >= nbytes:
+                    return self._free.pop(i)
+            if self._free:
+                self._free.pop(0)  # too small: replace it with a bigger one
+        # 4 KiB alignment of pinned allocations keeps O_DIRECT reads direct.
+        raw = torch.empty(nbytes + 4096, dtype=torch.uint8, pin_memory=True)
+        skip = (-raw.data_ptr()) % 4096
+        buf = raw[skip:skip + nbytes]
+        return buf
+
+    def release(self, buf: torch.Tensor) -> None:
+        with self._lock:
+            self._free.append(buf)
+        self._sem.release()
+
+    def stream(self, device: torch.device):
+        """This thread's CUDA stream for ``device``."""
+        streams = getattr(self._streams, "by_device", None)
+        if streams is None:
+            streams = self._streams.by_device = {}
+        s = streams.get(device)
+        if s is None:
+            s = streams[device] = torch.cuda.Stream(device=device)
+        return s
+
+
+def to_host(tensors: list[torch.Tensor], pool: StagingPool) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Copy CUDA tensors into one pinned buffer; returns (byte parts, buffer)."""
+    sizes = [t.numel() * t.element_size() for t in tensors]
+    buf = pool.acquire(max(1, sum(sizes)))
+    stream = pool.stream(tensors[0].device)
+    stream.wait_stream(torch.cuda.current_stream(tensors[0].device))
+    parts, pos = [], 0
+    with torch.cuda.stream(stream):
+        for t, n in zip(tensors, sizes):
+            part = buf[pos:pos + n]
+            if n:
+                part.copy_(t.detach().contiguous().reshape(-1).view(torch.uint8), non_blocking=True)
+            parts.append(part)
+            pos += n
+    stream.synchronize()
+    return parts, buf
+
+
+def from_host(parts: list[torch.Tensor], outs: list[torch.Tensor], pool: StagingPool) -> None:
+    """Copy host byte parts into CUDA tensors ``outs`` and wait for it."""
+    stream = pool.stream(outs[0].device)
+    with torch.cuda.stream(stream):
+        for part, out in zip(parts, outs):
+            if part.numel() == 0:
+                continue
+            if out.is_contiguous():
+                out.reshape(-1).view(torch.uint8).copy_(part, non_blocking=True)
+            else:
+                out.copy_(part.view(out.dtype).view(out.shape), non_blocking=True)
+    stream.synchronize()

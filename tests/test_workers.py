@@ -1,0 +1,234 @@
+"""Worker pool priorities, async puts, batched reads, close semantics, O_DIRECT."""
+
+import ctypes
+import mmap
+import os
+import threading
+
+import pytest
+import torch
+
+from slabcache import ConfigError, QueueFullError, SlabStore, StoreClosedError
+from slabcache.workers import Priority, WorkerPool
+
+from .conftest import rand_tensor
+
+
+def test_priority_order_and_fifo_within_priority():
+    pool = WorkerPool(threads=1)
+    gate = threading.Event()
+    order = []
+    pool.submit(Priority.PUT, gate.wait)  # occupies the only thread
+    futs = [pool.submit(Priority.PUT, order.append, f"put{i}") for i in range(3)]
+    futs.append(pool.submit(Priority.DELETE, order.append, "delete"))
+    futs += [pool.submit(Priority.PREFETCH, order.append, f"prefetch{i}") for i in range(2)]
+    gate.set()
+    for f in futs:
+        f.result(10)
+    pool.shutdown()
+    assert order == ["prefetch0", "prefetch1", "delete", "put0", "put1", "put2"]
+
+
+def test_priority_is_an_intenum():
+    assert Priority.PREFETCH < Priority.DELETE < Priority.PUT
+
+
+def test_bad_pool_settings(tmp_path):
+    for kw, frag in [(dict(io_threads=0), "io_threads"), (dict(max_pending_puts=-1), "max_pending_puts"),
+                     (dict(queue_full="drop"), "'reject' or 'wait'")]:
+        with pytest.raises(ConfigError, match=frag):
+            SlabStore.open(tmp_path / "s", capacity_bytes=8192, slot_bytes=4096, **kw)
+
+
+class _Gate:
+    """Blocks the engine's first write until released."""
+
+    def __init__(self, store):
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self._real = store.engine._write_impl
+        self._first = True
+        store.engine._write_impl = self
+
+    def __call__(self, *args):
+        if self._first:
+            self._first = False
+            self.started.set()
+            assert self.release.wait(30)
+        return self._real(*args)
+
+
+def test_prefetch_overtakes_queued_puts(make_store):
+    s = make_store(capacity_bytes=64 * 4096, io_threads=1)
+    s.put("hot", rand_tensor(4000, 1))
+    gate = _Gate(s)
+    done = []
+    lock = threading.Lock()
+
+    def record(name):
+        def cb(_f):
+            with lock:
+                done.append(name)
+        return cb
+
+    puts = []
+    for i in range(20):
+        f = s.put_async(f"p{i}", rand_tensor(4000, 100 + i))
+        f.add_done_callback(record(f"p{i}"))
+        puts.append(f)
+    assert gate.started.wait(10)
+    pf = s.prefetch(["hot", "missing"])
+    pf.add_done_callback(record("prefetch"))
+    gate.release.set()
+    vals = pf.result(30)
+    assert all(f.result(30) for f in puts)
+    assert torch.equal(vals[0], rand_tensor(4000, 1)) and vals[1] is None
+    # p0 was already being written; every other put was queued behind the prefetch.
+    assert done == ["p0", "prefetch"] + [f"p{i}" for i in range(1, 20)]
+
+
+def test_put_async_roundtrip_and_visibility(make_store):
+    s = make_store(capacity_bytes=64 * 4096)
+    futs = [s.put_async(f"k{i}", rand_tensor(4096, i)) for i in range(32)]
+    assert all(f.result(30) is True for f in futs)
+    vals = s.get_many([f"k{i}" for i in range(32)] + ["nope"])
+    assert vals[-1] is None
+    assert all(torch.equal(v, rand_tensor(4096, i)) for i, v in enumerate(vals[:-1]))
+
+
+def test_entry_not_visible_before_written(make_store):
+    s = make_store(io_threads=1)
+    gate = _Gate(s)
+    f = s.put_async("k", rand_tensor(100, 1))
+    assert gate.started.wait(10)
+    assert "k" not in s and s.get("k") is None  # being written: not visible yet
+    gate.release.set()
+    assert f.result(10) and torch.equal(s.get("k"), rand_tensor(100, 1))
+
+
+def test_bounded_queue_rejects(make_store):
+    s = make_store(io_threads=1, max_pending_puts=3)
+    gate = _Gate(s)
+    futs = [s.put_async(f"k{i}", rand_tensor(10, i)) for i in range(3)]
+    with pytest.raises(QueueFullError, match="max_pending_puts=3"):
+        s.put_async("k3", rand_tensor(10, 3))
+    assert s.stats()["queue_rejections"] == 1
+    gate.release.set()
+    assert all(f.result(10) for f in futs)
+    assert s.put_async("k3", rand_tensor(10, 3)).result(10)
+
+
+def test_bounded_queue_waits(make_store):
+    s = make_store(io_threads=1, max_pending_puts=2, queue_full="wait")
+    gate = _Gate(s)
+    futs = [s.put_async(f"k{i}", rand_tensor(10, i)) for i in range(2)]
+    third = []
+    t = threading.Thread(target=lambda: third.append(s.put_async("k2", rand_tensor(10, 2))))
+    t.start()
+    t.join(0.3)
+    assert t.is_alive()  # waiting for room
+    gate.release.set()
+    t.join(10)
+    assert third and third[0].result(10) and all(f.result(10) for f in futs)
+
+
+def test_close_finishes_queued_puts(tmp_path, engine):
+    p = tmp_path / "s"
+    s = SlabStore.open(p, capacity_bytes=64 * 4096, slot_bytes=4096, io=engine, io_threads=2)
+    futs = [s.put_async(f"k{i}", rand_tensor(4000, i)) for i in range(40)]
+    s.close()
+    assert all(f.done() and f.result() for f in futs)
+    with SlabStore.open(p, io=engine) as s:
+        assert len(s) == 40
+
+
+def test_close_can_cancel_queued_puts(make_store):
+    s = make_store(capacity_bytes=64 * 4096, io_threads=1)
+    gate = _Gate(s)
+    futs = [s.put_async(f"k{i}", rand_tensor(100, i)) for i in range(10)]
+    assert gate.started.wait(10)
+    closer = threading.Thread(target=s.close, kwargs={"cancel_pending": True})
+    closer.start()
+    while s._pool is not None and s._pool.queued() and not futs[-1].cancelled():
+        pass
+    gate.release.set()
+    closer.join(10)
+    assert futs[0].result() is True  # already being written: finished
+    assert all(f.cancelled() for f in futs[1:])
+    with pytest.raises(StoreClosedError):
+        s.put_async("x", rand_tensor(1, 1))
+    with pytest.raises(StoreClosedError):
+        s.get_many(["k0"])
+
+
+def test_get_many_into_cpu(make_store):
+    s = make_store(capacity_bytes=16 * 4096)
+    for i in range(8):
+        s.put(f"k{i}", rand_tensor(4096, i).view(torch.float32).reshape(32, 32))
+    outs = [torch.empty(32, 32) for _ in range(9)]
+    ok = s.get_many_into([f"k{i}" for i in range(8)] + ["nope"], outs)
+    assert ok == [True] * 8 + [False]
+    for i in range(8):
+        assert torch.equal(outs[i].view(torch.uint8).reshape(-1), rand_tensor(4096, i))
+    with pytest.raises(ValueError, match="one out per key"):
+        s.get_many_into(["k0"], [])
+
+
+def _resident_pages(path: str, offset: int, length: int) -> int:
+    """Pages of ``path`` in [offset, offset+length) that sit in the page cache (mincore)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    size = offset + length
+    pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    vec = (ctypes.c_ubyte * pages)()
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ)
+        try:
+            if libc.mincore(ctypes.c_void_p(_address_of(mm)), ctypes.c_size_t(size), vec) != 0:
+                raise OSError(ctypes.get_errno(), "mincore failed")
+        finally:
+            mm.close()
+    return sum(v & 1 for v in vec[offset // mmap.PAGESIZE:])
+
+
+def _address_of(mm: mmap.mmap) -> int:
+    # A read-only mmap cannot be exported writable; numpy reads its address.
+    import numpy as np
+
+    return np.frombuffer(mm, dtype=np.uint8, count=1).__array_interface__["data"][0]
+
+
+def test_direct_puts_leave_no_page_cache(tmp_path):
+    p = tmp_path / "s"
+    with SlabStore.open(p, capacity_bytes=64 * 65536, slot_bytes=65536, io="direct") as s:
+        fd = os.open(p / "slab", os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+        for i in range(32):
+            s.put(f"k{i}", rand_tensor(65536 - 100 * i, i))  # aligned and unaligned lengths
+        for i in range(32):
+            assert torch.equal(s.get(f"k{i}"), rand_tensor(65536 - 100 * i, i))
+        g = s.geometry
+        resident = _resident_pages(str(p / "slab"), g.data_offset, g.capacity_bytes)
+    assert resident == 0
+    # The mmap engine, by contrast, leaves what it reads cached: the check can fail.
+    with SlabStore.open(p, io="mmap") as s:
+        for i in range(32):
+            s.get(f"k{i}")
+        assert _resident_pages(str(p / "slab"), g.data_offset, g.capacity_bytes) > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_roundtrip(tmp_path, engine):
+    with SlabStore.open(tmp_path / "s", capacity_bytes=16 << 20, slot_bytes=1 << 20, io=engine) as s:
+        v = torch.randn(256, 512, device="cuda").to(torch.bfloat16)
+        assert s.put("k", v)
+        out = torch.empty_like(v)
+        assert s.get_into("k", out)
+        assert torch.equal(out, v)
+        assert torch.equal(s.get("k"), v.cpu())
+        vals = [torch.randn(128, 1024, device="cuda") for _ in range(6)]
+        assert all(f.result() for f in [s.put_async(f"b{i}", x) for i, x in enumerate(vals)])
+        outs = [torch.empty_like(x) for x in vals]
+        assert s.get_many_into([f"b{i}" for i in range(6)], outs) == [True] * 6
+        assert all(torch.equal(a, b) for a, b in zip(outs, vals))
