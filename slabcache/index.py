@@ -19,6 +19,7 @@ another process (or a crash) sees either all of it or none of it.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import struct
@@ -60,10 +61,14 @@ class Entry:
     use: UseStats
     created: float
     used: float
-    meta: EntryMeta
+    meta_raw: bytes  # EntryMeta.encode(); decoded on first use of .meta
+
+    @functools.cached_property
+    def meta(self) -> EntryMeta:
+        return EntryMeta.decode(self.meta_raw)
 
     def encode(self) -> bytes:
-        meta = self.meta.encode()
+        meta = self.meta_raw
         head = _ENTRY.pack(self.slot, self.generation, self.length, self.checksum,
                            self.use.tick, self.use.hits, self.use.inserted,
                            self.created, self.used, len(meta))
@@ -80,7 +85,7 @@ class Entry:
         meta_raw = raw[_ENTRY.size:_ENTRY.size + mlen]
         canon = bytes(raw[_ENTRY.size + mlen:])
         return cls(ikey, canon, slot, gen, length, csum, UseStats(tick, hits, ins),
-                   created, used, EntryMeta.decode(meta_raw))
+                   created, used, bytes(meta_raw))
 
 
 def canon_of(raw: bytes) -> bytes:
@@ -159,10 +164,10 @@ class IndexTxn:
         self.txn.delete(e.ikey, db=self.db["entries"])
         self.txn.delete(policy.order_key(e.slot, e.use), db=self.db["order"])
 
-    def record_use(self, e: Entry, policy: Policy, now: float) -> Entry:
+    def record_use(self, e: Entry, policy: Policy, now: float, count: int = 1) -> Entry:
         tick = self.next_tick()
         self.txn.delete(policy.order_key(e.slot, e.use), db=self.db["order"])
-        new = replace(e, use=UseStats(tick, e.use.hits + 1, e.use.inserted), used=now)
+        new = replace(e, use=UseStats(tick, e.use.hits + count, e.use.inserted), used=now)
         self.put_entry(new, policy)
         return new
 
@@ -386,6 +391,7 @@ class Index:
             self.env = lmdb.open(
                 path, map_size=map_size, max_dbs=len(_DBS) + 1, subdir=True,
                 sync=False, metasync=False, readahead=False, max_readers=1024,
+                writemap=not readonly, map_async=True,
                 readonly=readonly, create=create, lock=True, meminit=False,
             )
         except lmdb.Error as exc:

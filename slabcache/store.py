@@ -53,6 +53,9 @@ log = logging.getLogger(__name__)
 INDEX_NAME = "index"
 LOCK_NAME = "lock"
 DURABILITY = ("fast", "strict")
+USE_BATCH = 256
+USE_FLUSH_SECONDS = 0.2
+COUNTER_FLUSH_SECONDS = 1.0
 
 
 def _positive_int(name: str, v) -> int | None:
@@ -93,6 +96,12 @@ class SlabStore:
         self._active = 0
         self._closed = False
         self._pending = dict.fromkeys(COUNTERS, 0)
+        # Uses seen by get() are batched into the next write transaction (or
+        # a flush every USE_FLUSH_SECONDS): a get then costs two read
+        # transactions instead of a write.  ikey -> [count, time, slot, gen]
+        self._uses: dict[bytes, list] = {}
+        self._last_counter_flush = time.monotonic()
+        self._last_use_flush = time.monotonic()
         # Test hook: called between copying a slot's bytes and validating
         # them, so a race with eviction can be forced deterministically.
         self._after_read_hook = None
@@ -308,7 +317,7 @@ class SlabStore:
         try:
             if not self.readonly:
                 with self.index.write() as t:
-                    self._flush(t)
+                    self._flush(t, force=True)
                     for ikey, who, _n in t.all_pins():
                         if who == self._owner:
                             t.delete_pin(ikey, who)
@@ -339,10 +348,41 @@ class SlabStore:
         with self._lock:
             self._pending[name] += n
 
-    def _flush(self, t: IndexTxn) -> None:
+    def _flush(self, t: IndexTxn, force: bool = False) -> None:
+        """Write batched uses, and counters when due, inside transaction ``t``.
+
+        Uses of an entry that was evicted or replaced meanwhile are dropped.
+        Counters are written at most every COUNTER_FLUSH_SECONDS (and at
+        close), so a crash loses at most that much of them.
+        """
+        now = time.monotonic()
         with self._lock:
-            delta, self._pending = self._pending, dict.fromkeys(COUNTERS, 0)
-        t.add_counters(delta)
+            uses, self._uses = self._uses, {}
+            self._last_use_flush = now
+            delta = None
+            if force or now - self._last_counter_flush >= COUNTER_FLUSH_SECONDS:
+                delta, self._pending = self._pending, dict.fromkeys(COUNTERS, 0)
+                self._last_counter_flush = now
+        for ikey, (count, when, slot, gen) in uses.items():
+            e = t.entry_at(ikey)
+            if e is not None and e.slot == slot and e.generation == gen:
+                t.record_use(e, self.policy, when, count)
+        if delta:
+            t.add_counters(delta)
+
+    def _note_use(self, e: Entry) -> None:
+        now = time.monotonic()
+        with self._lock:
+            u = self._uses.get(e.ikey)
+            if u is None:
+                self._uses[e.ikey] = [1, time.time(), e.slot, e.generation]
+            else:
+                u[0] += 1
+                u[1] = time.time()
+            due = len(self._uses) >= USE_BATCH or now - self._last_use_flush >= USE_FLUSH_SECONDS
+        if due:
+            with self.index.write() as t:
+                self._flush(t)
 
     # ------------------------------------------------------------------ keys
 
@@ -433,10 +473,10 @@ class SlabStore:
             if got is None:
                 victim = t.find_victim(self.policy)
                 if victim is None:
-                    t.add_counters({"rejected_puts": 1})
+                    self._count("rejected_puts")
                     return None
                 t.delete_entry(victim, self.policy)
-                t.add_counters({"evictions": 1})
+                self._count("evictions")
                 got = (victim.slot, victim.generation)
             slot, gen = got
             gen = (gen + 1) & 0xFFFFFFFF or 1
@@ -461,8 +501,8 @@ class SlabStore:
                 t.release_slot(old.slot, old.generation)
             tick = t.next_tick()
             t.put_entry(Entry(ikey, canon, slot, gen, meta.length, csum,
-                              UseStats(tick, 0, tick), now, now, meta), self.policy)
-            t.add_counters({"puts": 1})
+                              UseStats(tick, 0, tick), now, now, meta.encode()), self.policy)
+        self._count("puts")
         return True
 
     # ------------------------------------------------------------------ get
@@ -547,23 +587,29 @@ class SlabStore:
                   and not bad)
             self._count("hits" if ok else "misses")
             return ok
-        with self.index.write() as t:
-            self._flush(t)
+        with self.index.read() as t:
             cur = t.entry_at(e.ikey)
-            if cur is None or cur.slot != e.slot or cur.generation != e.generation:
-                t.add_counters({"misses": 1})  # evicted or replaced while we read
-                return False
-            if bad:
-                log.warning("checksum mismatch in slot %d of %s (key %r); dropping the entry",
-                            e.slot, self.path, decode_key(e.canon))
+        if cur is None or cur.slot != e.slot or cur.generation != e.generation:
+            self._count("misses")  # evicted or replaced while we read
+            return False
+        if bad:
+            self._drop_corrupt(e)
+            return False
+        self._count("hits")
+        self._note_use(cur)
+        return True
+
+    def _drop_corrupt(self, e: Entry) -> None:
+        log.warning("checksum mismatch in slot %d of %s (key %r); dropping the entry",
+                    e.slot, self.path, decode_key(e.canon))
+        self._count("misses")
+        self._count("checksum_failures")
+        with self.index.write() as t:
+            cur = t.entry_at(e.ikey)
+            if cur is not None and cur.slot == e.slot and cur.generation == e.generation:
                 t.delete_entry(cur, self.policy)
                 t.drop_pins(cur.ikey)
                 t.release_slot(cur.slot, cur.generation)
-                t.add_counters({"misses": 1, "checksum_failures": 1})
-                return False
-            t.record_use(cur, self.policy, time.time())
-            t.add_counters({"hits": 1})
-        return True
 
     # ------------------------------------------------------------------ async
 
@@ -655,6 +701,7 @@ class SlabStore:
         pairs = [self._keys(k) for k in keys]
         now = time.time()
         with self._write_op(), self.index.write() as t:
+            self._flush(t)
             for canon, ikey in pairs:
                 e = t.get_entry(ikey, canon)
                 if e is not None:

@@ -1,0 +1,570 @@
+"""Benchmarks: slabcache against a file-per-chunk store, in one run.
+
+Contenders share one directory's filesystem and see the same key and size
+sequences.  Every figure is also given as a ratio against a reference from
+the same run (file-per-chunk, an O_DIRECT sequential pass, memcpy), because
+absolute numbers on shared machines move by tens of percent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import mmap
+import os
+import random
+import shutil
+import statistics
+import sys
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .io import aligned_empty
+from .store import SlabStore
+
+log = logging.getLogger(__name__)
+
+ALIGN = 4096
+
+
+# ---------------------------------------------------------------- contenders
+
+
+class FilePerChunk:
+    """LMCache's on-disk layout, faithfully: one file per chunk in one
+    directory, open/write/close (O_DIRECT when the size is a multiple of the
+    block size), an in-memory dict index, unlink on eviction, LRU order."""
+
+    name = "file-per-chunk"
+
+    def __init__(self, directory: str, capacity_bytes: int, **_):
+        self.dir = directory
+        os.makedirs(directory, exist_ok=True)
+        self.capacity = capacity_bytes
+        self.used = 0
+        self.index: OrderedDict[str, tuple[int, torch.dtype, tuple]] = OrderedDict()
+        self._buf = aligned_empty(1 << 20)
+
+    def _path(self, key: str) -> str:
+        return os.path.join(self.dir, key.replace("/", "-") + ".pt")
+
+    def _aligned(self, n: int) -> torch.Tensor:
+        if self._buf.numel() < n:
+            self._buf = aligned_empty(n)
+        return self._buf[:n]
+
+    def put(self, key: str, t: torch.Tensor) -> bool:
+        if key in self.index:
+            self.index.move_to_end(key)
+            return True
+        raw = t.contiguous().reshape(-1).view(torch.uint8)
+        n = raw.numel()
+        while self.used + n > self.capacity and self.index:
+            old, (size, _, _) = self.index.popitem(last=False)
+            os.unlink(self._path(old))
+            self.used -= size
+        direct = n % ALIGN == 0
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (os.O_DIRECT if direct else 0)
+        fd = os.open(self._path(key), flags, 0o644)
+        try:
+            if direct:
+                buf = self._aligned(n)
+                buf.copy_(raw)
+                os.write(fd, buf.numpy())
+            else:
+                os.write(fd, raw.numpy())
+        finally:
+            os.close(fd)
+        self.index[key] = (n, t.dtype, tuple(t.shape))
+        self.used += n
+        return True
+
+    def get(self, key: str) -> torch.Tensor | None:
+        meta = self.index.get(key)
+        if meta is None:
+            return None
+        n, dtype, shape = meta
+        direct = n % ALIGN == 0
+        fd = os.open(self._path(key), os.O_RDONLY | (os.O_DIRECT if direct else 0))
+        try:
+            out = aligned_empty(n) if direct else torch.empty(n, dtype=torch.uint8)
+            view = memoryview(out.numpy())
+            pos = 0
+            while pos < n:
+                got = os.readv(fd, [view[pos:]])
+                if got == 0:
+                    return None
+                pos += got
+        finally:
+            os.close(fd)
+        self.index.move_to_end(key)
+        return out.view(dtype).view(shape)
+
+    def batched_contains(self, keys) -> int:
+        n = 0
+        for k in keys:
+            if k not in self.index:
+                break
+            n += 1
+        return n
+
+    def drop_cache(self) -> None:
+        for key in self.index:
+            fd = os.open(self._path(key), os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+
+    def reopen(self) -> "FilePerChunk":
+        # The index lived in a Python dict: after a restart nothing is found.
+        return FilePerChunk(self.dir, self.capacity)
+
+    def close(self) -> None:
+        pass
+
+
+class SlabContender:
+    def __init__(self, directory: str, capacity_bytes: int, slot_bytes: int, io: str):
+        self.name = f"slabcache-{io}"
+        self.dir, self.io = directory, io
+        self.store = SlabStore.open(directory, capacity_bytes=capacity_bytes, slot_bytes=slot_bytes,
+                                    io=io, policy="lru")
+
+    def put(self, key, t):
+        return self.store.put(key, t)
+
+    def get(self, key):
+        return self.store.get(key)
+
+    def batched_contains(self, keys):
+        return self.store.batched_contains(keys)
+
+    def drop_cache(self):
+        self.store.engine.drop_cache()
+
+    def reopen(self):
+        self.store.close()
+        new = object.__new__(SlabContender)
+        new.name, new.dir, new.io = self.name, self.dir, self.io
+        new.store = SlabStore.open(self.dir, io=self.io)
+        return new
+
+    def close(self):
+        self.store.close()
+
+
+def direct_supported(directory: str) -> bool:
+    path = os.path.join(directory, ".odirect-probe")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_DIRECT, 0o644)
+    except OSError:
+        return False
+    try:
+        buf = aligned_empty(ALIGN)
+        os.pwrite(fd, buf.numpy(), 0)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+        os.unlink(path)
+
+
+# ---------------------------------------------------------------- references
+
+
+def odirect_ceiling(directory: str, block: int, total: int) -> dict:
+    """Sequential O_DIRECT write then read of ``total`` bytes in ``block`` pieces
+    (what fio --direct=1 --rw=write/read --bs=block --iodepth=1 measures)."""
+    block = max(ALIGN, block // ALIGN * ALIGN)
+    total = max(block, total // block * block)
+    path = os.path.join(directory, ".ceiling")
+    buf = aligned_empty(block)
+    buf.random_(0, 256)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+    try:
+        os.posix_fallocate(fd, 0, total)
+        arr = buf.numpy()
+        t0 = time.perf_counter()
+        for off in range(0, total, block):
+            os.pwrite(fd, arr, off)
+        w = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for off in range(0, total, block):
+            os.preadv(fd, [arr], off)
+        r = time.perf_counter() - t0
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    return {"write_gbps": total / w / 1e9, "read_gbps": total / r / 1e9}
+
+
+def memcpy_gbps(nbytes: int = 64 << 20) -> float:
+    a = torch.empty(nbytes, dtype=torch.uint8)
+    a.fill_(1)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        b.copy_(a)
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best / 1e9
+
+
+def mapped_copy_gbps(directory: str, nbytes: int) -> float:
+    """Copy out of an already-mapped, page-cache-warm file (the mmap read ceiling)."""
+    path = os.path.join(directory, ".mapped")
+    with open(path, "wb") as f:
+        f.write(os.urandom(1 << 20) * max(1, nbytes >> 20))
+    try:
+        with open(path, "r+b") as f:
+            mm = mmap.mmap(f.fileno(), 0)
+            src = torch.frombuffer(mm, dtype=torch.uint8)
+            dst = torch.empty_like(src)
+            dst.copy_(src)
+            best = float("inf")
+            for _ in range(5):
+                t0 = time.perf_counter()
+                dst.copy_(src)
+                best = min(best, time.perf_counter() - t0)
+            del src
+            mm.close()
+    finally:
+        os.unlink(path)
+    return nbytes / best / 1e9
+
+
+# ---------------------------------------------------------------- measuring
+
+
+@dataclass
+class Result:
+    contender: str
+    size: int
+    workload: str
+    ops: int
+    seconds: float
+    cpu_seconds: float
+    bytes: int
+    p50_us: float
+    p99_us: float
+    hits: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes / self.seconds / 1e9 if self.seconds else 0.0
+
+    @property
+    def ops_per_s(self) -> float:
+        return self.ops / self.seconds if self.seconds else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(gbps=self.gbps, ops_per_s=self.ops_per_s)
+        return d
+
+
+class _Timer:
+    def __init__(self):
+        self.lat = []
+        self.t0 = time.perf_counter()
+        self.c0 = time.process_time()
+
+    def lap(self, start: float) -> None:
+        self.lat.append(time.perf_counter() - start)
+
+    def result(self, contender, size, workload, nbytes, hits=None, **extra) -> Result:
+        secs = time.perf_counter() - self.t0
+        cpu = time.process_time() - self.c0
+        lat = sorted(self.lat) or [0.0]
+        p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
+        return Result(contender, size, workload, len(self.lat), secs, cpu, nbytes,
+                      statistics.median(lat) * 1e6, p99 * 1e6, hits, extra)
+
+
+class Progress:
+    """A one-line progress bar on stderr for runs longer than a few seconds."""
+
+    def __init__(self, total: int, enabled: bool = True):
+        self.total, self.done = total, 0
+        self.enabled = enabled and sys.stderr.isatty()
+        self.t0 = time.perf_counter()
+
+    def step(self, label: str) -> None:
+        self.done += 1
+        if not self.enabled:
+            return
+        frac = self.done / self.total
+        bar = "#" * int(30 * frac)
+        sys.stderr.write(f"\r[{bar:<30}] {self.done}/{self.total} {time.perf_counter() - self.t0:5.0f}s {label[:40]:<40}")
+        sys.stderr.flush()
+        if self.done == self.total:
+            sys.stderr.write("\n")
+
+
+def _value(size: int, seed: int) -> torch.Tensor:
+    # bf16 KV-like payload; random bytes so nothing compresses or dedups.
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (size,), dtype=torch.uint8, generator=g).view(torch.bfloat16)
+
+
+def run_size(make, size: int, capacity_slots: int, churn_ops: int, pool: list[torch.Tensor]) -> list[Result]:
+    """All workloads for one contender at one chunk size."""
+    c = make()
+    out = []
+    name = c.name
+    keys = [f"model/llama@1@0@{i:08x}@bfloat16" for i in range(capacity_slots)]
+
+    t = _Timer()
+    for i, k in enumerate(keys):
+        s = time.perf_counter()
+        c.put(k, pool[i % len(pool)])
+        t.lap(s)
+    out.append(t.result(name, size, "fill", size * len(keys)))
+
+    order = keys[:]
+    random.Random(1).shuffle(order)
+    c.drop_cache()
+    t = _Timer()
+    hits = 0
+    for k in order:
+        s = time.perf_counter()
+        hits += c.get(k) is not None
+        t.lap(s)
+    out.append(t.result(name, size, "cold get", size * hits, hits=hits))
+
+    t = _Timer()
+    hits = 0
+    for k in order:
+        s = time.perf_counter()
+        hits += c.get(k) is not None
+        t.lap(s)
+    out.append(t.result(name, size, "warm get", size * hits, hits=hits))
+
+    # Churn at capacity: a serving node's steady state.  Requests draw from
+    # twice as many chunks as fit (skewed towards recent ones); a hit is a
+    # get, a miss is a put that evicts.
+    rng = random.Random(2)
+    universe = 2 * capacity_slots
+    t = _Timer()
+    moved = 0
+    hits = 0
+    for i in range(churn_ops):
+        j = min(universe - 1, int(rng.expovariate(1.0 / (universe / 3))))
+        k = f"model/llama@1@0@{j:08x}@bfloat16"
+        s = time.perf_counter()
+        if c.get(k) is not None:
+            hits += 1
+        else:
+            c.put(k, pool[j % len(pool)])
+        t.lap(s)
+        moved += size
+    out.append(t.result(name, size, "churn", moved, hits=hits))
+
+    look = [f"model/llama@1@0@{j:08x}@bfloat16" for j in range(capacity_slots)]
+    present = [k for k in look if c.batched_contains([k]) == 1]
+    batch = (present * (1000 // max(1, len(present)) + 1))[:1000] if present else look[:1000]
+    t = _Timer()
+    for _ in range(20):
+        s = time.perf_counter()
+        c.batched_contains(batch)
+        t.lap(s)
+    out.append(t.result(name, size, "lookup 1000", 0))
+
+    t = _Timer()
+    s = time.perf_counter()
+    c2 = c.reopen()
+    first = present[0] if present else keys[0]
+    hit = c2.get(first) is not None
+    t.lap(s)
+    out.append(t.result(name, size, "restart to first hit", size if hit else 0, hits=int(hit),
+                        entries=len(present)))
+    c2.close()
+    return out
+
+
+def restart_many(directory: str, entries: int) -> Result:
+    """Reopen a store holding ``entries`` small entries and serve one get."""
+    path = os.path.join(directory, f"restart-{entries}")
+    slot = 4096
+    v = torch.zeros(16, dtype=torch.uint8)
+    with SlabStore.open(path, capacity_bytes=entries * slot, slot_bytes=slot) as s:
+        for i in range(entries):
+            s.put(f"k{i}", v)
+    t = _Timer()
+    st = time.perf_counter()
+    with SlabStore.open(path) as s:
+        hit = s.get(f"k{entries // 2}") is not None
+    t.lap(st)
+    shutil.rmtree(path, ignore_errors=True)
+    return t.result("slabcache-mmap", slot, f"restart, {entries} entries", 0, hits=int(hit))
+
+
+# ---------------------------------------------------------------- suite
+
+
+SIZE_SUFFIX = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    """'256K', '4M', '32MiB', '1G', '4096' -> bytes.  Raises ValueError."""
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    if not t:
+        raise ValueError(f"empty size {text!r}")
+    mult = SIZE_SUFFIX.get(t[-1], 1)
+    num = t[:-1] if t[-1] in SIZE_SUFFIX else t
+    try:
+        val = float(num)
+    except ValueError:
+        raise ValueError(f"cannot read size {text!r}; write e.g. 256K, 4M, 20G or plain bytes") from None
+    if val <= 0:
+        raise ValueError(f"size {text!r} must be positive")
+    return int(val * mult)
+
+
+def run_suite(directory: str, sizes: list[int], quick: bool, restart_entries: list[int],
+              progress: bool = True) -> dict:
+    os.makedirs(directory, exist_ok=True)
+    can_direct = direct_supported(directory)
+    contenders = [("slabcache-mmap", "mmap")]
+    if can_direct:
+        contenders.append(("slabcache-direct", "direct"))
+    contenders.append(("file-per-chunk", None))
+    results: list[Result] = []
+    refs = {"memcpy_gbps": memcpy_gbps()}
+    notes = []
+    if not can_direct:
+        notes.append(f"{directory} refuses O_DIRECT: the direct engine was skipped")
+    try:
+        import lmcache  # noqa: F401
+        notes.append("lmcache is installed; its LocalDiskBackend is not driven by this suite yet")
+    except ImportError:
+        notes.append("lmcache is not installed: LMCache's own LocalDiskBackend was not measured")
+
+    steps = len(sizes) * (len(contenders) + 1) + len(restart_entries)
+    bar = Progress(steps, progress)
+    for size in sizes:
+        budget = (64 << 20) if quick else (512 << 20)
+        slots = max(16, min(512 if quick else 2048, budget // size))
+        churn_ops = slots * (2 if quick else 4)
+        pool = [_value(size, seed) for seed in range(4)]
+        if can_direct:
+            refs[f"odirect_{size}"] = odirect_ceiling(directory, size, max(size * 8, 64 << 20))
+        refs[f"mapped_copy_{size}"] = mapped_copy_gbps(directory, max(size, 1 << 20))
+        bar.step(f"references {size >> 10} KiB")
+        for name, io in contenders:
+            sub = os.path.join(directory, f"{name}-{size}")
+            shutil.rmtree(sub, ignore_errors=True)
+
+            def make(sub=sub, io=io):
+                if io is None:
+                    return FilePerChunk(sub, capacity_bytes=slots * size)
+                return SlabContender(sub, capacity_bytes=slots * size, slot_bytes=size, io=io)
+
+            results += run_size(make, size, slots, churn_ops, pool)
+            shutil.rmtree(sub, ignore_errors=True)
+            bar.step(f"{name} {size >> 10} KiB")
+    for n in restart_entries:
+        results.append(restart_many(directory, n))
+        bar.step(f"restart {n}")
+    return {"results": [r.to_dict() for r in results], "references": refs, "notes": notes,
+            "machine": machine_description(directory), "quick": quick}
+
+
+def machine_description(directory: str) -> dict:
+    fs = "?"
+    try:
+        with open("/proc/mounts") as f:
+            best = ""
+            for line in f:
+                dev, mnt, typ = line.split()[:3]
+                if os.path.abspath(directory).startswith(mnt) and len(mnt) >= len(best):
+                    best, fs = mnt, typ
+    except OSError:
+        pass
+    return {"cpus": os.cpu_count(), "filesystem": fs, "torch": torch.__version__,
+            "python": sys.version.split()[0], "platform": sys.platform}
+
+
+# ---------------------------------------------------------------- reporting
+
+
+def _fmt_size(n: int) -> str:
+    return f"{n >> 20} MiB" if n >= 1 << 20 else f"{n >> 10} KiB"
+
+
+def markdown(report: dict) -> str:
+    rows = [Result(**{k: v for k, v in r.items() if k not in ("gbps", "ops_per_s")})
+            for r in report["results"]]
+    base = {(r.size, r.workload): r for r in rows if r.contender == "file-per-chunk"}
+    refs = report["references"]
+    lines = [
+        "| size | workload | contender | GB/s | ops/s | p50 us | p99 us | CPU s | % ceiling | vs file-per-chunk |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        ceiling = ""
+        od = refs.get(f"odirect_{r.size}")
+        if od and r.workload in ("fill", "cold get") and r.bytes:
+            ref = od["write_gbps"] if r.workload == "fill" else od["read_gbps"]
+            ceiling = f"{100 * r.gbps / ref:.0f}%"
+        elif r.workload == "warm get" and f"mapped_copy_{r.size}" in refs and r.bytes:
+            ceiling = f"{100 * r.gbps / refs[f'mapped_copy_{r.size}']:.0f}%"
+        b = base.get((r.size, r.workload))
+        ratio = ""
+        if b is not None and r.contender != "file-per-chunk":
+            if r.workload.startswith("lookup"):
+                ratio = f"{b.p50_us / r.p50_us:.2f}x" if r.p50_us else ""
+            elif r.workload.startswith("restart"):
+                ratio = "file-per-chunk: 0 hits" if not b.hits else f"{b.p50_us / r.p50_us:.2f}x"
+            elif b.ops_per_s:
+                ratio = f"{r.ops_per_s / b.ops_per_s:.2f}x"
+        hits = "" if r.hits is None else f" ({r.hits} hits)" if r.workload.startswith("restart") else ""
+        lines.append(
+            f"| {_fmt_size(r.size)} | {r.workload}{hits} | {r.contender} | {r.gbps:.2f} | "
+            f"{r.ops_per_s:,.0f} | {r.p50_us:,.0f} | {r.p99_us:,.0f} | {r.cpu_seconds:.2f} | "
+            f"{ceiling} | {ratio} |"
+        )
+    lines.append("")
+    lines.append(f"memcpy: {refs['memcpy_gbps']:.1f} GB/s. " + " ".join(
+        f"O_DIRECT {_fmt_size(int(k.split('_')[1]))}: write {v['write_gbps']:.2f} GB/s, read {v['read_gbps']:.2f} GB/s."
+        for k, v in refs.items() if k.startswith("odirect_")))
+    for n in report["notes"]:
+        lines.append(f"Note: {n}.")
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise RuntimeError("--plot needs matplotlib: pip install 'slabcache[plot]'") from exc
+    rows = report["results"]
+    workloads = ["fill", "cold get", "warm get", "churn"]
+    contenders = sorted({r["contender"] for r in rows})
+    sizes = sorted({r["size"] for r in rows if r["workload"] == "churn"})
+    fig, axes = plt.subplots(1, len(workloads), figsize=(4 * len(workloads), 3.6))
+    for ax, w in zip(axes, workloads):
+        for c in contenders:
+            ys = [next((r["gbps"] for r in rows if r["contender"] == c and r["size"] == s
+                        and r["workload"] == w), 0) for s in sizes]
+            ax.plot([s >> 10 for s in sizes], ys, marker="o", label=c)
+        ax.set_xscale("log", base=2)
+        ax.set_title(w)
+        ax.set_xlabel("chunk KiB")
+        ax.set_ylabel("GB/s")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def write_json(report: dict, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
