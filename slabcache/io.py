@@ -15,13 +15,26 @@ import mmap
 import os
 import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from .errors import ConfigError, SlabIOError
-from .format import Geometry, round_up
+from .format import CHECKSUM_BLOCK, Geometry, block_digest, checksum, combine_digests, round_up
 
 ENGINES = ("mmap", "direct")
+
+_assist_pool: ThreadPoolExecutor | None = None
+_assist_lock = threading.Lock()
+
+
+def _assist() -> ThreadPoolExecutor:
+    """Helper threads for hashing beside I/O and for split large reads."""
+    global _assist_pool
+    with _assist_lock:
+        if _assist_pool is None:
+            _assist_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="slabcache-assist")
+        return _assist_pool
 
 
 def _np(t: torch.Tensor):
@@ -49,23 +62,41 @@ class Engine:
             raise SlabIOError(f"{n} bytes do not fit a slot of {self.g.slot_bytes} bytes")
         return n
 
-    def write(self, slot: int, parts: list[torch.Tensor]) -> None:
+    def write(self, slot: int, parts: list[torch.Tensor], hashed: bool = False) -> int | None:
+        """Write ``parts`` to ``slot``; returns their checksum when ``hashed``.
+
+        Large payloads are hashed on a helper thread while the write runs.
+        """
         n = self._check(slot, parts)
+        pending = None
+        if hashed and n > CHECKSUM_BLOCK:
+            pending = _assist().submit(checksum, [_np(p) for p in parts])
         try:
             self._write_impl(self.g.slot_offset(slot), parts, n)
         except OSError as exc:
             raise SlabIOError(f"writing slot {slot} of {self.path} failed: {exc}") from exc
+        finally:
+            digest = pending.result() if pending is not None else None
         with self._count_lock:
             self.bytes_written += n
+        if hashed and digest is None:
+            digest = checksum([_np(p) for p in parts])
+        return digest
 
-    def read_into(self, slot: int, parts: list[torch.Tensor]) -> None:
+    def read_into(self, slot: int, parts: list[torch.Tensor], hashed: bool = False) -> int | None:
+        """Fill ``parts`` from ``slot``; returns the bytes' checksum when ``hashed``."""
         n = self._check(slot, parts)
         try:
-            self._read_impl(self.g.slot_offset(slot), parts, n)
+            digest = self._read_hashed(self.g.slot_offset(slot), parts, n, hashed)
         except OSError as exc:
             raise SlabIOError(f"reading slot {slot} of {self.path} failed: {exc}") from exc
         with self._count_lock:
             self.bytes_read += n
+        return digest
+
+    def _read_hashed(self, offset: int, parts: list[torch.Tensor], n: int, hashed: bool) -> int | None:
+        self._read_impl(offset, parts, n)
+        return checksum([_np(p) for p in parts]) if hashed else None
 
     def empty(self, nbytes: int) -> torch.Tensor:
         """A uint8 buffer this engine reads into without an extra copy."""
@@ -151,6 +182,30 @@ class MmapEngine(Engine):
                 # torch's copy releases the GIL, so parallel gets overlap.
                 p.copy_(self._view[pos:pos + k])
             pos += k
+
+    def _read_hashed(self, offset, parts, n, hashed):
+        if not (hashed and len(parts) == 1 and n > 2 * CHECKSUM_BLOCK):
+            return super()._read_hashed(offset, parts, n, hashed)
+        # Large reads: copy and hash block by block on the helper threads;
+        # both release the GIL, so the checksum rides along with the copy
+        # instead of doubling the time spent on the bytes.
+        p = parts[0]
+        start = offset & ~(mmap.PAGESIZE - 1)
+        self.mm.madvise(mmap.MADV_WILLNEED, start, round_up(offset + n, mmap.PAGESIZE) - start)
+        piece = 2 * CHECKSUM_BLOCK
+
+        def work(b):
+            end = min(n, b + piece)
+            dst = p[b:end]
+            dst.copy_(self._view[offset + b:offset + end])
+            return [block_digest(_np(p[k:min(end, k + CHECKSUM_BLOCK)]))
+                    for k in range(b, end, CHECKSUM_BLOCK)]
+
+        futs = [_assist().submit(work, b) for b in range(0, n, piece)]
+        digests = []
+        for f in futs:
+            digests += f.result()
+        return combine_digests(digests, n)
 
     def sync(self):
         os.fdatasync(self.fd)
@@ -244,6 +299,38 @@ class DirectEngine(Engine):
             buf[pos:pos + p.numel()].copy_(p)
             pos += p.numel()
         _pwritev_all(self.fd, [_np(buf)], offset)
+
+    # Large reads are split into pieces read in parallel (the device sees
+    # queue depth > 1) and each piece is hashed as soon as it lands, so the
+    # checksum costs almost nothing on top of the transfer.
+    SPLIT_PIECE = 2 * CHECKSUM_BLOCK
+
+    def _read_hashed(self, offset, parts, n, hashed):
+        p = parts[0]
+        if (len(parts) == 1 and n > self.SPLIT_PIECE and p.data_ptr() % self.align == 0
+                and (n % self.align == 0 or getattr(p, "_slabcache_room", 0) >= round_up(n, self.align))):
+            return self._read_split(offset, p, n, hashed)
+        return super()._read_hashed(offset, parts, n, hashed)
+
+    def _read_split(self, offset, p, n, hashed):
+        total = round_up(n, self.align)
+        full = torch.empty(0, dtype=torch.uint8).set_(p.untyped_storage(), p.storage_offset(), (total,), (1,))
+        piece = self.SPLIT_PIECE
+
+        def work(start):
+            end = min(total, start + piece)
+            _preadv_all(self.fd, [_np(full[start:end])], offset + start)
+            if not hashed:
+                return []
+            stop = min(n, end)
+            return [block_digest(_np(p[b:min(stop, b + CHECKSUM_BLOCK)]))
+                    for b in range(start, stop, CHECKSUM_BLOCK)]
+
+        futs = [_assist().submit(work, start) for start in range(0, total, piece)]
+        digests = []
+        for f in futs:
+            digests += f.result()
+        return combine_digests(digests, n) if hashed else None
 
     def _read_impl(self, offset, parts, n):
         total = round_up(n, self.align)

@@ -36,7 +36,7 @@ from .errors import (
     ConfigError, CorruptStoreError, EntryTooLargeError, QueueFullError, StoreClosedError,
 )
 from .format import (
-    EntryMeta, SlotRecord, canonical_key, checksum, decode_key, index_key, key_hash,
+    EntryMeta, SlotRecord, canonical_key, decode_key, index_key, key_hash,
     pack_record_meta,
 )
 from .index import COUNTERS, Entry, Index, IndexTxn
@@ -444,8 +444,7 @@ class SlabStore:
                 return got is True
             slot, gen = got
             try:
-                csum = checksum([p.numpy() for p in parts]) if self.checksum else 0
-                self.engine.write(slot, parts)
+                csum = self.engine.write(slot, parts, hashed=self.checksum) or 0
                 self.records.write(slot, SlotRecord(
                     gen, meta.length, csum, key_hash(canon), pack_record_meta(canon, meta)))
                 if self.durability == "strict":
@@ -569,7 +568,7 @@ class SlabStore:
 
     def _read_checked(self, e: Entry, parts: list[torch.Tensor]) -> bool:
         try:
-            self.engine.read_into(e.slot, parts)
+            digest = self.engine.read_into(e.slot, parts, hashed=self.checksum)
         except OSError as exc:
             log.error("%s; serving a miss", exc)
             self._count("misses")
@@ -577,7 +576,8 @@ class SlabStore:
             return False
         if self._after_read_hook is not None:
             self._after_read_hook(e)
-        bad = self.checksum and checksum([p.numpy() for p in parts]) != e.checksum
+        # A checksum of 0 marks an entry written with checksum=False.
+        bad = self.checksum and e.checksum != 0 and digest != e.checksum
         if self.readonly:
             # A read-only handle cannot record uses or drop entries; it only
             # refuses to serve bytes that fail either check.
