@@ -211,7 +211,9 @@ class MmapEngine(Engine):
         os.fdatasync(self.fd)
 
     def drop_cache(self):
-        # Pages mapped into this process survive fadvise: unmap them first.
+        # Dirty pages and pages mapped into this process survive fadvise:
+        # write back and unmap first.
+        os.fdatasync(self.fd)
         self.mm.madvise(mmap.MADV_DONTNEED)
         os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
