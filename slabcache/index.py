@@ -401,13 +401,10 @@ class Index:
             ) from exc
         self.dbs = {}
         try:
-            if readonly:
-                with self.env.begin() as txn:
-                    for name in _DBS:
-                        self.dbs[name] = self.env.open_db(name.encode(), txn=txn, create=False)
-            else:
-                for name in _DBS:
-                    self.dbs[name] = self.env.open_db(name.encode(), create=True)
+            for name in _DBS:
+                # py-lmdb opens handles of a read-only environment in its own
+                # read transaction; passing one of ours leaves them unusable.
+                self.dbs[name] = self.env.open_db(name.encode(), create=not readonly)
         except lmdb.Error as exc:
             self.env.close()
             raise CorruptStoreError(
