@@ -760,6 +760,10 @@ class SlabStore:
                 return False
             t.delete_entry(e, self.policy)
             t.drop_pins(ikey)
+            # Clear the slot's record while the write lock keeps the slot
+            # from being reused, so an index rebuild does not bring back
+            # what was removed.
+            self.records.clear(e.slot)
             t.release_slot(e.slot, e.generation)
             return True
 
@@ -770,6 +774,7 @@ class SlabStore:
             for e in entries:
                 t.delete_entry(e, self.policy)
                 t.drop_pins(e.ikey)
+                self.records.clear(e.slot)
                 t.release_slot(e.slot, e.generation)
             return len(entries)
 

@@ -1,0 +1,295 @@
+"""slabcache as LMCache's local disk tier (LMCache 0.5.6 storage plugin).
+
+Configure it under the name ``LocalDiskBackend`` (and leave ``local_disk``
+unset) so it takes the built-in disk tier's place::
+
+    storage_plugins: ["LocalDiskBackend"]
+    extra_config:
+      storage_plugin.LocalDiskBackend.module_path: slabcache.integrations.lmcache
+      storage_plugin.LocalDiskBackend.class_name: SlabCacheBackend
+      slabcache.paths: "file:///mnt/nvme0/kvcache/"
+
+This is the only module that imports lmcache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import warnings
+from concurrent.futures import Future
+from typing import Any, Callable, List, Optional, Sequence
+
+import torch
+from lmcache.v1.memory_management import MemoryFormat
+from lmcache.v1.storage_backend.abstract_backend import StoragePluginInterface
+
+from ..config import device_index, from_lmcache
+from ..errors import QueueFullError, SlabcacheError
+from ..store import SlabStore
+
+log = logging.getLogger(__name__)
+
+
+def canonical_key(key) -> str:
+    """One string per CacheEngineKey, bytes chunk hashes included.
+
+    ``CacheEngineKey.to_string`` writes int and bytes hashes as the same hex
+    digits; the ``i``/``b`` tag here keeps them apart.
+    """
+    h = key.chunk_hash
+    hh = ("b" + bytes(h).hex()) if isinstance(h, (bytes, bytearray)) else ("i" + format(h, "x"))
+    dtype = getattr(key, "_dtype_str", None) or str(getattr(key, "dtype", ""))
+    s = f"{key.model_name}@{key.world_size}@{key.worker_id}@{hh}@{dtype}"
+    layer = getattr(key, "layer_id", None)
+    if layer is not None:
+        s += f"@L{layer}"
+    tags = getattr(key, "tags", None)
+    if tags:
+        s += "@" + "@".join(f"{k}%{v}" for k, v in tags)
+    return s
+
+
+def _bytes_of(memory_obj) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # memoryview over the object's own buffer
+        return torch.frombuffer(memory_obj.byte_array, dtype=torch.uint8)
+
+
+def _describe(memory_obj) -> bytes:
+    """What get_blocking needs to allocate and restore an object."""
+    m = memory_obj.metadata
+    shapes = m.shapes if m.shapes else [m.shape]
+    dtypes = m.dtypes if m.dtypes else [m.dtype]
+    pos = m.cached_positions
+    return json.dumps({
+        "shapes": [list(s) for s in shapes],
+        "dtypes": [str(d).removeprefix("torch.") for d in dtypes],
+        "fmt": m.fmt.name if m.fmt is not None else None,
+        "multi": bool(m.shapes),
+        "cached_positions": pos.tolist() if isinstance(pos, torch.Tensor) else None,
+    }).encode()
+
+
+class SlabCacheBackend(StoragePluginInterface):
+    """LMCache storage plugin backed by one SlabStore per configured path."""
+
+    def __init__(self, config=None, dst_device: str = "cpu", metadata=None,
+                 local_cpu_backend=None, loop: Optional[asyncio.AbstractEventLoop] = None):
+        super().__init__(dst_device=dst_device, config=config, metadata=metadata,
+                         local_cpu_backend=local_cpu_backend, loop=loop)
+        try:
+            self.settings = from_lmcache(config, metadata)
+            self.path = self.settings.path_for(device_index(dst_device))
+            self.store = SlabStore.open(
+                self.path, capacity_bytes=self.settings.bytes_per_path,
+                slot_bytes=self.settings.slot_bytes, policy=self.settings.policy,
+                io=self.settings.io, io_threads=self.settings.io_threads,
+                durability=self.settings.durability, checksum=self.settings.checksum,
+                queue_full="wait",
+            )
+        except Exception as exc:
+            # LMCache logs constructor failures briefly and runs on without
+            # the tier; say loudly what is wrong and how to fix it.
+            log.error("slabcache: the LocalDiskBackend plugin could not start and LMCache "
+                      "will run WITHOUT a disk tier: %s", exc)
+            raise
+        self._lock = threading.Lock()
+        self._inflight: set[str] = set()
+        self._keys_in_request: list[str] = []
+        # lookup_id -> keys pinned by batched_async_contains, released after the prefetch
+        self._lookup_pins: dict[str, list[str]] = {}
+        log.info("slabcache: disk tier at %s (%s, %d slots of %d bytes)", self.path,
+                 self.settings.io, self.store.geometry.slot_count, self.store.geometry.slot_bytes)
+
+    def __str__(self) -> str:
+        return "LocalDiskBackend"
+
+    # ------------------------------------------------------------ lookups
+
+    def contains(self, key, pin: bool = False) -> bool:
+        k = canonical_key(key)
+        if pin:
+            if not self.store.pin(k):
+                return False
+            with self._lock:
+                self._keys_in_request.append(k)
+            return True
+        return self.store.contains(k)
+
+    def batched_contains(self, keys, pin: bool = False) -> int:
+        n = 0
+        for key in keys:
+            if not self.contains(key, pin):
+                break
+            n += 1
+        return n
+
+    def exists_in_put_tasks(self, key) -> bool:
+        with self._lock:
+            return canonical_key(key) in self._inflight
+
+    def touch_cache(self) -> None:
+        with self._lock:
+            keys, self._keys_in_request = self._keys_in_request, []
+        if keys:
+            # Prefix chunks are the most valuable: touch them last.
+            self.store.touch(list(reversed(keys)))
+
+    def pin(self, key) -> bool:
+        return self.store.pin(canonical_key(key))
+
+    def unpin(self, key) -> bool:
+        return self.store.unpin(canonical_key(key))
+
+    def remove(self, key, force: bool = True) -> bool:
+        return self.store.remove(canonical_key(key), force=force)
+
+    # ------------------------------------------------------------ put
+
+    def batched_submit_put_task(self, keys: Sequence, objs: List, transfer_spec: Any = None,
+                                on_complete_callback: Optional[Callable] = None):
+        futures = []
+        for key, obj in zip(keys, objs):
+            k = canonical_key(key)
+            with self._lock:
+                if k in self._inflight:
+                    continue
+            if self.store.contains(k):
+                self.store.touch([k])
+                continue
+            with self._lock:
+                self._inflight.add(k)
+            # The engine drops its reference right after this call: hold one
+            # until the bytes are on disk.
+            obj.ref_count_up()
+            try:
+                fut = self.store.put_async(k, _bytes_of(obj), extra=_describe(obj))
+            except (QueueFullError, SlabcacheError) as exc:
+                log.warning("slabcache: put of %s skipped: %s", k, exc)
+                self._put_done(k, key, obj, None, on_complete_callback)
+                continue
+            fut.add_done_callback(
+                lambda f, k=k, key=key, obj=obj: self._put_done(k, key, obj, f, on_complete_callback))
+            futures.append(fut)
+        return futures or None
+
+    def _put_done(self, k: str, key, obj, fut: Optional[Future], callback) -> None:
+        try:
+            if fut is not None and not fut.cancelled() and fut.exception() is not None:
+                log.error("slabcache: writing %s failed: %s", k, fut.exception())
+        finally:
+            obj.ref_count_down()
+            with self._lock:
+                self._inflight.discard(k)
+        if callback is not None and fut is not None and not fut.cancelled() and fut.exception() is None:
+            try:
+                callback(key)
+            except Exception as exc:  # the engine's callback: report, do not propagate
+                log.warning("slabcache: on_complete_callback failed for %s: %s", k, exc)
+
+    # ------------------------------------------------------------ get
+
+    def _allocate(self, k: str):
+        meta = self.store.describe(k)
+        if meta is None:
+            return None, None
+        try:
+            d = json.loads(meta.extra)
+        except ValueError:
+            log.error("slabcache: entry %s has no LMCache description; dropping it", k)
+            self.store.remove(k, force=True)
+            return None, None
+        shapes = [torch.Size(s) for s in d["shapes"]]
+        dtypes = [getattr(torch, t) for t in d["dtypes"]]
+        fmt = MemoryFormat[d["fmt"]] if d.get("fmt") else None
+        if d.get("multi"):
+            obj = self.local_cpu_backend.allocate(shapes, dtypes, fmt)
+        else:
+            obj = self.local_cpu_backend.allocate(shapes[0], dtypes[0], fmt)
+        if obj is None:
+            log.warning("slabcache: the CPU allocator has no room for %s", k)
+            return None, None
+        return obj, (d, meta.length)
+
+    def _out(self, obj, length: int) -> Optional[torch.Tensor]:
+        buf = _bytes_of(obj)
+        if buf.numel() < length:
+            return None
+        return buf[:length]
+
+    def _finish(self, obj, d: dict) -> None:
+        pos = d.get("cached_positions")
+        if pos is not None:
+            obj.metadata.cached_positions = torch.tensor(pos, dtype=torch.long)
+
+    def get_blocking(self, key):
+        return self.batched_get_blocking([key])[0]
+
+    def batched_get_blocking(self, keys) -> list:
+        ks = [canonical_key(k) for k in keys]
+        allocs = [self._allocate(k) for k in ks]
+        jobs = [(i, k, obj, info) for i, (k, (obj, info)) in enumerate(zip(ks, allocs)) if obj is not None]
+        outs = [self._out(obj, info[1]) for _, _, obj, info in jobs]
+        results: list = [None] * len(ks)
+        ready = [(j, o) for j, o in zip(jobs, outs) if o is not None]
+        for (_, k, obj, _), o in zip(jobs, outs):
+            if o is None:
+                log.error("slabcache: allocated object for %s is smaller than the stored bytes", k)
+                obj.ref_count_down()
+        oks = self.store.get_many_into([j[1] for j, _ in ready], [o for _, o in ready]) if ready else []
+        for ((i, k, obj, info), _), ok in zip(ready, oks):
+            if ok:
+                self._finish(obj, info[0])
+                results[i] = obj
+            else:
+                obj.ref_count_down()
+        return results
+
+    # ------------------------------------------------------------ async
+
+    async def batched_async_contains(self, lookup_id: str, keys, pin: bool = False) -> int:
+        hits = []
+        for key in keys:
+            k = canonical_key(key)
+            if not (self.store.pin(k) if pin else self.store.contains(k)):
+                break
+            hits.append(k)
+        if pin and hits:
+            with self._lock:
+                self._lookup_pins.setdefault(lookup_id, []).extend(hits)
+        return len(hits)
+
+    async def batched_get_non_blocking(self, lookup_id: str, keys, transfer_spec: Any = None) -> list:
+        loop = asyncio.get_running_loop()
+        try:
+            objs = await loop.run_in_executor(None, self.batched_get_blocking, list(keys))
+        finally:
+            # The pins that made this prefetch safe are released here, once
+            # (LMCache's own disk backend leaks them).
+            with self._lock:
+                pinned = self._lookup_pins.pop(lookup_id, [])
+            for k in pinned:
+                self.store.unpin(k)
+        out = []
+        for obj in objs:  # a prefix of hits, as the engine expects
+            if obj is None:
+                break
+            out.append(obj)
+        for obj in objs[len(out):]:
+            if obj is not None:
+                obj.ref_count_down()
+        return out
+
+    # ------------------------------------------------------------ life
+
+    def get_allocator_backend(self):
+        return self.local_cpu_backend
+
+    def clear(self) -> int:
+        return self.store.clear()
+
+    def close(self) -> None:
+        self.store.close()
