@@ -84,6 +84,56 @@ def cmd_ls(args) -> int:
     return 0
 
 
+def cmd_fsck(args) -> int:
+    from .check import check
+
+    res = check(args.path, repair=args.repair, deep=args.deep, rebuild_index=args.rebuild_index,
+                progress=not args.json)
+    if args.json:
+        print(json.dumps(res.to_dict(), indent=1))
+        return res.exit_code
+    for f in res.findings:
+        where = " ".join(x for x in (f"slot {f.slot}" if f.slot is not None else "",
+                                     f"key {f.key}" if f.key else "") if x)
+        state = "FIXED" if f.fixed else ("left" if res.repaired else "found")
+        print(f"{state:5} {f.kind}: {f.detail}{' (' + where + ')' if where else ''}")
+    scrub = f", scrubbed {res.bytes_scrubbed} bytes at {res.to_dict()['scrub_gbps']:.2f} GB/s" \
+        if args.deep else ""
+    verdict = {0: "clean", 1: "errors corrected", 4: "errors left uncorrected"}[res.exit_code]
+    print(f"{res.path}: {res.entries} entries in {res.slots_total} slots{scrub}: {verdict}")
+    if res.exit_code == 4 and not res.repaired:
+        print("run again with --repair to fix (or --rebuild-index if the index is lost)")
+    return res.exit_code
+
+
+def cmd_compact(args) -> int:
+    from .compact import compact
+
+    res = compact(args.path, capacity_bytes=args.capacity, slot_bytes=args.slot_bytes,
+                  progress=not args.json)
+    if args.json:
+        print(json.dumps(res.to_dict(), indent=1))
+        return 0
+    b, a = res.before, res.after
+    print(f"{res.path}: {b['slots_total']} x {b['slot_bytes']} B -> {a['slots_total']} x "
+          f"{a['slot_bytes']} B; kept {res.kept} of {b['slots_used']} entries, "
+          f"dropped {len(res.dropped)} ({res.seconds:.1f} s)")
+    for d in res.dropped[:20]:
+        print(f"  dropped {d['key']} ({d['bytes']} B): {d['why']}")
+    if len(res.dropped) > 20:
+        print(f"  ... and {len(res.dropped) - 20} more (--json lists them all)")
+    return 0
+
+
+def _size(text: str) -> int:
+    from .bench import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="slabcache",
                                 description="Slab store for LLM KV-cache chunks: benchmark and inspect stores.")
@@ -102,6 +152,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("path")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_stats)
+
+    f = sub.add_parser("fsck", help="check a store; --repair fixes it (exit 0 clean, 1 fixed, 4 left, 8 error)")
+    f.add_argument("path")
+    f.add_argument("--repair", action="store_true", help="fix what is found (needs the store closed everywhere)")
+    f.add_argument("--deep", action="store_true", help="also verify every payload's checksum")
+    f.add_argument("--rebuild-index", action="store_true", help="rebuild the index from the slot records")
+    f.add_argument("--json", action="store_true", help="print findings and summary as JSON")
+    f.set_defaults(func=cmd_fsck)
+
+    c = sub.add_parser("compact", help="shrink, grow or re-slot a store (needs it closed everywhere)")
+    c.add_argument("path")
+    c.add_argument("--capacity", type=_size, metavar="SIZE", help="new capacity: 20G, 512MiB, bytes")
+    c.add_argument("--slot-bytes", type=_size, metavar="N", help="new slot size")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_compact)
 
     ls = sub.add_parser("ls", help="one line per entry: key, bytes, dtypes/shapes, last use (read-only)")
     ls.add_argument("path")

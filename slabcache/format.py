@@ -124,12 +124,12 @@ def plan_geometry(capacity_bytes: int, slot_bytes: int, alignment: int) -> Geome
     slot_count = capacity_bytes // slot_bytes
     budget = capacity_bytes // 100 + (1 << 20) - 2 * alignment
     record = MAX_RECORD_BYTES
-    # The largest power-of-two record that fits the budget, so that long keys
-    # can still be rebuilt from big slots while small slots stay cheap; the
-    # bare fixed record is the floor (under 1% of the smallest 4 KiB slot).
-    while record > 64 and (record * slot_count > budget or record * 100 > slot_bytes):
+    # The largest power-of-two record that fits the budget, so that keys and
+    # value descriptions can be rebuilt from the records; the bare fixed
+    # record is the floor (under 1% of the smallest, 4 KiB, slot).
+    while record > 64 and record * slot_count > budget:
         record //= 2
-    if record * slot_count > budget or record * 100 > slot_bytes:
+    if record * slot_count > budget:
         record = SLOT_RECORD.size
     records_offset = alignment
     data_offset = records_offset + round_up(record * slot_count, alignment)

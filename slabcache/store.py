@@ -36,7 +36,7 @@ from .errors import (
     ConfigError, CorruptStoreError, EntryTooLargeError, QueueFullError, StoreClosedError,
 )
 from .format import (
-    EntryMeta, SlotRecord, canonical_key, decode_key, index_key, key_hash,
+    EntryMeta, SlotRecord, canonical_key, decode_key, index_key, key_hash, pack_header,
     pack_record_meta,
 )
 from .index import COUNTERS, Entry, Index, IndexTxn
@@ -196,6 +196,10 @@ class SlabStore:
     @classmethod
     def _open_locked(cls, path, slab_path, capacity_bytes, slot_bytes, pol, io, durability,
                      checksum, readonly, index_map_bytes, lock_fd) -> "SlabStore":
+        if not readonly:
+            from .compact import recover
+
+            recover(path)  # finish or undo a compaction a crash interrupted
         index_path = os.path.join(path, INDEX_NAME)
         created = False
         if os.path.exists(slab_path):
@@ -228,6 +232,8 @@ class SlabStore:
             if created:
                 with index.write() as t:
                     t.meta_put("creation_id", creation_id)
+                    # A copy of the slab header lets fsck repair a damaged one.
+                    t.meta_put("header", pack_header(g, creation_id))
                     t.meta_put("policy", (pol.name if pol else "lru").encode())
                 os.rename(slab_path + ".new", slab_path)
             pol = cls._settle_policy(index, pol, path, readonly)
