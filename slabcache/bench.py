@@ -156,6 +156,93 @@ class SlabContender:
         self.store.close()
 
 
+class LMCacheDisk:
+    """LMCache's own LocalDiskBackend, driven through its storage-backend API
+    with a CPU LocalCPUBackend as allocator (needs lmcache installed)."""
+
+    name = "lmcache-LocalDiskBackend"
+
+    def __init__(self, directory: str, capacity_bytes: int, size: int, odirect: bool = True):
+        os.environ.setdefault("LMCACHE_TRACK_USAGE", "false")
+        from lmcache.v1.config import LMCacheEngineConfig
+        from lmcache.v1.event_manager import EventManager
+        from lmcache.v1.metadata import LMCacheMetadata
+        from lmcache.v1.storage_backend.storage_manager import StorageManager
+
+        self.dir, self.capacity, self.size, self.odirect = directory, capacity_bytes, size, odirect
+        os.makedirs(directory, exist_ok=True)
+        cfg = LMCacheEngineConfig.from_defaults(
+            chunk_size=256, local_cpu=False, max_local_cpu_size=max(0.25, 6 * size / 1024 ** 3),
+            local_disk=directory, max_local_disk_size=capacity_bytes / 1024 ** 3,
+            lmcache_instance_id=f"bench-{os.getpid()}-{id(self)}")
+        cfg.extra_config = {"use_odirect": odirect}
+        md = LMCacheMetadata(model_name="bench", world_size=1, local_world_size=1, worker_id=0,
+                             local_worker_id=0, kv_dtype=torch.bfloat16,
+                             kv_shape=(1, 2, 256, 1, max(1, size // (2 * 256 * 2))))
+        self.sm = StorageManager(config=cfg, metadata=md, event_manager=EventManager())
+        self.disk = self.sm.storage_backends["LocalDiskBackend"]
+        self.cpu = self.sm.allocator_backend
+
+    def _key(self, key: str):
+        from lmcache.utils import CacheEngineKey
+
+        return CacheEngineKey(model_name="bench", world_size=1, worker_id=0,
+                              chunk_hash=int.from_bytes(key.encode()[-8:].rjust(8, b"0"), "big")
+                              ^ hash(key) & 0xFFFFFFFF, dtype=torch.bfloat16)
+
+    def put(self, key, t) -> bool:
+        import threading
+
+        k = self._key(key)
+        if self.disk.contains(k):
+            self.disk.touch_cache()
+            return True
+        mo = self.cpu.allocate(torch.Size([t.numel()]), t.dtype)
+        if mo is None:
+            return False
+        mo.tensor.view(-1).copy_(t.reshape(-1))
+        done = threading.Event()
+        self.disk.batched_submit_put_task([k], [mo], on_complete_callback=lambda _k: done.set())
+        mo.ref_count_down()
+        if not self.disk.exists_in_put_tasks(k) and not done.is_set():
+            return self.disk.contains(k)  # skipped by admission control
+        return done.wait(60)
+
+    def get(self, key, out) -> bool:
+        mo = self.disk.get_blocking(self._key(key))
+        if mo is None:
+            return False
+        out.reshape(-1).copy_(mo.tensor.reshape(-1))
+        mo.ref_count_down()
+        return True
+
+    def batched_contains(self, keys) -> int:
+        return self.disk.batched_contains([self._key(k) for k in keys])
+
+    def drop_cache(self) -> None:
+        for name in os.listdir(self.dir):
+            fd = os.open(os.path.join(self.dir, name), os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+
+    def reopen(self) -> "LMCacheDisk":
+        self.close()
+        return LMCacheDisk(self.dir, self.capacity, self.size, self.odirect)
+
+    def close(self) -> None:
+        if self.sm is not None:
+            self.sm.close()
+            self.sm = None
+
+
+def lmcache_available() -> bool:
+    try:
+        import lmcache.v1.storage_backend.local_disk_backend  # noqa: F401
+        return True
+    except Exception:
+        return False
+
+
 def direct_supported(directory: str) -> bool:
     path = os.path.join(directory, ".odirect-probe")
     try:
@@ -446,11 +533,11 @@ def run_suite(directory: str, sizes: list[int], quick: bool, restart_entries: li
     notes = []
     if not can_direct:
         notes.append(f"{directory} refuses O_DIRECT: the direct engine was skipped")
-    try:
-        import lmcache  # noqa: F401
-        notes.append("lmcache is installed; its LocalDiskBackend is not driven by this suite yet")
-    except ImportError:
-        notes.append("lmcache is not installed: LMCache's own LocalDiskBackend was not measured")
+    if lmcache_available():
+        contenders.append(("lmcache-LocalDiskBackend", "lmcache"))
+    else:
+        notes.append("lmcache is not installed: LMCache's own LocalDiskBackend was not measured "
+                     "(tools/bootstrap.sh --with-lmcache installs it)")
 
     steps = len(sizes) * (len(contenders) + 1) + len(restart_entries)
     bar = Progress(steps, progress)
@@ -470,6 +557,8 @@ def run_suite(directory: str, sizes: list[int], quick: bool, restart_entries: li
             def make(sub=sub, io=io):
                 if io is None:
                     return FilePerChunk(sub, capacity_bytes=slots * size)
+                if io == "lmcache":
+                    return LMCacheDisk(sub, capacity_bytes=slots * size, size=size, odirect=can_direct)
                 return SlabContender(sub, capacity_bytes=slots * size, slot_bytes=size, io=io)
 
             results += run_size(make, size, slots, churn_ops, pool)
