@@ -158,7 +158,8 @@ def unpack_header(raw: bytes, path: str) -> tuple[Geometry, bytes]:
     if version > FORMAT_VERSION:
         raise CorruptStoreError(
             f"{path} has format version {version}, newer than this slabcache "
-            f"understands ({FORMAT_VERSION}); upgrade slabcache to open it"
+            f"understands ({FORMAT_VERSION}); upgrade slabcache to open it (if no newer "
+            f"version wrote it, the header is damaged: {remedy})"
         )
     zeroed = SLAB_HEADER.pack(magic, version, 0, alignment, record, slot_bytes,
                               slot_count, rec_off, data_off, creation_id)

@@ -1,0 +1,114 @@
+#!/usr/bin/env python3
+"""One run of every reliability exercise, with the figures README quotes.
+
+    python tools/reliability.py [--kills 50] [--corruptions 80] [--json FILE]
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from slabcache import SlabIOError, SlabStore  # noqa: E402
+from slabcache.testing import (  # noqa: E402
+    corruption_trials, crash_loop, expected, hammer, inject, verify,
+)
+
+
+def faults(work: str) -> dict:
+    out = {"injected": 0, "puts_failed_cleanly": 0, "reads_missed": 0, "wrong": 0, "leaks": 0}
+    for io in ("mmap", "direct"):
+        for mode in ("eio_write", "enospc", "short_write", "eio_read", "slow"):
+            p = os.path.join(work, f"fault-{io}-{mode}")
+            with SlabStore.open(p, capacity_bytes=64 * 4096, slot_bytes=4096, io=io) as s:
+                fe = inject(s, mode, every=2)
+                for i in range(40):
+                    k = f"f{i}"
+                    try:
+                        s.put(k, expected(k))
+                    except SlabIOError:
+                        out["puts_failed_cleanly"] += 1
+                for i in range(40):
+                    v = s.get(f"f{i}")
+                    if v is not None and not bool((v == expected(f"f{i}")).all()):
+                        out["wrong"] += 1
+                out["reads_missed"] += s.stats()["io_errors"]
+                out["injected"] += fe.injected
+                inject(s, None)
+                st = s.stats()
+                out["leaks"] += st["slots_used"] + st["slots_free"] != st["slots_total"]
+                out["wrong"] += verify(s, s.keys())[2]
+            shutil.rmtree(p)
+    return out
+
+
+def concurrency(work: str) -> dict:
+    out = {"threads": 16, "processes": 4, "ops": 0, "wrong": 0, "errors": 0}
+    p = os.path.join(work, "conc")
+    with SlabStore.open(p, capacity_bytes=128 * 4096, slot_bytes=4096) as s:
+        c = hammer(s, threads=16, seconds=5.0, keys=300)
+        out["ops"] += c["ops"]
+        out["wrong"] += c["wrong"] + verify(s, s.keys())[2]
+        out["errors"] += c["errors"]
+    code = ("import json,sys\nfrom slabcache import SlabStore\nfrom slabcache.testing import hammer\n"
+            "with SlabStore.open(sys.argv[1]) as s:\n"
+            "    print(json.dumps(hammer(s, threads=4, seconds=5.0, keys=300, seed=int(sys.argv[2]))))\n")
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    procs = [subprocess.Popen([sys.executable, "-c", code, p, str(i)], stdout=subprocess.PIPE,
+                              text=True, env=env) for i in range(4)]
+    for pr in procs:
+        c = json.loads(pr.communicate()[0])
+        out["ops"] += c["ops"]
+        out["wrong"] += c["wrong"]
+        out["errors"] += c["errors"]
+    with SlabStore.open(p) as s:
+        out["wrong"] += verify(s, s.keys())[2]
+    shutil.rmtree(p)
+    return out
+
+
+def bad_inputs() -> int:
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "--co", "tests/test_bad_input.py"],
+                       capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return sum(1 for line in r.stdout.splitlines() if "::" in line)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--kills", type=int, default=50)
+    ap.add_argument("--corruptions", type=int, default=80)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    work = tempfile.mkdtemp(prefix="slabcache-rel-", dir=os.environ.get("TMPDIR"))
+    t0 = time.time()
+    report = {
+        "crash_fast_mmap": crash_loop(os.path.join(work, "c1"), kills=args.kills).to_dict(),
+        "crash_strict_direct": crash_loop(os.path.join(work, "c2"), kills=args.kills // 2,
+                                          durability="strict", io="direct").to_dict(),
+        "faults": faults(work),
+        "corruption": corruption_trials(work, trials=args.corruptions).to_dict(),
+        "concurrency": concurrency(work),
+        "bad_inputs": bad_inputs(),
+    }
+    report["seconds"] = time.time() - t0
+    shutil.rmtree(work, ignore_errors=True)
+    wrong = (report["crash_fast_mmap"]["wrong"] + report["crash_strict_direct"]["wrong"]
+             + report["faults"]["wrong"] + report["corruption"]["wrong"] + report["concurrency"]["wrong"])
+    report["wrong_bytes_served"] = wrong
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text)
+    return 0 if wrong == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
