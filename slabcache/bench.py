@@ -165,7 +165,7 @@ class LMCacheDisk:
     def __init__(self, directory: str, capacity_bytes: int, size: int, odirect: bool = True):
         os.environ.setdefault("LMCACHE_TRACK_USAGE", "false")
         # LMCache logs every backend start and stop at INFO: keep the table readable.
-        os.environ.setdefault("LMCACHE_LOG_LEVEL", "WARNING")
+        os.environ.setdefault("LMCACHE_LOG_LEVEL", "ERROR")
         from lmcache.v1.config import LMCacheEngineConfig
         from lmcache.v1.event_manager import EventManager
         from lmcache.v1.metadata import LMCacheMetadata
@@ -238,7 +238,7 @@ class LMCacheDisk:
 
 
 def lmcache_available() -> bool:
-    os.environ.setdefault("LMCACHE_LOG_LEVEL", "WARNING")
+    os.environ.setdefault("LMCACHE_LOG_LEVEL", "ERROR")
     os.environ.setdefault("LMCACHE_TRACK_USAGE", "false")
     try:
         import lmcache.v1.storage_backend.local_disk_backend  # noqa: F401

@@ -168,7 +168,6 @@ class CrashReport:
     served_right: int = 0
     misses: int = 0
     wrong: int = 0
-    lost_acked_strict: int = 0
     fsck_unfixable: int = 0
     fsck_repairs: int = 0
     leaks: int = 0
