@@ -293,17 +293,21 @@ def odirect_ceiling(directory: str, block: int, total: int) -> dict:
     return {"write_gbps": total / w / 1e9, "read_gbps": total / r / 1e9}
 
 
+def _copy_gbps(dst: torch.Tensor, src: torch.Tensor, rounds: int = 5) -> float:
+    """Best of ``rounds`` copies after one warm-up."""
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return src.numel() / best / 1e9
+
+
 def memcpy_gbps(nbytes: int = 64 << 20) -> float:
     a = torch.empty(nbytes, dtype=torch.uint8)
     a.fill_(1)
-    b = torch.empty_like(a)
-    b.copy_(a)
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        b.copy_(a)
-        best = min(best, time.perf_counter() - t0)
-    return nbytes / best / 1e9
+    return _copy_gbps(torch.empty_like(a), a)
 
 
 def mapped_copy_gbps(directory: str, nbytes: int) -> float:
@@ -315,18 +319,12 @@ def mapped_copy_gbps(directory: str, nbytes: int) -> float:
         with open(path, "r+b") as f:
             mm = mmap.mmap(f.fileno(), 0)
             src = torch.frombuffer(mm, dtype=torch.uint8)
-            dst = torch.empty_like(src)
-            dst.copy_(src)
-            best = float("inf")
-            for _ in range(5):
-                t0 = time.perf_counter()
-                dst.copy_(src)
-                best = min(best, time.perf_counter() - t0)
+            gbps = _copy_gbps(torch.empty_like(src), src)
             del src
             mm.close()
     finally:
         os.unlink(path)
-    return nbytes / best / 1e9
+    return gbps
 
 
 # ---------------------------------------------------------------- measuring
