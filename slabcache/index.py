@@ -26,7 +26,7 @@ import struct
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Iterator
 
 import lmdb
@@ -42,6 +42,7 @@ _U64 = struct.Struct(">Q")
 _U32 = struct.Struct("<I")
 # slot, generation, length, checksum, tick, hits, inserted, created, used, meta len
 _ENTRY = struct.Struct("<QIQQQQQddI")
+_SLOT_GEN = struct.Struct("<QI")  # the head of _ENTRY
 # Persisted as consecutive u64s: append new counters at the end only.
 COUNTERS = ("hits", "misses", "puts", "evictions", "checksum_failures", "rejected_puts",
             "queue_rejections", "io_errors")
@@ -152,6 +153,11 @@ class IndexTxn:
             return False
         return ikey == canon or canon_of(raw) == canon
 
+    def slot_gen(self, ikey: bytes) -> tuple[int, int] | None:
+        """(slot, generation) of the entry at ``ikey``, without decoding the rest."""
+        raw = self.txn.get(ikey, db=self.db["entries"])
+        return None if raw is None else _SLOT_GEN.unpack_from(raw)
+
     def entry_at(self, ikey: bytes) -> Entry | None:
         raw = self.txn.get(ikey, db=self.db["entries"])
         return None if raw is None else Entry.decode(ikey, raw)
@@ -167,7 +173,8 @@ class IndexTxn:
     def record_use(self, e: Entry, policy: Policy, now: float, count: int = 1) -> Entry:
         tick = self.next_tick()
         self.txn.delete(policy.order_key(e.slot, e.use), db=self.db["order"])
-        new = replace(e, use=UseStats(tick, e.use.hits + count, e.use.inserted), used=now)
+        new = Entry(e.ikey, e.canon, e.slot, e.generation, e.length, e.checksum,
+                    UseStats(tick, e.use.hits + count, e.use.inserted), e.created, now, e.meta_raw)
         self.put_entry(new, policy)
         return new
 

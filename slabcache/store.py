@@ -595,15 +595,15 @@ class SlabStore:
             self._count("hits" if ok else "misses")
             return ok
         with self.index.read() as t:
-            cur = t.entry_at(e.ikey)
-        if cur is None or cur.slot != e.slot or cur.generation != e.generation:
+            now_at = t.slot_gen(e.ikey)
+        if now_at != (e.slot, e.generation):
             self._count("misses")  # evicted or replaced while we read
             return False
         if bad:
             self._drop_corrupt(e)
             return False
         self._count("hits")
-        self._note_use(cur)
+        self._note_use(e)
         return True
 
     def _drop_corrupt(self, e: Entry) -> None:
