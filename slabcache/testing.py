@@ -192,6 +192,7 @@ def crash_loop(path: str, kills: int = 50, durability: str = "fast", io: str = "
     open(log_path, "w").close()
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     state: dict[str, str] = {}  # last acknowledged operation per key
+    uncertain: set[str] = set()  # keys whose last operation was never acknowledged
     for i in range(kills):
         proc = subprocess.Popen([sys.executable, "-c", _WRITER, path, log_path, str(seed * 1000 + i),
                                  durability, io], stdout=subprocess.PIPE, env=env)
@@ -204,18 +205,23 @@ def crash_loop(path: str, kills: int = 50, durability: str = "fast", io: str = "
         with open(log_path) as f:
             lines = f.read().splitlines()
         open(log_path, "w").close()
-        uncertain = None
+        last_try = None
         for line in lines:
             if not line.endswith(tuple("0123456789")):
                 continue  # the kill cut this line short: not acknowledged
             op, k = line.split()
             if op == "try":
-                uncertain = k
+                last_try = k
                 continue
-            uncertain = None
+            last_try = None
+            uncertain.discard(k)
             state[k] = op
             rep.acked_puts += op == "put"
             rep.acked_removes += op == "rm"
+        if last_try is not None:
+            # The kill came between this operation and its acknowledgement:
+            # until a later acknowledged operation, either outcome is right.
+            uncertain.add(last_try)
         res = check(path, repair=True, progress=False)
         rep.fsck_repairs += sum(1 for f in res.findings if f.fixed)
         if res.exit_code not in (0, 1):
@@ -235,7 +241,7 @@ def crash_loop(path: str, kills: int = 50, durability: str = "fast", io: str = "
                     rep.served_right += 1
                 else:
                     rep.wrong += 1
-                if op == "rm" and k in present and k != uncertain:
+                if op == "rm" and k in present and k not in uncertain:
                     rep.resurrected += 1
         if progress:
             progress(i + 1, kills)
