@@ -11,6 +11,7 @@ import fcntl
 import logging
 import os
 import shutil
+import struct
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -308,7 +309,7 @@ def _check_index(fd, g, creation_id, idx: Index, res, repair, deep, progress, si
 
     live = {e.slot: e for e in entries if e.ikey not in drop and 0 <= e.slot < g.slot_count}
     live_res = {s: (gen, who) for s, gen, who in reserved if owners.is_alive(who)}
-    for s, gen, who in reserved:
+    for s, _gen, who in reserved:
         if not owners.is_alive(who):
             _add(res, "stale reservation", f"slot {s} was being written by dead pid "
                  f"{owners.pid_of(who)}", repair, s)
@@ -348,7 +349,7 @@ def _check_index(fd, g, creation_id, idx: Index, res, repair, deep, progress, si
             t.drop_pins(e.ikey)
         for s in both + beyond:
             t.txn.delete(s.to_bytes(8, "big"), db=t.db["free"])
-        for s, gen, who in reserved:
+        for s, _gen, who in reserved:
             if not owners.is_alive(who):
                 t.unreserve(s)
         t.meta_put("next_unused", mark.to_bytes(8, "big"))
@@ -389,7 +390,7 @@ def _rebuild(path, slab_path, g: Geometry, creation_id: bytes, res: CheckResult,
                 continue
             try:
                 canon, meta = unpack_record_meta(rec.meta)
-            except (CorruptStoreError, Exception):
+            except (CorruptStoreError, struct.error):
                 continue
             data = os.pread(fd, rec.length, g.slot_offset(slot))
             res.bytes_scrubbed += len(data)

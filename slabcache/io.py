@@ -10,6 +10,7 @@ Buffers are 1-D ``torch.uint8`` CPU tensors.
 
 from __future__ import annotations
 
+import abc
 import errno
 import mmap
 import os
@@ -42,7 +43,7 @@ def _np(t: torch.Tensor):
     return t.numpy()
 
 
-class Engine:
+class Engine(abc.ABC):
     name = ""
 
     def __init__(self, path: str, g: Geometry):
@@ -104,20 +105,25 @@ class Engine:
 
     # -- what engines implement --------------------------------------------
 
+    @abc.abstractmethod
     def _write_impl(self, offset: int, parts: list[torch.Tensor], n: int) -> None:
-        raise NotImplementedError
+        """Write ``n`` bytes of ``parts`` at file ``offset``; OSError on failure."""
 
+    @abc.abstractmethod
     def _read_impl(self, offset: int, parts: list[torch.Tensor], n: int) -> None:
-        raise NotImplementedError
+        """Fill ``parts`` (``n`` bytes) from file ``offset``; OSError on failure."""
 
+    @abc.abstractmethod
     def sync(self) -> None:
-        raise NotImplementedError
+        """Make written payloads durable (fdatasync)."""
 
+    @abc.abstractmethod
     def drop_cache(self) -> None:
-        """Ask the kernel to drop the slab's cached pages (benchmarks)."""
+        """Ask the kernel to drop the slab's cached pages (cold-read benchmarks)."""
 
+    @abc.abstractmethod
     def close(self) -> None:
-        raise NotImplementedError
+        """Release the engine's descriptors and mappings."""
 
 
 def _vector_all(op, fd: int, bufs: list, offset: int, short: str) -> None:
@@ -133,6 +139,23 @@ def _vector_all(op, fd: int, bufs: list, offset: int, short: str) -> None:
             bufs.pop(0)
         if done:
             bufs[0] = bufs[0][done:]
+
+
+def _fill_pieces(p: torch.Tensor, n: int, total: int, piece: int, fill, hashed: bool) -> int | None:
+    """Fill ``p[:total]`` piece by piece on the helper threads, hashing each
+    piece's checksum blocks as soon as it lands; returns the checksum of
+    ``p[:n]`` when ``hashed``.  Pieces are multiples of CHECKSUM_BLOCK."""
+
+    def work(start):
+        end = min(total, start + piece)
+        fill(start, end)
+        stop = min(n, end)
+        return [block_digest(_np(p[b:min(stop, b + CHECKSUM_BLOCK)]))
+                for b in range(start, stop, CHECKSUM_BLOCK)] if hashed else []
+
+    futs = [_assist().submit(work, start) for start in range(0, total, piece)]
+    digests = [d for f in futs for d in f.result()]
+    return combine_digests(digests, n) if hashed else None
 
 
 def _pwritev_all(fd: int, bufs: list, offset: int) -> None:
@@ -194,20 +217,11 @@ class MmapEngine(Engine):
         p = parts[0]
         start = offset & ~(mmap.PAGESIZE - 1)
         self.mm.madvise(mmap.MADV_WILLNEED, start, round_up(offset + n, mmap.PAGESIZE) - start)
-        piece = 2 * CHECKSUM_BLOCK
 
-        def work(b):
-            end = min(n, b + piece)
-            dst = p[b:end]
-            dst.copy_(self._view[offset + b:offset + end])
-            return [block_digest(_np(p[k:min(end, k + CHECKSUM_BLOCK)]))
-                    for k in range(b, end, CHECKSUM_BLOCK)]
+        def fill(start, end):
+            p[start:end].copy_(self._view[offset + start:offset + end])
 
-        futs = [_assist().submit(work, b) for b in range(0, n, piece)]
-        digests = []
-        for f in futs:
-            digests += f.result()
-        return combine_digests(digests, n)
+        return _fill_pieces(p, n, n, 2 * CHECKSUM_BLOCK, fill, hashed=True)
 
     def sync(self):
         os.fdatasync(self.fd)
@@ -319,22 +333,11 @@ class DirectEngine(Engine):
     def _read_split(self, offset, p, n, hashed):
         total = round_up(n, self.align)
         full = torch.empty(0, dtype=torch.uint8).set_(p.untyped_storage(), p.storage_offset(), (total,), (1,))
-        piece = self.SPLIT_PIECE
 
-        def work(start):
-            end = min(total, start + piece)
+        def fill(start, end):
             _preadv_all(self.fd, [_np(full[start:end])], offset + start)
-            if not hashed:
-                return []
-            stop = min(n, end)
-            return [block_digest(_np(p[b:min(stop, b + CHECKSUM_BLOCK)]))
-                    for b in range(start, stop, CHECKSUM_BLOCK)]
 
-        futs = [_assist().submit(work, start) for start in range(0, total, piece)]
-        digests = []
-        for f in futs:
-            digests += f.result()
-        return combine_digests(digests, n) if hashed else None
+        return _fill_pieces(p, n, total, self.SPLIT_PIECE, fill, hashed)
 
     def _read_impl(self, offset, parts, n):
         total = round_up(n, self.align)

@@ -13,10 +13,6 @@ import os
 import struct
 
 OWNER = struct.Struct(">IQ")  # pid, start time in clock ticks since boot
-# An owner id is the process part above plus a 4-byte handle number, so two
-# stores opened on one path by one process (LMCache may build its backends
-# twice) keep their pins apart.
-OWNER_BYTES = OWNER.size + 4
 
 
 def _start_time(pid: int) -> int | None:
@@ -55,7 +51,12 @@ _handles = itertools.count(1)
 
 
 def new_handle() -> bytes:
-    """A fresh owner id for one open store in this process."""
+    """A fresh owner id for one open store in this process.
+
+    It is the process part plus a 4-byte handle number, so two stores opened
+    on one path by one process (LMCache may build its backends twice) keep
+    their pins apart.
+    """
     return current() + struct.pack(">I", next(_handles) & 0xFFFFFFFF)
 
 

@@ -9,6 +9,7 @@ for MRU).  This makes each policy testable with nothing but ``sorted()``.
 
 from __future__ import annotations
 
+import abc
 import struct
 from dataclasses import dataclass
 
@@ -26,15 +27,16 @@ class UseStats:
     inserted: int  # logical clock at insertion
 
 
-class Policy:
+class Policy(abc.ABC):
     """Orders entries for eviction; subclasses define ``order_key``."""
 
     name: str = ""
     # True when the victim is the *last* entry in key order (MRU).
     from_end: bool = False
 
+    @abc.abstractmethod
     def order_key(self, slot: int, use: UseStats) -> bytes:
-        raise NotImplementedError
+        """Sortable bytes ending with the slot number (see ``slot_of``)."""
 
 
 class LRU(Policy):

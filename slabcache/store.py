@@ -36,8 +36,7 @@ from .errors import (
     ConfigError, CorruptStoreError, EntryTooLargeError, QueueFullError, StoreClosedError,
 )
 from .format import (
-    MAX_INLINE_KEY, EntryMeta, SlotRecord, canonical_key, decode_key, index_key, key_hash,
-    pack_header,
+    EntryMeta, SlotRecord, canonical_key, decode_key, index_key, key_hash, pack_header,
     pack_record_meta,
 )
 from .index import COUNTERS, Entry, Index, IndexTxn
@@ -160,10 +159,9 @@ class SlabStore:
 
         dir_fd, lock_fd = cls._lock_store(path, readonly)
         try:
-            store = cls._open_locked(path, slab_path, capacity_bytes, slot_bytes, pol, io,
-                                     durability, checksum, readonly, index_map_bytes, lock_fd)
-            store._pool_settings = (io_threads, max_pending_puts, queue_full)
-            return store
+            return cls._open_locked(path, slab_path, capacity_bytes, slot_bytes, pol, io,
+                                    durability, checksum, readonly, index_map_bytes, lock_fd,
+                                    (io_threads, max_pending_puts, queue_full))
         except BaseException:
             os.close(lock_fd)
             raise
@@ -196,7 +194,7 @@ class SlabStore:
 
     @classmethod
     def _open_locked(cls, path, slab_path, capacity_bytes, slot_bytes, pol, io, durability,
-                     checksum, readonly, index_map_bytes, lock_fd) -> "SlabStore":
+                     checksum, readonly, index_map_bytes, lock_fd, pool_settings) -> "SlabStore":
         if not readonly:
             from .compact import recover
 
@@ -251,7 +249,9 @@ class SlabStore:
         rec_fd = os.open(slab_path, os.O_RDONLY if readonly else os.O_RDWR)
         store = cls(path=path, engine=engine, index=index, records=SlotRecords(rec_fd, g),
                     policy=pol, geometry=g, creation_id=creation_id, durability=durability,
-                    checksum=checksum, lock_fd=lock_fd, readonly=readonly)
+                    checksum=checksum, lock_fd=lock_fd, readonly=readonly,
+                    io_threads=pool_settings[0], max_pending_puts=pool_settings[1],
+                    queue_full=pool_settings[2])
         if not readonly:
             with index.write() as t:
                 reaped = t.reap_dead()
@@ -694,17 +694,10 @@ class SlabStore:
         """How many leading keys are stored (stops at the first miss)."""
         n = 0
         with self._op(), self.index.read() as t:
-            get, db = t.txn.get, t.db["entries"]
             for key in keys:
-                # The common case inlined (a short str key is its own index
-                # key): this loop is on LMCache's lookup path, 1,000 keys at a time.
-                if type(key) is str and 0 < len(key) < MAX_INLINE_KEY // 4:
-                    if get(b"s" + key.encode("utf-8", "surrogatepass"), db=db) is None:
-                        break
-                else:
-                    canon, ikey = self._keys(key)
-                    if not t.has(ikey, canon):
-                        break
+                canon, ikey = self._keys(key)
+                if not t.has(ikey, canon):
+                    break
                 n += 1
         return n
 

@@ -159,8 +159,13 @@ while True:
 """
 
 
+class _Report:
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 @dataclass
-class CrashReport:
+class CrashReport(_Report):
     kills: int = 0
     acked_puts: int = 0
     acked_removes: int = 0
@@ -173,9 +178,6 @@ class CrashReport:
     leaks: int = 0
     resurrected: int = 0
     notes: list = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def crash_loop(path: str, kills: int = 50, durability: str = "fast", io: str = "mmap",
@@ -280,7 +282,7 @@ print(json.dumps(out))
 
 
 @dataclass
-class CorruptionReport:
+class CorruptionReport(_Report):
     trials: int = 0
     by_target: dict = field(default_factory=dict)
     open_refused: int = 0
@@ -290,9 +292,6 @@ class CorruptionReport:
     right: int = 0
     misses: int = 0
     wrong: int = 0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def corruption_trials(workdir: str, trials: int = 40, seed: int = 7, flips: int = 8) -> CorruptionReport:

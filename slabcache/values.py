@@ -9,9 +9,6 @@ import torch
 from .errors import UnsupportedValueError
 from .format import DTYPE_CODES, EntryMeta
 
-Value = "torch.Tensor | list[torch.Tensor]"
-
-
 def dtype_name(dt: torch.dtype) -> str:
     return str(dt).removeprefix("torch.")
 
@@ -74,13 +71,6 @@ def meta_for(tensors: Sequence[torch.Tensor], is_list: bool, extra: bytes = b"")
 def host_parts(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Byte views of CPU tensors (a copy only where one is not contiguous)."""
     return [byte_view(t.detach().contiguous()) for t in tensors]
-
-
-def describe(value, extra: bytes = b"") -> tuple[list[torch.Tensor], EntryMeta]:
-    """Byte parts (CPU, contiguous, no copy where possible) and a description."""
-    tensors, is_list = as_list(value)
-    tensors = [t if t.device.type == "cpu" else t.detach().to("cpu") for t in tensors]
-    return host_parts(tensors), meta_for(tensors, is_list, extra)
 
 
 def on_cuda(tensors: Sequence[torch.Tensor]) -> bool:

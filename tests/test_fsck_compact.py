@@ -3,11 +3,9 @@
 import hashlib
 import os
 import signal
-import struct
 import subprocess
 import sys
 
-import lmdb
 import pytest
 import torch
 

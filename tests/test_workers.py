@@ -234,3 +234,11 @@ def test_cuda_roundtrip(tmp_path, engine):
         outs = [torch.empty_like(x) for x in vals]
         assert s.get_many_into([f"b{i}" for i in range(6)], outs) == [True] * 6
         assert all(torch.equal(a, b) for a, b in zip(outs, vals))
+
+
+def test_remove_async(make_store):
+    s = make_store()
+    s.put("k", rand_tensor(10, 1))
+    assert s.remove_async("k").result(10) is True
+    assert "k" not in s and s.stats()["slots_free"] == s.stats()["slots_total"]
+    assert s.remove_async("k").result(10) is False

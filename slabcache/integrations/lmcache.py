@@ -193,15 +193,17 @@ class SlabCacheBackend(StoragePluginInterface):
     # ------------------------------------------------------------ get
 
     def _allocate(self, k: str):
+        """(object from the CPU allocator, byte view to read into, description),
+        or None when the key is absent or no object can be had."""
         meta = self.store.describe(k)
         if meta is None:
-            return None, None
+            return None
         try:
             d = json.loads(meta.extra)
         except ValueError:
             log.error("slabcache: entry %s has no LMCache description; dropping it", k)
             self.store.remove(k, force=True)
-            return None, None
+            return None
         shapes = [torch.Size(s) for s in d["shapes"]]
         dtypes = [getattr(torch, t) for t in d["dtypes"]]
         fmt = MemoryFormat[d["fmt"]] if d.get("fmt") else None
@@ -211,41 +213,30 @@ class SlabCacheBackend(StoragePluginInterface):
             obj = self.local_cpu_backend.allocate(shapes[0], dtypes[0], fmt)
         if obj is None:
             log.warning("slabcache: the CPU allocator has no room for %s", k)
-            return None, None
-        return obj, (d, meta.length)
-
-    def _out(self, obj, length: int) -> Optional[torch.Tensor]:
-        buf = _bytes_of(obj)
-        if buf.numel() < length:
             return None
-        return buf[:length]
-
-    def _finish(self, obj, d: dict) -> None:
-        pos = d.get("cached_positions")
-        if pos is not None:
-            obj.metadata.cached_positions = torch.tensor(pos, dtype=torch.long)
+        buf = _bytes_of(obj)
+        if buf.numel() < meta.length:
+            log.error("slabcache: allocated object for %s is smaller than the stored bytes", k)
+            obj.ref_count_down()
+            return None
+        return obj, buf[:meta.length], d
 
     def get_blocking(self, key):
         return self.batched_get_blocking([key])[0]
 
     def batched_get_blocking(self, keys) -> list:
         ks = [canonical_key(k) for k in keys]
-        allocs = [self._allocate(k) for k in ks]
-        jobs = [(i, k, obj, info) for i, (k, (obj, info)) in enumerate(zip(ks, allocs)) if obj is not None]
-        outs = [self._out(obj, info[1]) for _, _, obj, info in jobs]
+        jobs = [(i, k, got) for i, k in enumerate(ks) if (got := self._allocate(k)) is not None]
+        oks = self.store.get_many_into([k for _, k, _ in jobs], [got[1] for _, _, got in jobs]) if jobs else []
         results: list = [None] * len(ks)
-        ready = [(j, o) for j, o in zip(jobs, outs) if o is not None]
-        for (_, k, obj, _), o in zip(jobs, outs):
-            if o is None:
-                log.error("slabcache: allocated object for %s is smaller than the stored bytes", k)
+        for (i, _k, (obj, _out, d)), ok in zip(jobs, oks):
+            if not ok:
                 obj.ref_count_down()
-        oks = self.store.get_many_into([j[1] for j, _ in ready], [o for _, o in ready]) if ready else []
-        for ((i, k, obj, info), _), ok in zip(ready, oks):
-            if ok:
-                self._finish(obj, info[0])
-                results[i] = obj
-            else:
-                obj.ref_count_down()
+                continue
+            pos = d.get("cached_positions")
+            if pos is not None:
+                obj.metadata.cached_positions = torch.tensor(pos, dtype=torch.long)
+            results[i] = obj
         return results
 
     # ------------------------------------------------------------ async
