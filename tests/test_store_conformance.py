@@ -9,7 +9,7 @@ import torch
 from slabcache import (
     EntryTooLargeError, LayoutMismatchError, SlabStore, StoreClosedError, UnsupportedValueError,
 )
-from slabcache.format import DTYPE_NAMES
+from slabcache.format import CHECKSUM_BLOCK, DTYPE_NAMES
 
 from .conftest import rand_tensor, run_py
 
@@ -368,6 +368,30 @@ def test_checksum_mismatch_is_a_miss(make_store, tmp_path):
     assert s.stats()["checksum_failures"] == 1
     assert "bad" not in s  # dropped
     assert torch.equal(s.get("good"), rand_tensor(3000, 2))
+
+
+@pytest.mark.parametrize("n", [CHECKSUM_BLOCK, CHECKSUM_BLOCK + 1, 3 * CHECKSUM_BLOCK - 4097,
+                               5 * CHECKSUM_BLOCK])
+def test_multi_block_values_round_trip_and_catch_damage_in_any_block(make_store, tmp_path, n):
+    # Large reads copy and hash block by block on several threads; every
+    # block must count, and the blocks must combine in order.
+    s = make_store(capacity_bytes=2 * 5 * CHECKSUM_BLOCK, slot_bytes=5 * CHECKSUM_BLOCK)
+    blocks = -(-n // CHECKSUM_BLOCK)
+    for b in range(blocks):
+        v = rand_tensor(n, b)
+        s.put("v", v)
+        out = s.engine.empty(n)
+        assert s.get_into("v", out) and torch.equal(out, v)
+        assert s.get_into("v", out) and torch.equal(out, v)  # page-cache warm
+        # Damage the last byte of block b: a miss, never the damaged bytes.
+        off = s.geometry.slot_offset(s.entry("v").slot) + min(n, (b + 1) * CHECKSUM_BLOCK) - 1
+        with open(tmp_path / "store" / "slab", "r+b") as f:
+            f.seek(off)
+            byte = f.read(1)
+            f.seek(off)
+            f.write(bytes([byte[0] ^ 0x01]))
+        assert s.get("v") is None, f"damage in block {b} of {blocks} was served"
+        assert s.stats()["checksum_failures"] == b + 1
 
 
 def test_read_racing_an_eviction_is_a_miss(make_store):
