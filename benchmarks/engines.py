@@ -128,12 +128,16 @@ def get_many_vs_loop(directory: str, size: int = MiB, count: int = 256, batch: i
             list(ex.map(lambda ik: _preadv_all(fd, [bufs[ik[0] % 4].numpy()], offs[ik[1]]), enumerate(ks)))
 
         ways = {"loop": loop, "many": many, "raw1": raw1, "raw4": raw4}
+        batches = [keys[b:b + batch] for b in range(0, count, batch)]
         for r in range(rounds):
-            for b in range(0, count, batch):
-                ks = keys[b:b + batch]
-                # Rotate who goes first so no one always follows the same neighbour.
+            for j in range(len(batches)):
+                # Rotate who goes first so no one always follows the same
+                # neighbour, and give each way a different batch at each
+                # step, so none reads what another has just read (the
+                # virtual disk's host may cache it).
                 order = list(ways)[r % 4:] + list(ways)[:r % 4]
-                for name in order:
+                for w, name in enumerate(order):
+                    ks = batches[(j + w * len(batches) // 4) % len(batches)]
                     t = time.perf_counter()
                     ways[name](ks)
                     times[name].append(time.perf_counter() - t)
