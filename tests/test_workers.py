@@ -12,7 +12,7 @@ import torch
 from slabcache import ConfigError, QueueFullError, SlabStore, StoreClosedError
 from slabcache.workers import Priority, WorkerPool
 
-from .conftest import rand_tensor
+from .conftest import rand_tensor, run_py
 
 
 def test_priority_order_and_fifo_within_priority():
@@ -242,3 +242,30 @@ def test_remove_async(make_store):
     assert s.remove_async("k").result(10) is True
     assert "k" not in s and s.stats()["slots_free"] == s.stats()["slots_total"]
     assert s.remove_async("k").result(10) is False
+
+
+def test_cpu_tensors_never_touch_torch_cuda():
+    # Every torch.cuda entry point the transfer path uses raises; a whole
+    # CPU workflow (sync, async, batched, into) must not reach any of them,
+    # nor import the CUDA transfer module.
+    out = run_py("""
+        import sys, tempfile, torch
+        def refuse(*a, **k):
+            raise AssertionError("torch.cuda was touched")
+        for name in ("is_available", "current_stream", "Stream", "stream", "synchronize",
+                     "current_device", "init", "device_count"):
+            setattr(torch.cuda, name, refuse)
+        from slabcache import SlabStore
+        with tempfile.TemporaryDirectory() as d, \\
+                SlabStore.open(d + "/s", capacity_bytes=8 << 20, slot_bytes=1 << 20) as s:
+            v = torch.arange(1000, dtype=torch.float32)
+            assert s.put("a", v) and torch.equal(s.get("a"), v)
+            assert s.put_async("b", [v, v[:10]]).result()
+            assert s.get_many(["a", "b", "c"])[2] is None
+            outs = [torch.empty(1000), [torch.empty(1000), torch.empty(10)]]
+            assert s.get_many_into(["a", "b"], outs) == [True, True]
+            assert s.prefetch(["a"]).result()[0] is not None
+            assert s.remove_async("a").result()
+        print("transfer imported:", "slabcache.transfer" in sys.modules)
+    """)
+    assert out.stdout.strip().endswith("transfer imported: False"), out.stdout + out.stderr
