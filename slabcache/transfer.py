@@ -78,10 +78,22 @@ def from_host(parts: list[torch.Tensor], outs: list[torch.Tensor], pool: Staging
     stream = pool.stream(outs[0].device)
     with torch.cuda.stream(stream):
         for part, out in zip(parts, outs):
-            if part.numel() == 0:
-                continue
-            if out.is_contiguous():
-                out.reshape(-1).view(torch.uint8).copy_(part, non_blocking=True)
-            else:
-                out.copy_(part.view(out.dtype).view(out.shape), non_blocking=True)
+            fill_from_bytes(out, part, non_blocking=True)
     stream.synchronize()
+
+
+def fill_from_bytes(out: torch.Tensor, part: torch.Tensor, non_blocking: bool = False) -> None:
+    """Copy the bytes ``part`` (1-D uint8, any device) into ``out``.
+
+    A part can start at any byte offset of the staging buffer (it follows
+    the earlier tensors of a list), so it is never reinterpreted as
+    ``out``'s dtype: bytes go into a contiguous tensor on ``out``'s device
+    (``out`` itself when it is contiguous) and a non-contiguous ``out`` is
+    filled from that.
+    """
+    if part.numel() == 0:
+        return
+    dense = out if out.is_contiguous() else torch.empty(out.shape, dtype=out.dtype, device=out.device)
+    dense.reshape(-1).view(torch.uint8).copy_(part, non_blocking=non_blocking)
+    if dense is not out:
+        out.copy_(dense, non_blocking=non_blocking)

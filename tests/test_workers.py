@@ -234,6 +234,15 @@ def test_cuda_roundtrip(tmp_path, engine):
         outs = [torch.empty_like(x) for x in vals]
         assert s.get_many_into([f"b{i}" for i in range(6)], outs) == [True] * 6
         assert all(torch.equal(a, b) for a, b in zip(outs, vals))
+        # A list whose second tensor starts at an odd byte offset, read into
+        # a non-contiguous out.
+        pair = [torch.arange(3, dtype=torch.bfloat16, device="cuda"),
+                torch.arange(12, dtype=torch.float32, device="cuda").reshape(3, 4)]
+        assert s.put("pair", pair)
+        outs = [torch.empty(3, dtype=torch.bfloat16, device="cuda"),
+                torch.empty(4, 3, device="cuda").t()]
+        assert s.get_into("pair", outs)
+        assert torch.equal(outs[0], pair[0]) and torch.equal(outs[1], pair[1])
 
 
 def test_remove_async(make_store):
@@ -269,3 +278,18 @@ def test_cpu_tensors_never_touch_torch_cuda():
         print("transfer imported:", "slabcache.transfer" in sys.modules)
     """)
     assert out.stdout.strip().endswith("transfer imported: False"), out.stdout + out.stderr
+
+
+def test_staged_bytes_fill_non_contiguous_outs_at_any_offset():
+    # CUDA gets read a list value into one staging buffer: the second part
+    # starts at byte 6, which no float32 view may start at.
+    from slabcache.transfer import fill_from_bytes
+
+    a = torch.arange(3, dtype=torch.bfloat16)
+    b = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    staged = torch.cat([a.view(torch.uint8), b.reshape(-1).view(torch.uint8)])
+    out_a = torch.empty(3, dtype=torch.bfloat16)
+    out_b = torch.empty(4, 3, dtype=torch.float32).t()  # non-contiguous
+    fill_from_bytes(out_a, staged[:6])
+    fill_from_bytes(out_b, staged[6:])
+    assert torch.equal(out_a, a) and torch.equal(out_b, b)
