@@ -414,13 +414,13 @@ class SlabStore:
         return self._put_tensors(canon, ikey, tensors, meta)
 
     def _put_tensors(self, canon: bytes, ikey: bytes, tensors: list[torch.Tensor],
-                     meta: EntryMeta) -> bool:
+                     meta: EntryMeta, marks: dict | None = None) -> bool:
         if not on_cuda(tensors):
             return self._put_parts(canon, ikey, host_parts(tensors), meta)
         from .transfer import to_host
 
         self._check_size(meta)
-        parts, buf = to_host(tensors, self._staging_pool())
+        parts, buf = to_host(tensors, self._staging_pool(), marks)
         try:
             return self._put_parts(canon, ikey, parts, meta)
         finally:
@@ -538,6 +538,9 @@ class SlabStore:
         When False is returned the contents of ``out`` are unspecified.
         Raises UnsupportedValueError when ``out`` does not match the entry.
         """
+        return self._get_into(key, out, None)
+
+    def _get_into(self, key: str | bytes, out, marks: dict | None) -> bool:
         with self._op():
             e = self._lookup(key)
             if e is None:
@@ -548,7 +551,7 @@ class SlabStore:
             if parts is not None:
                 return self._read_checked(e, parts)
             if on_cuda(outs):
-                return self._read_to_cuda(e, outs)
+                return self._read_to_cuda(e, outs, marks)
             value, parts = allocate(e.meta, self.engine.empty)
             if not self._read_checked(e, parts):
                 return False
@@ -556,7 +559,7 @@ class SlabStore:
                 dst.copy_(src)
             return True
 
-    def _read_to_cuda(self, e: Entry, outs: list[torch.Tensor]) -> bool:
+    def _read_to_cuda(self, e: Entry, outs: list[torch.Tensor], marks: dict | None) -> bool:
         from .transfer import from_host
 
         pool = self._staging_pool()
@@ -568,7 +571,7 @@ class SlabStore:
                 pos += n
             if not self._read_checked(e, parts):
                 return False
-            from_host(parts, outs, pool)
+            from_host(parts, outs, pool, marks)
             return True
         finally:
             pool.release(buf)
@@ -634,7 +637,8 @@ class SlabStore:
 
         The value's tensors are held, not copied (a non-contiguous one is
         made contiguous first); do not modify them until the Future is done.
-        The entry becomes visible only once written and committed.  Bad keys
+        CUDA tensors are copied out after the work queued so far on the
+        caller's current stream (what produced them).  The entry becomes visible only once written and committed.  Bad keys
         and values raise here, at once.  Raises QueueFullError when
         ``max_pending_puts`` puts are queued and ``queue_full='reject'``.
         """
@@ -644,10 +648,15 @@ class SlabStore:
         tensors, is_list = as_list(value)
         meta = meta_for(tensors, is_list, extra)
         self._check_size(meta)
-        if not on_cuda(tensors):
+        marks = None
+        if on_cuda(tensors):
+            from .transfer import caller_marks
+
+            marks = caller_marks(tensors)
+        else:
             tensors = [t.detach().contiguous() for t in tensors]
         try:
-            return self._workers().submit(Priority.PUT, self._put_tensors, canon, ikey, tensors, meta)
+            return self._workers().submit(Priority.PUT, self._put_tensors, canon, ikey, tensors, meta, marks)
         except QueueFullError:
             self._count("queue_rejections")
             raise
@@ -667,12 +676,21 @@ class SlabStore:
 
     def get_many_into(self, keys: Sequence[str | bytes], outs: Sequence) -> list[bool]:
         """get_into for each (key, out) pair in parallel; CUDA outs go through
-        pinned staging so disk reads and device copies overlap."""
+        pinned staging so disk reads and device copies overlap, and are
+        written only after the work queued so far on the caller's current
+        stream (which may still be using them)."""
         keys, outs = list(keys), list(outs)
         if len(keys) != len(outs):
             raise ValueError(f"get_many_into got {len(keys)} keys but {len(outs)} outs; pass one out per key")
         pool = self._workers()
-        futs = [pool.submit(Priority.PREFETCH, self.get_into, k, o) for k, o in zip(keys, outs)]
+        flat = [t for o in outs for t in (o if isinstance(o, (list, tuple)) else [o])
+                if isinstance(t, torch.Tensor)]
+        marks = None
+        if on_cuda(flat):
+            from .transfer import caller_marks
+
+            marks = caller_marks(flat)
+        futs = [pool.submit(Priority.PREFETCH, self._get_into, k, o, marks) for k, o in zip(keys, outs)]
         return _gather(futs).result()
 
     def remove_async(self, key: str | bytes, force: bool = False) -> "Future[bool]":

@@ -55,12 +55,40 @@ class StagingPool:
         return s
 
 
-def to_host(tensors: list[torch.Tensor], pool: StagingPool) -> tuple[list[torch.Tensor], torch.Tensor]:
+def caller_marks(tensors: list[torch.Tensor]) -> dict:
+    """Events on the calling thread's current stream of each CUDA device
+    among ``tensors``.
+
+    A worker thread's own current stream knows nothing of the caller's
+    (vLLM computes on streams of its own): the work queued there so far,
+    which may still be writing or reading these tensors, must finish before
+    a worker's stream touches them.
+    """
+    marks = {}
+    for t in tensors:
+        if t.device.type == "cuda" and t.device not in marks:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(t.device))
+            marks[t.device] = event
+    return marks
+
+
+def _after_caller(stream, device: torch.device, marks: dict | None) -> None:
+    """Order ``stream`` after the caller's work: ``marks`` from
+    :func:`caller_marks`, or None when the caller is this thread."""
+    if marks is None:
+        stream.wait_stream(torch.cuda.current_stream(device))
+    elif device in marks:
+        stream.wait_event(marks[device])
+
+
+def to_host(tensors: list[torch.Tensor], pool: StagingPool,
+            marks: dict | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Copy CUDA tensors into one pinned buffer; returns (byte parts, buffer)."""
     sizes = [t.numel() * t.element_size() for t in tensors]
     buf = pool.acquire(max(1, sum(sizes)))
     stream = pool.stream(tensors[0].device)
-    stream.wait_stream(torch.cuda.current_stream(tensors[0].device))
+    _after_caller(stream, tensors[0].device, marks)
     parts, pos = [], 0
     with torch.cuda.stream(stream):
         for t, n in zip(tensors, sizes):
@@ -73,9 +101,12 @@ def to_host(tensors: list[torch.Tensor], pool: StagingPool) -> tuple[list[torch.
     return parts, buf
 
 
-def from_host(parts: list[torch.Tensor], outs: list[torch.Tensor], pool: StagingPool) -> None:
+def from_host(parts: list[torch.Tensor], outs: list[torch.Tensor], pool: StagingPool,
+              marks: dict | None = None) -> None:
     """Copy host byte parts into CUDA tensors ``outs`` and wait for it."""
-    stream = pool.stream(outs[0].device)
+    device = next(o.device for o in outs if o.device.type == "cuda")
+    stream = pool.stream(device)
+    _after_caller(stream, device, marks)
     with torch.cuda.stream(stream):
         for part, out in zip(parts, outs):
             fill_from_bytes(out, part, non_blocking=True)

@@ -245,6 +245,32 @@ def test_cuda_roundtrip(tmp_path, engine):
         assert torch.equal(outs[0], pair[0]) and torch.equal(outs[1], pair[1])
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_workers_order_cuda_copies_after_the_callers_stream(tmp_path):
+    n = 1 << 18
+    with SlabStore.open(tmp_path / "s", capacity_bytes=16 << 20, slot_bytes=1 << 20) as s:
+        side = torch.cuda.Stream()
+        with torch.cuda.stream(side):
+            # The value is still being produced on the caller's stream when
+            # put_async returns: the worker must wait for it.
+            v = torch.zeros(n, device="cuda")
+            torch.cuda._sleep(200_000_000)
+            v.fill_(7.0)
+            assert s.put_async("k", v).result(30)
+        assert torch.equal(s.get("k"), torch.full((n,), 7.0))
+        with torch.cuda.stream(side):
+            # The out is still being read on the caller's stream: the worker
+            # must not overwrite it before that read.
+            out = torch.zeros(n, device="cuda")
+            torch.cuda._sleep(200_000_000)
+            before = out.clone()
+            assert s.get_many_into(["k"], [out]) == [True]
+        side.synchronize()
+        assert torch.equal(before.cpu(), torch.zeros(n))
+        assert torch.equal(out.cpu(), torch.full((n,), 7.0))
+
+
 def test_remove_async(make_store):
     s = make_store()
     s.put("k", rand_tensor(10, 1))
