@@ -87,8 +87,9 @@ def to_host(tensors: list[torch.Tensor], pool: StagingPool,
     """Copy CUDA tensors into one pinned buffer; returns (byte parts, buffer)."""
     sizes = [t.numel() * t.element_size() for t in tensors]
     buf = pool.acquire(max(1, sum(sizes)))
-    stream = pool.stream(tensors[0].device)
-    _after_caller(stream, tensors[0].device, marks)
+    device = next(t.device for t in tensors if t.device.type == "cuda")
+    stream = pool.stream(device)
+    _after_caller(stream, device, marks)
     parts, pos = [], 0
     with torch.cuda.stream(stream):
         for t, n in zip(tensors, sizes):

@@ -243,6 +243,12 @@ def test_cuda_roundtrip(tmp_path, engine):
                 torch.empty(4, 3, device="cuda").t()]
         assert s.get_into("pair", outs)
         assert torch.equal(outs[0], pair[0]) and torch.equal(outs[1], pair[1])
+        # A list mixing host and device tensors, host first.
+        mixed = [torch.arange(5, dtype=torch.int16), torch.arange(7.0, device="cuda")]
+        assert s.put("mixed", mixed)
+        outs = [torch.empty(5, dtype=torch.int16), torch.empty(7, device="cuda")]
+        assert s.get_into("mixed", outs)
+        assert torch.equal(outs[0], mixed[0]) and torch.equal(outs[1], mixed[1])
 
 
 @pytest.mark.gpu
