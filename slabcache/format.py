@@ -57,6 +57,12 @@ def block_digest(buf) -> bytes:
     return xxhash.xxh3_64_digest(buf)
 
 
+def block_hasher():
+    """A streaming hasher whose ``digest()`` equals ``block_digest`` of the
+    bytes fed to it (for hashing a block piece by piece as it is copied)."""
+    return xxhash.xxh3_64()
+
+
 def combine_digests(digests: Sequence[bytes], total: int) -> int:
     if total <= CHECKSUM_BLOCK:
         return int.from_bytes(digests[0], "big") if digests else xxhash.xxh3_64_intdigest(b"")
