@@ -44,7 +44,7 @@ def _median_rate(times: list[float], nbytes: int) -> float:
     return nbytes / statistics.median(times) / 1e9
 
 
-def direct_vs_odirect(directory: str, size: int = 32 * MiB, slots: int = 8, rounds: int = 3) -> dict:
+def direct_vs_odirect(directory: str, size: int = 32 * MiB, slots: int = 8, rounds: int = 6) -> dict:
     path = os.path.join(directory, "direct")
     shutil.rmtree(path, ignore_errors=True)
     vals = [aligned_empty(size) for _ in range(2)]
