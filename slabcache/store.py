@@ -638,8 +638,9 @@ class SlabStore:
         The value's tensors are held, not copied (a non-contiguous one is
         made contiguous first); do not modify them until the Future is done.
         CUDA tensors are copied out after the work queued so far on the
-        caller's current stream (what produced them).  The entry becomes visible only once written and committed.  Bad keys
-        and values raise here, at once.  Raises QueueFullError when
+        caller's current stream (what produced them).  The entry becomes
+        visible only once written and committed.  Bad keys and values raise
+        here, at once.  Raises QueueFullError when
         ``max_pending_puts`` puts are queued and ``queue_full='reject'``.
         """
         if self.readonly:
