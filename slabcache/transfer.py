@@ -34,10 +34,13 @@ class StagingPool:
             if self._free:
                 self._free.pop(0)  # too small: replace it with a bigger one
         # 4 KiB alignment of pinned allocations keeps O_DIRECT reads direct.
-        raw = torch.empty(nbytes + 4096, dtype=torch.uint8, pin_memory=True)
+        try:
+            raw = torch.empty(nbytes + 4096, dtype=torch.uint8, pin_memory=True)
+        except BaseException:
+            self._sem.release()  # the slot was never filled
+            raise
         skip = (-raw.data_ptr()) % 4096
-        buf = raw[skip:skip + nbytes]
-        return buf
+        return raw[skip:skip + nbytes]
 
     def release(self, buf: torch.Tensor) -> None:
         with self._lock:
