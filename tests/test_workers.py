@@ -325,3 +325,27 @@ def test_staged_bytes_fill_non_contiguous_outs_at_any_offset():
     fill_from_bytes(out_a, staged[:6])
     fill_from_bytes(out_b, staged[6:])
     assert torch.equal(out_a, a) and torch.equal(out_b, b)
+
+
+def test_failed_pinned_allocation_gives_its_slot_back(monkeypatch):
+    from slabcache import transfer
+
+    def no_pinned(*a, **k):
+        raise RuntimeError("out of pinned memory")
+
+    monkeypatch.setattr(transfer.torch, "empty", no_pinned)
+    pool = transfer.StagingPool(count=1)
+    for _ in range(3):  # with the slot leaked, the second call would block forever
+        done = threading.Event()
+        errors = []
+
+        def try_acquire():
+            try:
+                pool.acquire(4096)
+            except RuntimeError as exc:
+                errors.append(exc)
+            done.set()
+
+        threading.Thread(target=try_acquire, daemon=True).start()
+        assert done.wait(10), "acquire blocked: a failed allocation kept its slot"
+        assert "pinned" in str(errors[0])
