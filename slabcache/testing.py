@@ -26,6 +26,13 @@ import torch
 from .io import Engine
 
 
+def child_env(**extra: str) -> dict:
+    """Environment for a child Python that must import this checkout's
+    slabcache (not some other installed copy); ``extra`` adds variables."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return dict(os.environ, PYTHONPATH=root, **extra)
+
+
 # ---------------------------------------------------------------- values
 
 
@@ -192,7 +199,7 @@ def crash_loop(path: str, kills: int = 50, durability: str = "fast", io: str = "
     SlabStore.open(path, capacity_bytes=capacity_slots * 4096, slot_bytes=4096, io=io).close()
     log_path = os.path.join(os.path.dirname(os.path.abspath(path)), "crash-loop.log")
     open(log_path, "w").close()
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = child_env()
     state: dict[str, str] = {}  # last acknowledged operation per key
     uncertain: set[str] = set()  # keys whose last operation was never acknowledged
     for i in range(kills):
@@ -311,7 +318,7 @@ def corruption_trials(workdir: str, trials: int = 40, seed: int = 7, flips: int 
             s.put(k, expected(k))
         g = s.geometry
     targets = ["payload", "record", "header", "lmdb"]
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = child_env()
     for t in range(trials):
         target = targets[t % len(targets)]
         p = os.path.join(workdir, f"corrupt-{t}")

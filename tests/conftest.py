@@ -1,4 +1,3 @@
-import os
 import subprocess
 import sys
 import textwrap
@@ -7,6 +6,7 @@ import pytest
 import torch
 
 from slabcache import SlabStore
+from slabcache.testing import child_env
 
 ENGINES = ["mmap", "direct"]
 
@@ -35,7 +35,7 @@ def make_store(tmp_path, engine):
 
 def run_py(code: str, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
     """Run a Python snippet in a fresh interpreter (the repo on sys.path)."""
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))
+    env = child_env()
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args],
                           capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:

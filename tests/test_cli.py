@@ -11,10 +11,11 @@ import torch
 from slabcache import SlabStore
 from slabcache.bench import FilePerChunk, SlabContender, parse_size, run_size
 from slabcache.cli import main
+from slabcache.testing import child_env
 
 
 def _cli(*args):
-    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    env = child_env()
     return subprocess.run([sys.executable, "-m", "slabcache.cli", *args], capture_output=True,
                           text=True, env=env, timeout=120)
 

@@ -15,6 +15,7 @@ from slabcache.cli import main
 from slabcache.compact import compact
 from slabcache.format import index_key
 from slabcache.index import Index
+from slabcache.testing import child_env
 
 from .conftest import rand_tensor
 
@@ -190,7 +191,7 @@ s = SlabStore.open({str(store_path)!r})
 s.pin("k1")
 os.kill(os.getpid(), signal.SIGKILL)
 """
-    r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=os.getcwd()))
+    r = subprocess.run([sys.executable, "-c", code], env=child_env())
     assert r.returncode == -signal.SIGKILL
     res = _codes(store_path)
     kinds = sorted(f.kind for f in res.findings)
@@ -277,7 +278,7 @@ def test_compaction_killed_midway(store_path, phase, new_state):
 from slabcache.compact import compact
 compact({str(store_path)!r}, capacity_bytes=32 * 4096, progress=False)
 """
-    env = dict(os.environ, PYTHONPATH=os.getcwd(), SLABCACHE_COMPACT_CRASH_AT=phase)
+    env = child_env(SLABCACHE_COMPACT_CRASH_AT=phase)
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert r.returncode == -signal.SIGKILL, r.stderr
     with SlabStore.open(store_path) as s:  # open finishes or undoes the switch

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from slabcache import SlabIOError, SlabStore, StorageFullError
-from slabcache.testing import corruption_trials, crash_loop, expected, hammer, inject, verify
+from slabcache.testing import child_env, corruption_trials, crash_loop, expected, hammer, inject, verify
 
 
 def _no_leak(s):
@@ -125,7 +125,7 @@ with SlabStore.open(sys.argv[1]) as s:
 def test_four_processes_on_one_path(tmp_path):
     p = tmp_path / "s"
     SlabStore.open(p, capacity_bytes=64 * 4096, slot_bytes=4096).close()
-    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    env = child_env()
     procs = [subprocess.Popen([sys.executable, "-c", _PROC, str(p), str(i)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(4)]

@@ -10,6 +10,7 @@ from slabcache import (
     EntryTooLargeError, LayoutMismatchError, SlabStore, StoreClosedError, UnsupportedValueError,
 )
 from slabcache.format import CHECKSUM_BLOCK, DTYPE_NAMES
+from slabcache.testing import child_env
 
 from .conftest import rand_tensor, run_py
 
@@ -339,7 +340,7 @@ s.pin("k0"); s.pin("k1")
 print("pinned", flush=True)
 sys.stdin.readline()
 """], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-            env=dict(os.environ, PYTHONPATH=os.getcwd()))
+            env=child_env())
         try:
             assert child.stdout.readline().strip() == "pinned"
             assert s.pin_count("k0") == 1
@@ -459,7 +460,7 @@ with SlabStore.open(path, io=io) as s:
         if i % 10 == 0:
             s.get(f"{who}{i}")
 """
-    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    env = child_env()
     procs = [subprocess.Popen([sys.executable, "-c", code, w, str(p), engine], env=env,
                               stderr=subprocess.PIPE, text=True) for w in "ab"]
     for pr in procs:

@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from slabcache import SlabIOError, SlabStore  # noqa: E402
 from slabcache.testing import (  # noqa: E402
-    corruption_trials, crash_loop, expected, hammer, inject, verify,
+    child_env, corruption_trials, crash_loop, expected, hammer, inject, verify,
 )
 
 
@@ -59,7 +59,7 @@ def concurrency(work: str) -> dict:
     code = ("import json,sys\nfrom slabcache import SlabStore\nfrom slabcache.testing import hammer\n"
             "with SlabStore.open(sys.argv[1]) as s:\n"
             "    print(json.dumps(hammer(s, threads=4, seconds=5.0, keys=300, seed=int(sys.argv[2]))))\n")
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = child_env()
     procs = [subprocess.Popen([sys.executable, "-c", code, p, str(i)], stdout=subprocess.PIPE,
                               text=True, env=env) for i in range(4)]
     for pr in procs:
