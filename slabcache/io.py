@@ -189,7 +189,6 @@ class MmapEngine(Engine):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self._view = torch.frombuffer(self.mm, dtype=torch.uint8)
-        self._array = np.frombuffer(self.mm, dtype=np.uint8)
 
     def _write_impl(self, offset, parts, n):
         _pwritev_all(self.fd, [_np(p) for p in parts], offset)
@@ -199,14 +198,17 @@ class MmapEngine(Engine):
     # 4 KiB, and a warm one costs about the same.
     PREAD_BELOW = 4 << 20
 
+    def _will_need(self, offset: int, n: int) -> None:
+        """Start readahead for a whole value, so a cold read is not served
+        one faulted page at a time."""
+        start = offset & ~(mmap.PAGESIZE - 1)
+        self.mm.madvise(mmap.MADV_WILLNEED, start, round_up(offset + n, mmap.PAGESIZE) - start)
+
     def _read_impl(self, offset, parts, n):
         if n < self.PREAD_BELOW:
             _preadv_all(self.fd, [_np(p) for p in parts], offset)
             return
-        # Start readahead for the whole value so cold reads are not served
-        # one faulted page at a time.
-        start = offset & ~(mmap.PAGESIZE - 1)
-        self.mm.madvise(mmap.MADV_WILLNEED, start, round_up(offset + n, mmap.PAGESIZE) - start)
+        self._will_need(offset, n)
         pos = offset
         for p in parts:
             k = p.numel()
@@ -224,10 +226,9 @@ class MmapEngine(Engine):
     def _read_hashed(self, offset, parts, n, hashed):
         if not (hashed and len(parts) == 1 and n >= self.PREAD_BELOW):
             return super()._read_hashed(offset, parts, n, hashed)
-        start = offset & ~(mmap.PAGESIZE - 1)
-        self.mm.madvise(mmap.MADV_WILLNEED, start, round_up(offset + n, mmap.PAGESIZE) - start)
+        self._will_need(offset, n)
         dst = _np(parts[0])
-        src = self._array[offset:offset + n]
+        src = _np(self._view[offset:offset + n])
         step = self.FUSED_STEP
 
         def blocks(firsts: range) -> list[bytes]:
@@ -263,7 +264,7 @@ class MmapEngine(Engine):
         os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
     def close(self):
-        del self._view, self._array
+        del self._view
         self.mm.close()
         os.close(self.fd)
 

@@ -649,12 +649,8 @@ class SlabStore:
         tensors, is_list = as_list(value)
         meta = meta_for(tensors, is_list, extra)
         self._check_size(meta)
-        marks = None
-        if on_cuda(tensors):
-            from .transfer import caller_marks
-
-            marks = caller_marks(tensors)
-        else:
+        marks = _caller_marks(tensors)
+        if marks is None:
             tensors = [t.detach().contiguous() for t in tensors]
         try:
             return self._workers().submit(Priority.PUT, self._put_tensors, canon, ikey, tensors, meta, marks)
@@ -684,13 +680,7 @@ class SlabStore:
         if len(keys) != len(outs):
             raise ValueError(f"get_many_into got {len(keys)} keys but {len(outs)} outs; pass one out per key")
         pool = self._workers()
-        flat = [t for o in outs for t in (o if isinstance(o, (list, tuple)) else [o])
-                if isinstance(t, torch.Tensor)]
-        marks = None
-        if on_cuda(flat):
-            from .transfer import caller_marks
-
-            marks = caller_marks(flat)
+        marks = _caller_marks([t for o in outs for t in as_list(o)[0]])
         futs = [pool.submit(Priority.PREFETCH, self._get_into, k, o, marks) for k, o in zip(keys, outs)]
         return _gather(futs).result()
 
@@ -850,6 +840,17 @@ class SlabStore:
             "queued": self._pool.queued() if self._pool else 0,
             **counters,
         }
+
+
+def _caller_marks(tensors: list[torch.Tensor]) -> dict | None:
+    """For work handed to worker threads: events marking the caller's CUDA
+    streams (see transfer.caller_marks), or None when no tensor is on CUDA
+    (torch.cuda stays untouched)."""
+    if not on_cuda(tensors):
+        return None
+    from .transfer import caller_marks
+
+    return caller_marks(tensors)
 
 
 def _gather(futs: list[Future]) -> Future:
