@@ -34,8 +34,9 @@ import numpy as np
 import torch
 
 from slabcache import SlabStore
-from slabcache.format import CHECKSUM_BLOCK, block_digest
-from slabcache.io import _preadv_all, _pwritev_all, aligned_empty
+from slabcache.device.memory import aligned_empty
+from slabcache.device.syscalls import preadv_all, pwritev_all
+from slabcache.format.checksum import CHECKSUM_BLOCK, block_digest
 
 MiB = 1 << 20
 
@@ -61,7 +62,7 @@ def direct_vs_odirect(directory: str, size: int = 32 * MiB, slots: int = 8, roun
         # Warm both halves' extents once (first writes to unwritten extents
         # cost extra journal work for both, and are not the steady state).
         for i in range(2 * slots):
-            _pwritev_all(fd, [vals[0].numpy()], g.slot_offset(i))
+            pwritev_all(fd, [vals[0].numpy()], g.slot_offset(i))
         s.put("warm", vals[0])
         s.remove("warm")
         for r in range(rounds):
@@ -71,14 +72,14 @@ def direct_vs_odirect(directory: str, size: int = 32 * MiB, slots: int = 8, roun
                 s.put(f"k{r}-{i}", v)
                 t_put.append(time.perf_counter() - t)
                 t = time.perf_counter()
-                _pwritev_all(fd, [v.numpy()], g.slot_offset(raw_slots[i]))
+                pwritev_all(fd, [v.numpy()], g.slot_offset(raw_slots[i]))
                 t_raw_w.append(time.perf_counter() - t)
             for i in range(slots):
                 t = time.perf_counter()
                 assert s.get_into(f"k{r}-{i}", out)
                 t_get.append(time.perf_counter() - t)
                 t = time.perf_counter()
-                _preadv_all(fd, [out.numpy()], g.slot_offset(raw_slots[i]))
+                preadv_all(fd, [out.numpy()], g.slot_offset(raw_slots[i]))
                 t_raw_r.append(time.perf_counter() - t)
             s.clear()
         os.close(fd)
@@ -122,10 +123,10 @@ def get_many_vs_loop(directory: str, size: int = MiB, count: int = 256, batch: i
         # thread vs four (queue depth 1 vs 4) into reused buffers.
         def raw1(ks):
             for k in ks:
-                _preadv_all(fd, [bufs[0].numpy()], offs[k])
+                preadv_all(fd, [bufs[0].numpy()], offs[k])
 
         def raw4(ks):
-            list(ex.map(lambda ik: _preadv_all(fd, [bufs[ik[0] % 4].numpy()], offs[ik[1]]), enumerate(ks)))
+            list(ex.map(lambda ik: preadv_all(fd, [bufs[ik[0] % 4].numpy()], offs[ik[1]]), enumerate(ks)))
 
         ways = {"loop": loop, "many": many, "raw1": raw1, "raw4": raw4}
         batches = [keys[b:b + batch] for b in range(0, count, batch)]

@@ -20,7 +20,8 @@ import time
 import torch
 
 from slabcache import SlabStore
-from slabcache.format import checksum, round_up
+from slabcache.format.checksum import checksum
+from slabcache.format.header import round_up
 
 
 def _gbps(nbytes, secs):
@@ -35,7 +36,7 @@ def registered_windows(store: SlabStore, keys: list[str], outs: list[torch.Tenso
     to keep its guarantee; registering pins (and so faults in) the pages.
     """
     cudart = torch.cuda.cudart()
-    view, g = store.engine._view, store.geometry
+    view, g = store.engine.view, store.geometry
     for k, out in zip(keys, outs):
         e = store.entry(k)
         off = g.slot_offset(e.slot)

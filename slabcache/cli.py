@@ -19,7 +19,7 @@ FULL_SIZES = "16K,64K,256K,1M,4M,32M"
 
 
 def _sizes(text: str) -> list[int]:
-    from .bench import parse_size
+    from .admin.sizes import parse_size
 
     try:
         return [parse_size(s) for s in text.split(",") if s.strip()]
@@ -28,7 +28,7 @@ def _sizes(text: str) -> list[int]:
 
 
 def cmd_bench(args) -> int:
-    from . import bench
+    from .bench import suite as bench
 
     sizes = args.sizes or _sizes(QUICK_SIZES if args.quick else FULL_SIZES)
     restart = [10_000] if args.quick else [100_000, 1_000_000]
@@ -46,13 +46,13 @@ def cmd_bench(args) -> int:
 
 
 def _open_ro(path: str):
-    from .store import SlabStore
+    from .core import SlabStore
 
     return SlabStore.open(path, readonly=True)
 
 
 def cmd_stats(args) -> int:
-    from .report import store_stats
+    from .admin.reports import store_stats
 
     with _open_ro(args.path) as s:
         st = store_stats(s)
@@ -70,7 +70,7 @@ def cmd_stats(args) -> int:
 
 
 def cmd_ls(args) -> int:
-    from .report import list_entries
+    from .admin.reports import list_entries
 
     with _open_ro(args.path) as s:
         rows = list_entries(s)
@@ -85,7 +85,7 @@ def cmd_ls(args) -> int:
 
 
 def cmd_fsck(args) -> int:
-    from .check import check
+    from .admin.fsck import check
 
     res = check(args.path, repair=args.repair, deep=args.deep, rebuild_index=args.rebuild_index,
                 progress=not args.json)
@@ -107,7 +107,7 @@ def cmd_fsck(args) -> int:
 
 
 def cmd_compact(args) -> int:
-    from .compact import compact
+    from .admin.compact import compact
 
     res = compact(args.path, capacity_bytes=args.capacity, slot_bytes=args.slot_bytes,
                   progress=not args.json)
@@ -126,7 +126,7 @@ def cmd_compact(args) -> int:
 
 
 def _size(text: str) -> int:
-    from .bench import parse_size
+    from .admin.sizes import parse_size
 
     try:
         return parse_size(text)

@@ -17,6 +17,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from slabcache.admin.progress import Progress  # noqa: E402
 from slabcache.testing import crash_loop  # noqa: E402
 
 
@@ -32,13 +33,9 @@ def main() -> int:
     path = os.path.join(work, "store")
     shutil.rmtree(path, ignore_errors=True)
 
-    def bar(i, n):
-        sys.stderr.write(f"\rkills: {i}/{n}")
-        sys.stderr.flush()
-
+    bar = Progress(args.kills, "kills ")
     rep = crash_loop(path, kills=args.kills, durability=args.durability, io=args.io,
-                     seed=args.seed, progress=bar)
-    sys.stderr.write("\n")
+                     seed=args.seed, progress=lambda _i, _n: bar.step())
     print(json.dumps(rep.to_dict(), indent=1))
     if not args.dir:
         shutil.rmtree(work, ignore_errors=True)

@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from slabcache import SlabIOError, SlabStore  # noqa: E402
 from slabcache.testing import (  # noqa: E402
-    child_env, corruption_trials, crash_loop, expected, hammer, inject, verify,
+    FaultyEngine, child_env, corruption_trials, crash_loop, expected, hammer, inject, verify,
 )
 
 
@@ -26,7 +26,8 @@ def faults(work: str) -> dict:
     for io in ("mmap", "direct"):
         for mode in ("eio_write", "enospc", "short_write", "eio_read", "slow"):
             p = os.path.join(work, f"fault-{io}-{mode}")
-            with SlabStore.open(p, capacity_bytes=64 * 4096, slot_bytes=4096, io=io) as s:
+            with SlabStore.open(p, capacity_bytes=64 * 4096, slot_bytes=4096, io=io,
+                                engine_wrapper=FaultyEngine) as s:
                 fe = inject(s, mode, every=2)
                 for i in range(40):
                     k = f"f{i}"

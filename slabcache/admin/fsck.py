@@ -1,0 +1,341 @@
+"""fsck for slab stores: report by default, repair only when asked.
+
+Exit codes follow e2fsck: 0 clean, 1 errors found and all corrected,
+4 errors left uncorrected, 8 operational error (raised as an exception
+here; the CLI maps it).  Without ``repair`` nothing is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import struct
+import time
+from dataclasses import asdict, dataclass, field
+
+from ..device.slabfile import SlotRecords, extend_slab, read_header_bytes, write_header_bytes
+from ..device.storedir import ExclusiveLock
+from ..errors import CorruptStoreError
+from ..format.checksum import checksum
+from ..format.header import Geometry, pack_header, unpack_header
+from ..format.keys import index_key, key_hash
+from ..format.layout import StorePaths
+from ..format.records import unpack_record_meta
+from ..index import Entry, Index, default_map_size
+from ..index import owner as owners
+from ..index.policy import make_policy
+from .common import existing_store, open_index, store_users
+from .progress import Progress
+
+log = logging.getLogger(__name__)
+
+EXIT_CLEAN, EXIT_FIXED, EXIT_UNFIXED, EXIT_OPERATIONAL = 0, 1, 4, 8
+
+
+@dataclass
+class Finding:
+    kind: str
+    detail: str
+    slot: int | None = None
+    key: str | None = None
+    fixed: bool = False
+
+
+@dataclass
+class CheckResult:
+    path: str
+    findings: list[Finding] = field(default_factory=list)
+    entries: int = 0
+    slots_total: int = 0
+    bytes_scrubbed: int = 0
+    seconds: float = 0.0
+    repaired: bool = False
+
+    @property
+    def exit_code(self) -> int:
+        if not self.findings:
+            return EXIT_CLEAN
+        return EXIT_FIXED if all(f.fixed for f in self.findings) else EXIT_UNFIXED
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["exit_code"] = self.exit_code
+        d["scrub_gbps"] = self.bytes_scrubbed / self.seconds / 1e9 if self.seconds else 0.0
+        return d
+
+
+def check(path: str | os.PathLike, *, repair: bool = False, deep: bool = False,
+          rebuild_index: bool = False, progress: bool = True) -> CheckResult:
+    """Check (and with ``repair`` fix) the store at ``path``.
+
+    Raises ConfigError when there is no store, StoreBusyError when repairing
+    a store someone has open.
+    """
+    paths = existing_store(path)
+    res = CheckResult(paths.root)
+    t0 = time.perf_counter()
+    writing = repair or rebuild_index
+    lock = ExclusiveLock(paths, lambda: store_users(paths)) if writing else None
+    try:
+        _check(paths, res, repair=writing, deep=deep, rebuild=rebuild_index, progress=progress)
+    finally:
+        if lock is not None:
+            lock.close()
+    res.seconds = time.perf_counter() - t0
+    res.repaired = writing
+    return res
+
+
+def _add(res: CheckResult, kind: str, detail: str, fixed: bool, slot=None, key=None) -> None:
+    res.findings.append(Finding(kind, detail, slot, None if key is None else repr(key), fixed))
+
+
+def _check(paths: StorePaths, res, *, repair, deep, rebuild, progress) -> None:
+    idx = open_index(paths, repair)
+    try:
+        g, creation_id = _check_header(paths.slab, idx, res, repair)
+        if g is None:
+            return
+        res.slots_total = g.slot_count
+        found_size = _check_size(paths.slab, g, res, repair)
+        if idx is None or rebuild:
+            if idx is None:
+                _add(res, "index unreadable", f"the LMDB index of {paths.root} is missing or damaged",
+                     fixed=rebuild)
+            if not rebuild:
+                return
+            if idx is not None:
+                idx.release()
+                idx = None
+            _rebuild(paths, g, creation_id, res, progress)
+            return
+        with SlotRecords(paths.slab, g, writable=repair) as records:
+            _check_index(records, g, creation_id, idx, res, repair, deep, progress, found_size)
+    finally:
+        if idx is not None:
+            idx.release()
+
+
+def _check_header(slab_path, idx, res, repair) -> tuple[Geometry | None, bytes | None]:
+    raw = read_header_bytes(slab_path)
+    try:
+        return unpack_header(raw, slab_path)
+    except CorruptStoreError as exc:
+        copy = None
+        if idx is not None:
+            with idx.read() as t:
+                copy = t.header_copy()
+        fixable = copy is not None and "newer than" not in str(exc)
+        if fixable and repair:
+            write_header_bytes(slab_path, copy)
+        _add(res, "slab header damaged", str(exc), fixed=fixable and repair)
+        if fixable:
+            return unpack_header(copy, slab_path)
+        return None, None
+
+
+def _check_size(slab_path, g: Geometry, res, repair) -> int:
+    """The file's size as found (before any repair extends it)."""
+    size = os.path.getsize(slab_path)
+    if size >= g.file_bytes:
+        return size
+    lost = [s for s in range(g.slot_count) if g.slot_offset(s) + g.slot_bytes > size]
+    if repair:
+        extend_slab(slab_path, g.file_bytes)
+    _add(res, "slab truncated",
+         f"file is {size} bytes, its header says {g.file_bytes}; slots {lost[0]}.. lost their data"
+         if lost else f"file is {size} bytes, its header says {g.file_bytes}", fixed=repair)
+    return size
+
+
+def _check_index(records: SlotRecords, g, creation_id, idx: Index, res, repair, deep, progress,
+                 size) -> None:
+    with idx.read() as t:
+        if t.creation_id() != creation_id:
+            _add(res, "index belongs to another slab", "creation ids differ; use --rebuild-index",
+                 fixed=False)
+            return
+        policy = t.policy()
+        raw_entries = t.raw_entries()
+        free = dict(t.free_slots())
+        next_unused = t.next_unused()
+        reserved = t.reservations()
+        pins = t.all_pins()
+        handles = t.owners()
+        order = dict(t.order_keys())
+
+    drop: dict[bytes, Entry] = {}
+    bad_raw: list[bytes] = []
+    entries: list[Entry] = []
+    for k, v in raw_entries:
+        try:
+            e = Entry.decode(k, v)
+            e.meta  # noqa: B018 - decoding validates the description
+            entries.append(e)
+        except CorruptStoreError:
+            bad_raw.append(k)
+            _add(res, "unreadable entry", "index entry cannot be decoded", fixed=repair, key=k)
+    res.entries = len(entries)
+
+    by_slot: dict[int, list[Entry]] = {}
+    for e in entries:
+        key = e.canon
+        if not 0 <= e.slot < g.slot_count:
+            _add(res, "slot out of range", f"entry points at slot {e.slot} of {g.slot_count}",
+                 repair, e.slot, key)
+            drop[e.ikey] = e
+            continue
+        if e.length > g.slot_bytes or e.length != e.meta.length:
+            _add(res, "bad length", f"{e.length} bytes in a slot of {g.slot_bytes}", repair, e.slot, key)
+            drop[e.ikey] = e
+            continue
+        if g.slot_offset(e.slot) + g.slot_bytes > size:
+            _add(res, "slot past end of file", "the slab was truncated under this entry",
+                 repair, e.slot, key)
+            drop[e.ikey] = e
+            continue
+        by_slot.setdefault(e.slot, []).append(e)
+
+    for slot, es in by_slot.items():
+        rec = records.read(slot)
+        good = [e for e in es if rec is not None and rec.key_hash == key_hash(e.canon)
+                and rec.generation == e.generation and rec.length == e.length
+                and rec.checksum == e.checksum]
+        if len(es) > 1:
+            _add(res, "shared slot", f"{len(es)} entries point at slot {slot}", repair, slot,
+                 [x.canon for x in es])
+        for e in es:
+            if e not in good:
+                if len(es) == 1:
+                    _add(res, "record mismatch", "the slot's own record disagrees with the index "
+                         "(key hash, generation, length or checksum)", repair, slot, e.canon)
+                drop[e.ikey] = e
+        if len(good) > 1:  # cannot tell which is right: keep none
+            for e in good:
+                drop[e.ikey] = e
+
+    if deep:
+        bar = Progress(sum(e.length for e in entries if e.ikey not in drop), "scrub ", progress)
+        for e in entries:
+            if e.ikey in drop:
+                continue
+            data = records.read_payload(e.slot, e.length)
+            res.bytes_scrubbed += len(data)
+            bar.add(len(data))
+            if e.checksum and checksum([data]) != e.checksum:
+                _add(res, "checksum mismatch", "payload bytes differ from their checksum",
+                     repair, e.slot, e.canon)
+                drop[e.ikey] = e
+
+    live = {e.slot: e for e in entries if e.ikey not in drop and 0 <= e.slot < g.slot_count}
+    live_res = {s: (gen, who) for s, gen, who in reserved if owners.is_alive(who)}
+    for s, _gen, who in reserved:
+        if not owners.is_alive(who):
+            _add(res, "stale reservation", f"slot {s} was being written by dead pid "
+                 f"{owners.pid_of(who)}", repair, s)
+    both = sorted(set(free) & set(live))
+    for s in both:
+        _add(res, "slot free and used", f"slot {s} is on the free list and holds an entry", repair, s)
+    beyond = sorted(s for s in free if s >= g.slot_count)
+    for s in beyond:
+        _add(res, "free slot out of range", f"free list names slot {s}", repair, s)
+    high = max([next_unused - 1, *live.keys(), *free.keys(), *live_res.keys()], default=-1)
+    if next_unused < g.slot_count and any(s >= next_unused for s in live):
+        _add(res, "allocation mark too low", f"entries above the mark {next_unused}", repair)
+    mark = min(g.slot_count, max(next_unused, high + 1))
+    leaked = [s for s in range(mark) if s not in live and s not in free and s not in live_res]
+    dropped_slots = {e.slot for e in drop.values() if 0 <= e.slot < g.slot_count}
+    leaked_reported = [s for s in leaked if s not in dropped_slots
+                       and s not in {r[0] for r in reserved}]
+    for s in leaked_reported:
+        _add(res, "leaked slot", f"slot {s} is neither free nor used", repair, s)
+
+    expected = {policy.order_key(e.slot, e.use): e.ikey for e in entries}
+    if expected != order:
+        _add(res, "policy order out of step",
+             f"{len(set(order) ^ set(expected))} order records disagree with the entries", repair)
+    stale_pins = [(k, w) for k, w, _n in pins if not owners.is_alive(w)]
+    for k, w in stale_pins:
+        _add(res, "stale pin", f"pin held by dead pid {owners.pid_of(w)}", repair, key=k)
+    stale_handles = [w for w, _t, _wr in handles if not owners.is_alive(w)]
+
+    if not repair:
+        return
+    with idx.write(durable=True) as t:
+        for k in bad_raw:
+            t.drop_entry_key(k)
+        for e in drop.values():
+            t.drop_entry_key(e.ikey)
+        for s in both + beyond:
+            t.forget_free(s)
+        for s, _gen, who in reserved:
+            if not owners.is_alive(who):
+                t.unreserve(s)
+        t.set_next_unused(mark)
+        for s in range(mark):
+            if s not in live and s not in live_res and (s not in free or s in both):
+                t.release_slot(s, free.get(s, 0) if s not in both else 0)
+        t.rebuild_order(policy, live.values())
+        for k, w in stale_pins:
+            t.delete_pin(k, w)
+        for w in stale_handles:
+            t.unregister_owner(w)
+    for s in sorted(dropped_slots):
+        if s not in live:
+            records.clear(s)
+
+
+def _rebuild(paths: StorePaths, g: Geometry, creation_id: bytes, res: CheckResult, progress) -> None:
+    """Rebuild the index from the slot records, keeping every intact entry."""
+    tmp = paths.index_rebuild
+    shutil.rmtree(tmp, ignore_errors=True)
+    found: dict[bytes, tuple] = {}
+    with SlotRecords(paths.slab, g, writable=False) as records:
+        size = records.file_size()
+        bar = Progress(g.slot_count, "rebuild ", progress)
+        for slot in range(g.slot_count):
+            bar.step()
+            rec = records.read(slot)
+            if rec is None or rec.length > g.slot_bytes or g.slot_offset(slot) + rec.length > size:
+                continue
+            if not rec.meta:
+                _add(res, "unrecoverable entry", "the slot's record had no room for its key",
+                     fixed=False, slot=slot)
+                continue
+            try:
+                canon, meta = unpack_record_meta(rec.meta)
+            except (CorruptStoreError, struct.error):
+                continue
+            data = records.read_payload(slot, rec.length)
+            res.bytes_scrubbed += len(data)
+            if key_hash(canon) != rec.key_hash or (rec.checksum and checksum([data]) != rec.checksum):
+                _add(res, "damaged entry", "payload fails its checksum; not restored", fixed=True,
+                     slot=slot, key=canon)
+                continue
+            prev = found.get(canon)
+            if prev is None or rec.generation > prev[1].generation:
+                found[canon] = (slot, rec, canon, meta)
+    idx = Index.acquire(tmp, map_size=default_map_size(g.slot_count), create=True)
+    try:
+        used = set()
+        with idx.write(durable=True) as t:
+            pol = make_policy("lru")
+            t.init_store(creation_id, pack_header(g, creation_id), pol)
+            now = time.time()
+            for slot, rec, canon, meta in sorted(found.values(), key=lambda x: x[0]):
+                t.insert(index_key(canon), canon, slot, rec.generation, rec.length, rec.checksum,
+                         meta.encode(), pol, now)
+                used.add(slot)
+            mark = max(used) + 1 if used else 0
+            t.set_next_unused(mark)
+            for s in range(mark):
+                if s not in used:
+                    t.release_slot(s, 0)
+    finally:
+        idx.release()
+    res.entries = len(found)
+    if os.path.exists(paths.index):
+        shutil.rmtree(paths.index)
+    os.rename(tmp, paths.index)
+    _add(res, "index rebuilt", f"restored {len(found)} entries from the slot records", fixed=True)

@@ -1,0 +1,1 @@
+"""Benchmarks behind `slabcache bench`: contenders, references, the suite."""

@@ -1,0 +1,75 @@
+"""StoreOptions: every setting of an open store, validated once."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+from ..device import ENGINES
+from ..errors import ConfigError
+from ..index.policy import make_policy
+from ..runtime.workers import WorkerPool
+
+DURABILITY = ("fast", "strict")
+
+
+def _positive_int(name: str, v) -> int | None:
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ConfigError(f"{name} must be an int number of bytes, got {type(v).__name__} {v!r}")
+    if v <= 0:
+        raise ConfigError(f"{name} must be positive, got {v}")
+    return v
+
+
+@dataclass(frozen=True)
+class StoreOptions:
+    """How to open a store; see :meth:`SlabStore.open` for each field.
+
+    ``engine_wrapper`` is the testing and monitoring seam: a callable that
+    takes the I/O engine and returns an object with the same public calls
+    (see ``slabcache.device.EngineWrapper``), e.g. a fault injector.
+    """
+
+    path: str
+    capacity_bytes: int | None = None
+    slot_bytes: int | None = None
+    policy: str | None = None
+    io: str = "mmap"
+    durability: str = "fast"
+    checksum: bool = True
+    readonly: bool = False
+    io_threads: int = 4
+    max_pending_puts: int = 64
+    queue_full: str = "reject"
+    index_map_bytes: int | None = None
+    engine_wrapper: Callable | None = None
+
+    def validate(self) -> "StoreOptions":
+        """A checked copy with an absolute path.  Raises ConfigError naming
+        the setting and what to use instead."""
+        if not isinstance(self.path, (str, os.PathLike)):
+            raise ConfigError(f"path must be a str or os.PathLike, got {type(self.path).__name__}")
+        for name in ("capacity_bytes", "slot_bytes", "index_map_bytes"):
+            _positive_int(name, getattr(self, name))
+        if self.policy is not None:
+            make_policy(self.policy)
+        if self.io not in ENGINES:
+            raise ConfigError(f"unknown io engine {self.io!r}; use one of {', '.join(ENGINES)}")
+        if self.durability not in DURABILITY:
+            raise ConfigError(f"unknown durability {self.durability!r}; use 'fast' or 'strict'")
+        if not isinstance(self.checksum, bool):
+            raise ConfigError(f"checksum must be True or False, got {self.checksum!r}")
+        if not isinstance(self.readonly, bool):
+            raise ConfigError(f"readonly must be True or False, got {self.readonly!r}")
+        if self.engine_wrapper is not None and not callable(self.engine_wrapper):
+            raise ConfigError("engine_wrapper must be a callable taking the engine and returning its wrapper")
+        WorkerPool.check_settings(self.io_threads, self.max_pending_puts, self.queue_full)
+        return dataclasses.replace(self, path=os.path.abspath(os.fspath(self.path)))
+
+    @property
+    def strict(self) -> bool:
+        return self.durability == "strict"

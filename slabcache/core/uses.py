@@ -1,0 +1,73 @@
+"""Use tracking: counters and entry uses, batched into index writes.
+
+A get records its use here instead of in a write transaction of its own:
+uses are written with the next write transaction (or a flush every
+USE_FLUSH_SECONDS, or after USE_BATCH distinct keys), so a get costs read
+transactions only.  Counters are written at most every
+COUNTER_FLUSH_SECONDS and at close, so a crash loses at most that much.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from ..index import COUNTERS, Entry, IndexTxn
+from ..index.policy import Policy
+
+USE_BATCH = 256
+USE_FLUSH_SECONDS = 0.2
+COUNTER_FLUSH_SECONDS = 1.0
+
+
+class UseTracker:
+    def __init__(self, policy: Policy):
+        self.policy = policy
+        self._lock = threading.Lock()
+        self._pending = dict.fromkeys(COUNTERS, 0)
+        # ikey -> [count, wall time, slot, generation]
+        self._uses: dict[bytes, list] = {}
+        now = time.monotonic()
+        self._last_counter_flush = now
+        self._last_use_flush = now
+
+    def count(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self._pending[name] += n
+
+    def pending_counters(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._pending)
+
+    def note_use(self, e: Entry) -> bool:
+        """Remember a use of ``e``; True when the batch is due for a flush."""
+        now = time.monotonic()
+        wall = time.time()
+        with self._lock:
+            u = self._uses.get(e.ikey)
+            if u is None:
+                self._uses[e.ikey] = [1, wall, e.slot, e.generation]
+            else:
+                u[0] += 1
+                u[1] = wall
+            return len(self._uses) >= USE_BATCH or now - self._last_use_flush >= USE_FLUSH_SECONDS
+
+    def flush(self, t: IndexTxn, force: bool = False) -> None:
+        """Write batched uses, and counters when due, inside transaction ``t``.
+
+        Uses of an entry that was evicted or replaced meanwhile are dropped.
+        """
+        now = time.monotonic()
+        with self._lock:
+            uses, self._uses = self._uses, {}
+            self._last_use_flush = now
+            delta = None
+            if force or now - self._last_counter_flush >= COUNTER_FLUSH_SECONDS:
+                delta, self._pending = self._pending, dict.fromkeys(COUNTERS, 0)
+                self._last_counter_flush = now
+        for ikey, (count, when, slot, gen) in uses.items():
+            e = t.entry_at(ikey)
+            if e is not None and e.slot == slot and e.generation == gen:
+                t.record_use(e, self.policy, when, count)
+        if delta:
+            t.add_counters(delta)

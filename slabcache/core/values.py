@@ -1,0 +1,182 @@
+"""Turning values (a tensor or a list of tensors) into byte parts and back."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Sequence
+
+import torch
+
+from ..errors import UnsupportedValueError
+from ..format.values import DTYPE_CODES, ValueDesc
+
+
+def dtype_name(dt: torch.dtype) -> str:
+    return str(dt).removeprefix("torch.")
+
+
+def _check_tensor(t, where: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise UnsupportedValueError(
+            f"{where} is a {type(t).__name__}, not a torch.Tensor; store tensors "
+            "(torch.as_tensor(...) converts arrays)"
+        )
+    if t.layout != torch.strided or t.is_quantized:
+        raise UnsupportedValueError(
+            f"{where} has layout {t.layout}; only dense (strided) tensors are stored: "
+            "call .to_dense() first"
+        )
+    if dtype_name(t.dtype) not in DTYPE_CODES:
+        raise UnsupportedValueError(
+            f"{where} has dtype {t.dtype}, which has no fixed element size slabcache "
+            f"knows; use one of {', '.join(sorted(DTYPE_CODES))}"
+        )
+
+
+def as_list(value) -> tuple[list[torch.Tensor], bool]:
+    """The tensors of a value and whether it was a list.  Raises UnsupportedValueError."""
+    if isinstance(value, torch.Tensor):
+        _check_tensor(value, "value")
+        return [value], False
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise UnsupportedValueError("value is an empty list; store at least one tensor")
+        for i, t in enumerate(value):
+            _check_tensor(t, f"value[{i}]")
+        return list(value), True
+    raise UnsupportedValueError(
+        f"value is a {type(value).__name__}; store a torch.Tensor or a list of them "
+        "(torch.as_tensor(...) converts arrays)"
+    )
+
+
+def byte_view(t: torch.Tensor) -> torch.Tensor:
+    """A 1-D uint8 view of a contiguous CPU tensor (no copy)."""
+    flat = t.reshape(-1)
+    if flat.numel() == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    return flat.view(torch.uint8)
+
+
+def meta_for(tensors: Sequence[torch.Tensor], is_list: bool, extra: bytes = b"") -> ValueDesc:
+    if not isinstance(extra, (bytes, bytearray)):
+        raise UnsupportedValueError(f"extra must be bytes, got {type(extra).__name__}")
+    return ValueDesc(
+        is_list=is_list,
+        dtypes=tuple(dtype_name(t.dtype) for t in tensors),
+        shapes=tuple(tuple(t.shape) for t in tensors),
+        nbytes=tuple(t.numel() * t.element_size() for t in tensors),
+        extra=bytes(extra),
+    )
+
+
+def host_parts(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Byte views of CPU tensors (a copy only where one is not contiguous)."""
+    return [byte_view(t.detach().contiguous()) for t in tensors]
+
+
+def on_cuda(tensors: Sequence[torch.Tensor]) -> bool:
+    return any(t.device.type == "cuda" for t in tensors)
+
+
+def allocate(meta: ValueDesc, empty: Callable[[int], torch.Tensor]):
+    """Fresh tensors shaped like ``meta`` and the byte parts to read into."""
+    tensors, parts = [], []
+    for dt, shape, n in zip(meta.dtypes, meta.shapes, meta.nbytes):
+        buf = empty(n)
+        dtype = getattr(torch, dt)
+        if n == 0:
+            t = torch.empty(shape, dtype=dtype)
+        else:
+            t = buf.view(dtype).view(shape)
+        tensors.append(t)
+        parts.append(buf)
+    value = tensors if meta.is_list else tensors[0]
+    return value, parts
+
+
+def match_out(out, meta: ValueDesc) -> list[torch.Tensor]:
+    """Check ``out`` against ``meta``; raises UnsupportedValueError naming the difference."""
+    tensors, is_list = as_list(out)
+    if is_list != meta.is_list or len(tensors) != len(meta.dtypes):
+        raise UnsupportedValueError(
+            f"out holds {len(tensors)} tensor(s){' in a list' if is_list else ''} but the "
+            f"stored value has {len(meta.dtypes)}{' in a list' if meta.is_list else ''}; "
+            "pass an out shaped like the stored value (see store.describe(key))"
+        )
+    for i, (t, dt, shape) in enumerate(zip(tensors, meta.dtypes, meta.shapes)):
+        if dtype_name(t.dtype) != dt or tuple(t.shape) != tuple(shape):
+            raise UnsupportedValueError(
+                f"out[{i}] is {dtype_name(t.dtype)}{list(t.shape)} but the stored tensor is "
+                f"{dt}{list(shape)}; allocate out with the stored dtype and shape"
+            )
+    return tensors
+
+
+def direct_parts(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor] | None:
+    """Byte views to read straight into, or None when a copy is needed."""
+    parts = []
+    for t in tensors:
+        if t.device.type != "cpu" or not t.is_contiguous():
+            return None
+        parts.append(byte_view(t))
+    return parts
+
+
+def split(buf: torch.Tensor, nbytes) -> list[torch.Tensor]:
+    """Consecutive byte parts of ``buf``, one per size in ``nbytes``."""
+    parts, pos = [], 0
+    for n in nbytes:
+        parts.append(buf[pos:pos + n])
+        pos += n
+    return parts
+
+
+def as_bytes(data) -> torch.Tensor:
+    """A 1-D uint8 CPU tensor over ``data`` (a tensor or a buffer), no copy."""
+    if isinstance(data, torch.Tensor):
+        if data.device.type != "cpu":
+            raise UnsupportedValueError(
+                f"raw bytes must be in CPU memory, got a tensor on {data.device}; copy it to the CPU"
+            )
+        return byte_view(data.detach().contiguous())
+    try:
+        view = memoryview(data).cast("B")
+    except TypeError:
+        raise UnsupportedValueError(
+            f"raw bytes must be a tensor or a buffer (bytes, bytearray, memoryview), "
+            f"got {type(data).__name__}"
+        ) from None
+    if not len(view):
+        return torch.empty(0, dtype=torch.uint8)
+    with warnings.catch_warnings():
+        # Read-only buffers are only ever read from (written to the slab).
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(view, dtype=torch.uint8)
+
+
+def describe(shapes: Sequence[Sequence[int]], dtypes: Sequence[torch.dtype], *,
+             is_list: bool, extra: bytes = b"") -> ValueDesc:
+    """The description of tensors with these shapes and dtypes, stored back
+    to back (for values handed over as raw bytes).  Raises UnsupportedValueError."""
+    if len(shapes) != len(dtypes) or not shapes:
+        raise UnsupportedValueError(
+            f"got {len(shapes)} shapes and {len(dtypes)} dtypes; give one dtype per shape, at least one"
+        )
+    if not is_list and len(shapes) != 1:
+        raise UnsupportedValueError("a value that is not a list describes exactly one tensor")
+    names, nbytes = [], []
+    for shape, dt in zip(shapes, dtypes):
+        name = dtype_name(dt)
+        if name not in DTYPE_CODES:
+            raise UnsupportedValueError(f"dtype {dt} has no fixed element size slabcache knows")
+        n = 1
+        for d in shape:
+            n *= int(d)
+        names.append(name)
+        nbytes.append(n * torch.empty((), dtype=dt).element_size())
+    if not isinstance(extra, (bytes, bytearray)):
+        raise UnsupportedValueError(f"extra must be bytes, got {type(extra).__name__}")
+    return ValueDesc(is_list=is_list, dtypes=tuple(names),
+                     shapes=tuple(tuple(int(d) for d in s) for s in shapes),
+                     nbytes=tuple(nbytes), extra=bytes(extra))

@@ -1,0 +1,195 @@
+"""The I/O engine interface: how payload bytes move between tensors and slots.
+
+``Engine.write`` / ``Engine.read_into`` are the one checked path: they check
+the slot number and length, count bytes, and turn OS errors into
+``SlabIOError``; engines override only ``_write_impl`` / ``_read_impl`` (and
+``_read_hashed`` where reading and hashing can overlap).
+
+Anything that counts, throttles or injects faults wraps the public calls
+instead (:class:`EngineWrapper`), so real engines carry no test hooks.
+
+Buffers are 1-D ``torch.uint8`` CPU tensors.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable
+
+import torch
+
+from ..errors import SlabIOError
+from ..format.checksum import CHECKSUM_BLOCK, checksum
+from ..format.header import Geometry
+from .memory import as_numpy
+
+# Helper threads per engine: at least this many, so large O_DIRECT reads
+# keep several requests in flight even on a 2-core machine.
+MIN_HELPERS = 4
+
+
+def cores() -> int:
+    """CPUs this process may run on."""
+    return len(os.sched_getaffinity(0))
+
+
+class Engine(abc.ABC):
+    """Moves bytes between CPU byte buffers and the slots of one slab."""
+
+    name = ""
+
+    def __init__(self, path: str, g: Geometry):
+        self.path = path
+        self.geometry = g
+        self.bytes_read = 0
+        self.bytes_written = 0
+        self._count_lock = threading.Lock()
+        self._helpers: ThreadPoolExecutor | None = None
+        self._helpers_lock = threading.Lock()
+
+    # -- the checked path --------------------------------------------------
+
+    def _check(self, slot: int, parts: list[torch.Tensor]) -> int:
+        g = self.geometry
+        if not 0 <= slot < g.slot_count:
+            raise SlabIOError(f"slot {slot} is outside 0..{g.slot_count - 1} of {self.path}")
+        n = sum(p.numel() for p in parts)
+        if n > g.slot_bytes:
+            raise SlabIOError(f"{n} bytes do not fit a slot of {g.slot_bytes} bytes")
+        return n
+
+    def write(self, slot: int, parts: list[torch.Tensor], hashed: bool = False) -> int | None:
+        """Write ``parts`` to ``slot``; returns their checksum when ``hashed``.
+
+        Large payloads are hashed on a helper thread while the write runs.
+        Raises SlabIOError.
+        """
+        n = self._check(slot, parts)
+        pending = None
+        if hashed and n > CHECKSUM_BLOCK:
+            pending = self.submit(checksum, [as_numpy(p) for p in parts])
+        try:
+            self._write_impl(self.geometry.slot_offset(slot), parts, n)
+        except OSError as exc:
+            raise SlabIOError(f"writing slot {slot} of {self.path} failed: {exc}") from exc
+        finally:
+            digest = pending.result() if pending is not None else None
+        with self._count_lock:
+            self.bytes_written += n
+        if hashed and digest is None:
+            digest = checksum([as_numpy(p) for p in parts])
+        return digest
+
+    def read_into(self, slot: int, parts: list[torch.Tensor], hashed: bool = False) -> int | None:
+        """Fill ``parts`` from ``slot``; returns the bytes' checksum when
+        ``hashed``.  Raises SlabIOError."""
+        n = self._check(slot, parts)
+        try:
+            digest = self._read_hashed(self.geometry.slot_offset(slot), parts, n, hashed)
+        except OSError as exc:
+            raise SlabIOError(f"reading slot {slot} of {self.path} failed: {exc}") from exc
+        with self._count_lock:
+            self.bytes_read += n
+        return digest
+
+    def empty(self, nbytes: int) -> torch.Tensor:
+        """A uint8 buffer this engine reads into without an extra copy."""
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+    def submit(self, fn: Callable, *args) -> Future:
+        """Run ``fn`` on this engine's helper threads (hashing beside I/O,
+        pieces of large reads)."""
+        with self._helpers_lock:
+            if self._helpers is None:
+                self._helpers = ThreadPoolExecutor(max_workers=max(MIN_HELPERS, cores()),
+                                                   thread_name_prefix="slabcache-helper")
+            return self._helpers.submit(fn, *args)
+
+    def close(self) -> None:
+        """Stop the helper threads and release descriptors and mappings."""
+        with self._helpers_lock:
+            helpers, self._helpers = self._helpers, None
+        if helpers is not None:
+            helpers.shutdown(wait=True)
+        self._close_impl()
+
+    # -- what engines implement --------------------------------------------
+
+    def _read_hashed(self, offset: int, parts: list[torch.Tensor], n: int, hashed: bool) -> int | None:
+        self._read_impl(offset, parts, n)
+        return checksum([as_numpy(p) for p in parts]) if hashed else None
+
+    @abc.abstractmethod
+    def _write_impl(self, offset: int, parts: list[torch.Tensor], n: int) -> None:
+        """Write ``n`` bytes of ``parts`` at file ``offset``; OSError on failure."""
+
+    @abc.abstractmethod
+    def _read_impl(self, offset: int, parts: list[torch.Tensor], n: int) -> None:
+        """Fill ``parts`` (``n`` bytes) from file ``offset``; OSError on failure."""
+
+    @abc.abstractmethod
+    def sync(self) -> None:
+        """Make written payloads durable (fdatasync)."""
+
+    @abc.abstractmethod
+    def drop_cache(self) -> None:
+        """Ask the kernel to drop the slab's cached pages (cold-read benchmarks)."""
+
+    @abc.abstractmethod
+    def _close_impl(self) -> None:
+        """Release the engine's descriptors and mappings."""
+
+
+class EngineWrapper:
+    """Delegates every public Engine call to ``inner``.
+
+    Subclass it to count, throttle or inject faults around a real engine;
+    pass the subclass as ``SlabStore.open(..., engine_wrapper=...)``.
+    """
+
+    def __init__(self, inner: Engine):
+        self.inner = inner
+
+    @property
+    def name(self) -> str:
+        return self.inner.name
+
+    @property
+    def path(self) -> str:
+        return self.inner.path
+
+    @property
+    def geometry(self) -> Geometry:
+        return self.inner.geometry
+
+    @property
+    def bytes_read(self) -> int:
+        return self.inner.bytes_read
+
+    @property
+    def bytes_written(self) -> int:
+        return self.inner.bytes_written
+
+    def write(self, slot, parts, hashed=False):
+        return self.inner.write(slot, parts, hashed)
+
+    def read_into(self, slot, parts, hashed=False):
+        return self.inner.read_into(slot, parts, hashed)
+
+    def empty(self, nbytes):
+        return self.inner.empty(nbytes)
+
+    def submit(self, fn, *args):
+        return self.inner.submit(fn, *args)
+
+    def sync(self):
+        self.inner.sync()
+
+    def drop_cache(self):
+        self.inner.drop_cache()
+
+    def close(self):
+        self.inner.close()

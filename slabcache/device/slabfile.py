@@ -1,0 +1,165 @@
+"""The slab file: created once, preallocated, aligned, never resized in use.
+
+This module owns the file's life (create, verify the header and size) and
+the slot records; payload bytes go through an I/O engine.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import uuid
+
+from ..errors import ConfigError, CorruptStoreError, LayoutMismatchError, StorageFullError
+from ..format.header import SLAB_HEADER, Geometry, pack_header, plan_geometry, round_up, unpack_header
+from ..format.records import EMPTY_RECORD, SlotRecord, pack_record, unpack_record
+
+log = logging.getLogger(__name__)
+
+
+def alignment_for(directory: str) -> int:
+    """4 KiB or the filesystem block size, whichever is larger."""
+    try:
+        bsize = os.statvfs(directory).f_bsize
+    except OSError:
+        bsize = 4096
+    return max(4096, bsize)
+
+
+def fsync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def create_slab(path: str, capacity_bytes: int, slot_bytes: int) -> tuple[Geometry, bytes]:
+    """Create and preallocate a slab at ``path`` atomically (temp file + rename).
+
+    Raises StorageFullError (nothing left behind) when the blocks cannot be
+    reserved, ConfigError when the geometry is impossible.
+    """
+    directory = os.path.dirname(path)
+    g = plan_geometry(capacity_bytes, slot_bytes, alignment_for(directory))
+    if g.slot_count < 1:
+        raise ConfigError(
+            f"capacity_bytes={capacity_bytes} is smaller than one slot of {g.slot_bytes} "
+            "bytes; raise capacity_bytes or lower slot_bytes"
+        )
+    creation_id = uuid.uuid4().bytes
+    tmp = f"{path}.creating.{os.getpid()}"
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        try:
+            os.posix_fallocate(fd, 0, g.file_bytes)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise StorageFullError(
+                    f"cannot preallocate {g.file_bytes} bytes for the slab at {path}: "
+                    f"{os.strerror(exc.errno)}; free space there or lower capacity_bytes"
+                ) from exc
+            raise
+        header = pack_header(g, creation_id)
+        os.pwrite(fd, header.ljust(g.alignment, b"\0"), 0)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    os.close(fd)
+    os.rename(tmp, path)
+    fsync_dir(directory)
+    log.info("created slab %s: %d slots of %d bytes", path, g.slot_count, g.slot_bytes)
+    return g, creation_id
+
+
+def read_header_bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(SLAB_HEADER.size)
+
+
+def write_header_bytes(path: str, raw: bytes) -> None:
+    """Overwrite the header (fsck restoring it from the index's copy)."""
+    with open(path, "r+b") as f:
+        f.write(raw)
+        os.fsync(f.fileno())
+
+
+def extend_slab(path: str, file_bytes: int) -> None:
+    """Give a truncated slab its full size back (fsck --repair)."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, file_bytes)
+    finally:
+        os.close(fd)
+
+
+def read_slab_header(path: str) -> tuple[Geometry, bytes]:
+    """Geometry and creation id of an existing slab; checks the file size too."""
+    with open(path, "rb") as f:
+        raw = f.read(SLAB_HEADER.size)
+        size = os.fstat(f.fileno()).st_size
+    g, creation_id = unpack_header(raw, path)
+    if size < g.file_bytes:
+        raise CorruptStoreError(
+            f"slab {path} is truncated: {size} bytes, its header says {g.file_bytes}; "
+            f"run `slabcache fsck {os.path.dirname(path)} --repair` to drop entries past the end"
+        )
+    return g, creation_id
+
+
+def check_geometry(g: Geometry, path: str, capacity_bytes: int | None,
+                   slot_bytes: int | None) -> None:
+    """Raise LayoutMismatchError when requested sizes disagree with the slab."""
+    if slot_bytes is not None and round_up(slot_bytes, g.alignment) != g.slot_bytes:
+        raise LayoutMismatchError(
+            f"store at {path} has slots of {g.slot_bytes} bytes, not {slot_bytes}; "
+            "open it without slot_bytes, or re-slot it with `slabcache compact --slot-bytes`"
+        )
+    if capacity_bytes is not None and capacity_bytes // g.slot_bytes != g.slot_count:
+        raise LayoutMismatchError(
+            f"store at {path} holds {g.slot_count} slots ({g.capacity_bytes} bytes), "
+            f"not capacity_bytes={capacity_bytes}; open it without capacity_bytes, or "
+            "resize it with `slabcache compact --capacity`"
+        )
+
+
+class SlotRecords:
+    """Reads and writes the per-slot records through their own descriptor."""
+
+    def __init__(self, path: str, g: Geometry, writable: bool):
+        self.path = path
+        self.g = g
+        self._fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
+
+    def write(self, slot: int, rec: SlotRecord) -> None:
+        raw = pack_record(rec, self.g.record_bytes)
+        os.pwrite(self._fd, raw, self.g.record_offset(slot))
+
+    def read(self, slot: int) -> SlotRecord | None:
+        raw = os.pread(self._fd, self.g.record_bytes, self.g.record_offset(slot))
+        return unpack_record(raw)
+
+    def clear(self, slot: int) -> None:
+        os.pwrite(self._fd, EMPTY_RECORD, self.g.record_offset(slot))
+
+    def read_payload(self, slot: int, length: int) -> bytes:
+        """A slot's payload bytes through the buffered descriptor (fsck, compact)."""
+        return os.pread(self._fd, length, self.g.slot_offset(slot)) if length else b""
+
+    def file_size(self) -> int:
+        return os.fstat(self._fd).st_size
+
+    def sync(self) -> None:
+        os.fsync(self._fd)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+    def __enter__(self) -> "SlotRecords":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,139 @@
+"""The store directory: who may use it, and the compaction switch.
+
+Locks (``flock``, released by the kernel when a process dies):
+
+- the directory itself, exclusively, while a store is created, validated
+  or switched, so two processes never create one at once;
+- the ``lock`` file, shared for the life of every open handle and
+  exclusively by repair and compaction, so those can tell that someone has
+  the store open.
+
+The compaction switch moves a fully built store from ``compact.new`` into
+place.  A marker file commits it: whoever opens the store next finishes a
+switch whose marker exists and discards a half-built store whose marker
+does not, so a crash at any point leaves the old or the new store.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import shutil
+import time
+
+from ..errors import StoreBusyError
+from ..format.layout import SWAPPED, StorePaths
+from .slabfile import fsync_dir
+
+log = logging.getLogger(__name__)
+
+
+class OpenLock:
+    """The locks an open handle holds: entered with the directory locked
+    exclusively, which ``release_directory`` ends once the open is done; the
+    ``lock`` file stays locked shared until ``close``."""
+
+    def __init__(self, paths: StorePaths, readonly: bool):
+        self._dir_fd: int | None = os.open(paths.root, os.O_RDONLY | os.O_DIRECTORY)
+        fcntl.flock(self._dir_fd, fcntl.LOCK_EX)
+        try:
+            if readonly and not os.path.exists(paths.lock):
+                # A store copied without its lock file: share the directory
+                # descriptor's lock instead of creating a file.
+                fd = os.open(paths.root, os.O_RDONLY | os.O_DIRECTORY)
+            else:
+                flags = os.O_RDONLY if readonly else os.O_RDWR | os.O_CREAT
+                fd = os.open(paths.lock, flags, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            self._fd: int | None = fd
+        except BaseException:
+            self.release_directory()
+            raise
+
+    def release_directory(self) -> None:
+        if self._dir_fd is not None:
+            os.close(self._dir_fd)
+            self._dir_fd = None
+
+    def close(self) -> None:
+        self.release_directory()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class ExclusiveLock:
+    """The store locked against every other user (repair, compaction).
+
+    Raises StoreBusyError when someone has it open; ``users`` names them.
+    """
+
+    def __init__(self, paths: StorePaths, users=lambda: []):
+        self._dir_fd = os.open(paths.root, os.O_RDONLY | os.O_DIRECTORY)
+        fcntl.flock(self._dir_fd, fcntl.LOCK_EX)
+        self._fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            os.close(self._dir_fd)
+            pids = ", ".join(map(str, users())) or "?"
+            raise StoreBusyError(
+                f"store at {paths.root} is open by pid(s) {pids}; stop them "
+                "(or run without --repair to only check)"
+            ) from None
+
+    def close(self) -> None:
+        os.close(self._fd)
+        os.close(self._dir_fd)
+
+    def __enter__(self) -> "ExclusiveLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def commit_switch(paths: StorePaths) -> None:
+    """Commit the store built in ``compact.new`` and switch to it.
+
+    The caller holds the directory exclusively and has made the new store
+    durable.  A crash from here on is finished by the next open.
+    """
+    fsync_dir(paths.compact_new)
+    with open(paths.compact_marker, "w") as f:
+        json.dump({"started": time.time()}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    fsync_dir(paths.root)
+
+
+def finish_switch(paths: StorePaths) -> bool:
+    """Finish a committed switch, discard an uncommitted one (caller holds
+    the directory lock).  True when a committed switch was finished."""
+    finished = False
+    if os.path.exists(paths.compact_marker):
+        os.makedirs(paths.compact_old, exist_ok=True)
+        for part in SWAPPED:
+            src = os.path.join(paths.compact_new, part)
+            if os.path.exists(src):
+                cur = os.path.join(paths.root, part)
+                if os.path.exists(cur):
+                    os.rename(cur, os.path.join(paths.compact_old, part))
+                os.rename(src, cur)
+        fsync_dir(paths.root)
+        os.unlink(paths.compact_marker)
+        fsync_dir(paths.root)
+        finished = True
+    for d in (paths.compact_new, paths.compact_old):
+        if os.path.exists(d):
+            shutil.rmtree(d)
+    return finished
+
+
+def recover_interrupted(paths: StorePaths) -> None:
+    """At open: finish or undo a compaction that a crash interrupted."""
+    if finish_switch(paths):
+        log.warning("store %s: finished an interrupted compaction", paths.root)

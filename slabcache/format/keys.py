@@ -1,0 +1,44 @@
+"""Keys: canonical bytes, LMDB keys, and the hash a slot record carries."""
+
+from __future__ import annotations
+
+import hashlib
+
+from ..errors import InvalidKeyError
+
+# Keys up to this many bytes are used verbatim as LMDB keys (LMDB's limit is
+# 511); longer ones are replaced by a hash and the full key is kept in the
+# entry to detect collisions.
+MAX_INLINE_KEY = 400
+
+
+def canonical_key(key: str | bytes) -> bytes:
+    """Type-tagged key bytes: ``"a"`` and ``b"a"`` are different keys."""
+    if isinstance(key, str):
+        if not key:
+            raise InvalidKeyError("key is an empty string; use a non-empty str or bytes key")
+        return b"s" + key.encode("utf-8", "surrogatepass")
+    if isinstance(key, (bytes, bytearray, memoryview)):
+        b = bytes(key)
+        if not b:
+            raise InvalidKeyError("key is empty bytes; use a non-empty str or bytes key")
+        return b"b" + b
+    raise InvalidKeyError(
+        f"key must be str or bytes, got {type(key).__name__}; convert it (e.g. key.to_string())"
+    )
+
+
+def decode_key(canon: bytes) -> str | bytes:
+    if canon[:1] == b"s":
+        return canon[1:].decode("utf-8", "surrogatepass")
+    return canon[1:]
+
+
+def index_key(canon: bytes) -> bytes:
+    if len(canon) <= MAX_INLINE_KEY:
+        return canon
+    return b"#" + hashlib.blake2b(canon, digest_size=32).digest()
+
+
+def key_hash(canon: bytes) -> bytes:
+    return hashlib.blake2b(canon, digest_size=8).digest()

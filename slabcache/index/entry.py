@@ -1,0 +1,72 @@
+"""Index entries: what the index knows about one stored key, and its codec.
+
+Bump FORMAT_VERSION (format/header.py) when ``_ENTRY`` changes.
+"""
+
+from __future__ import annotations
+
+import functools
+import struct
+from dataclasses import dataclass
+
+from ..errors import CorruptStoreError
+from ..format.values import ValueDesc
+from .policy import UseStats
+
+_U32 = struct.Struct("<I")
+# slot, generation, length, checksum, tick, hits, inserted, created, used, meta len
+_ENTRY = struct.Struct("<QIQQQQQddI")
+_SLOT_GEN = struct.Struct("<QI")  # the head of _ENTRY
+
+
+@dataclass(frozen=True)
+class Entry:
+    ikey: bytes
+    canon: bytes
+    slot: int
+    generation: int
+    length: int
+    checksum: int
+    use: UseStats
+    created: float
+    used: float
+    meta_raw: bytes  # ValueDesc.encode(); decoded on first use of .meta
+
+    @functools.cached_property
+    def meta(self) -> ValueDesc:
+        return ValueDesc.decode(self.meta_raw)
+
+    def with_use(self, use: UseStats, now: float) -> "Entry":
+        return Entry(self.ikey, self.canon, self.slot, self.generation, self.length,
+                     self.checksum, use, self.created, now, self.meta_raw)
+
+    def encode(self) -> bytes:
+        meta = self.meta_raw
+        head = _ENTRY.pack(self.slot, self.generation, self.length, self.checksum,
+                           self.use.tick, self.use.hits, self.use.inserted,
+                           self.created, self.used, len(meta))
+        return head + meta + self.canon
+
+    @classmethod
+    def decode(cls, ikey: bytes, raw: bytes) -> "Entry":
+        try:
+            slot, gen, length, csum, tick, hits, ins, created, used, mlen = _ENTRY.unpack_from(raw)
+        except struct.error as exc:
+            raise CorruptStoreError(
+                "an index entry is truncated; run `slabcache fsck --repair`"
+            ) from exc
+        meta_raw = raw[_ENTRY.size:_ENTRY.size + mlen]
+        canon = bytes(raw[_ENTRY.size + mlen:])
+        return cls(ikey, canon, slot, gen, length, csum, UseStats(tick, hits, ins),
+                   created, used, bytes(meta_raw))
+
+
+def canon_of(raw: bytes) -> bytes:
+    """The full key stored in an encoded entry, without decoding the rest."""
+    mlen = _U32.unpack_from(raw, _ENTRY.size - 4)[0]
+    return bytes(raw[_ENTRY.size + mlen:])
+
+
+def slot_gen_of(raw: bytes) -> tuple[int, int]:
+    """(slot, generation) of an encoded entry, without decoding the rest."""
+    return _SLOT_GEN.unpack_from(raw)

@@ -1,0 +1,133 @@
+"""The LMDB environment holding one store's index."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from contextlib import contextmanager
+from typing import Iterator
+
+import lmdb
+
+from ..errors import ConfigError, CorruptStoreError, StorageFullError
+from .txn import TABLES, IndexTxn
+
+log = logging.getLogger(__name__)
+
+
+class Index:
+    """One LMDB environment holding a store's index.
+
+    LMDB allows one environment per file per process, while a process may
+    open the same store several times (LMCache can build its backends
+    twice): ``Index.acquire`` shares one environment per path, reference
+    counted, and ``release`` closes it with the last user.
+    """
+
+    _registry: dict[str, "Index"] = {}
+    _registry_lock = threading.Lock()
+
+    @classmethod
+    def acquire(cls, path: str, *, map_size: int, readonly: bool = False,
+                create: bool = False) -> "Index":
+        """The shared environment at ``path``.  Raises CorruptStoreError when
+        it cannot be opened, ConfigError when this process has it read-only
+        and a writer asks for it."""
+        key = os.path.realpath(path)
+        with cls._registry_lock:
+            idx = cls._registry.get(key)
+            if idx is not None:
+                if idx.readonly and not readonly:
+                    raise ConfigError(
+                        f"the index at {path} is open read-only in this process; close "
+                        "that handle before opening the store for writing"
+                    )
+                idx._refs += 1
+                return idx
+            idx = cls(path, map_size=map_size, readonly=readonly, create=create)
+            cls._registry[key] = idx
+            return idx
+
+    def release(self) -> None:
+        with Index._registry_lock:
+            self._refs -= 1
+            if self._refs > 0:
+                return
+            Index._registry.pop(os.path.realpath(self.path), None)
+            self.env.close()
+            self.env = None
+
+    def __init__(self, path: str, *, map_size: int, readonly: bool = False,
+                 create: bool = False):
+        self.path = path
+        self.readonly = readonly
+        self._refs = 1
+        store_dir = os.path.dirname(path)
+        try:
+            # No sync at commit: strict handles call sync() after their
+            # commits, so fast and strict handles can share one environment.
+            self.env = lmdb.open(
+                path, map_size=map_size, max_dbs=len(TABLES) + 1, subdir=True,
+                sync=False, metasync=False, readahead=False, max_readers=1024,
+                writemap=not readonly, map_async=True,
+                readonly=readonly, create=create, lock=True, meminit=False,
+            )
+        except lmdb.Error as exc:
+            raise CorruptStoreError(
+                f"cannot open the index at {path}: {exc}; run `slabcache fsck "
+                f"{store_dir} --rebuild-index` to rebuild it from the slab"
+            ) from exc
+        self.dbs = {}
+        try:
+            for name in TABLES:
+                # py-lmdb opens handles of a read-only environment in its own
+                # read transaction; passing one of ours leaves them unusable.
+                self.dbs[name] = self.env.open_db(name.encode(), create=not readonly)
+        except lmdb.Error as exc:
+            self.env.close()
+            raise CorruptStoreError(
+                f"the index at {path} is incomplete ({exc}); run `slabcache fsck "
+                f"{store_dir} --rebuild-index`"
+            ) from exc
+        # One writer per process at a time: LMDB serialises writers across
+        # processes itself; this keeps threads of one process queueing here.
+        self._wlock = threading.Lock()
+
+    @contextmanager
+    def read(self) -> Iterator[IndexTxn]:
+        with self.env.begin(write=False) as txn:
+            yield IndexTxn(txn, self.dbs)
+
+    @contextmanager
+    def write(self, durable: bool = False) -> Iterator[IndexTxn]:
+        """A write transaction; ``durable`` syncs it to disk before returning.
+
+        Raises StorageFullError when the index's map is full.
+        """
+        with self._wlock:
+            txn = self.env.begin(write=True)
+            try:
+                yield IndexTxn(txn, self.dbs)
+                txn.commit()
+            except lmdb.MapFullError as exc:
+                txn.abort()
+                raise StorageFullError(
+                    f"the index at {self.path} reached its map size "
+                    f"({self.env.info()['map_size']} bytes); very long keys use "
+                    "index space: shorten them or reopen with a larger index_map_bytes"
+                ) from exc
+            except BaseException:
+                txn.abort()
+                raise
+        if durable:
+            self.sync()
+
+    def sync(self) -> None:
+        """Flush every committed transaction to disk."""
+        self.env.sync(True)
+
+
+def default_map_size(slot_count: int) -> int:
+    """Room for the index of ``slot_count`` slots with long keys."""
+    return max(1 << 30, slot_count * 8192)

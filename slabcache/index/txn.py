@@ -1,0 +1,374 @@
+"""Typed operations over one LMDB transaction of a store's index.
+
+Tables (LMDB named databases):
+
+``entries``   index key -> Entry (slot, generation, length, checksum, use
+              statistics, value description, full key)
+``order``     policy order key -> index key (the eviction order)
+``free``      slot -> generation of the slot's last use (released slots)
+``reserved``  slot -> generation + owner (slots being written by a put)
+``pins``      len + index key + owner -> pin count
+``owners``    owner -> open time (processes that have the store open)
+``meta``      creation id, header copy, policy, allocation high-water mark,
+              clock, counters
+
+Slots at or above the high-water mark ``next_unused`` were never used and
+are free without being listed, so creating a store of a million slots costs
+nothing here.  An entry leaves the index through one path,
+:meth:`IndexTxn.free_entry`, which also drops its pins and frees its slot.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from typing import Iterator
+
+import lmdb
+
+from . import owner as owners
+from .entry import Entry, canon_of, slot_gen_of
+from .policy import Policy, UseStats, make_policy
+
+_U64 = struct.Struct(">Q")
+_U32 = struct.Struct("<I")
+_OWNER_INFO = struct.Struct("<dB")  # open time, writable
+# Persisted as consecutive u64s: append new counters at the end only.
+COUNTERS = ("hits", "misses", "puts", "evictions", "checksum_failures", "rejected_puts",
+            "queue_rejections", "io_errors")
+_COUNTERS = struct.Struct(f"<{len(COUNTERS)}Q")
+
+TABLES = ("meta", "entries", "order", "free", "reserved", "pins", "owners")
+DEFAULT_POLICY = "lru"
+
+
+def _pin_prefix(ikey: bytes) -> bytes:
+    return struct.pack(">H", len(ikey)) + ikey
+
+
+class IndexTxn:
+    """Typed operations over one LMDB transaction."""
+
+    def __init__(self, txn: lmdb.Transaction, dbs: dict):
+        self.txn = txn
+        self.db = dbs
+
+    # -- meta ------------------------------------------------------------
+
+    def meta_get(self, name: str) -> bytes | None:
+        return self.txn.get(name.encode(), db=self.db["meta"])
+
+    def meta_put(self, name: str, value: bytes) -> None:
+        self.txn.put(name.encode(), value, db=self.db["meta"])
+
+    def _u64(self, name: str) -> int:
+        raw = self.meta_get(name)
+        return _U64.unpack(raw)[0] if raw else 0
+
+    def init_store(self, creation_id: bytes, header: bytes, policy: Policy | None) -> None:
+        """Record what a new store was created with."""
+        self.meta_put("creation_id", creation_id)
+        # A copy of the slab header lets fsck repair a damaged one.
+        self.meta_put("header", header)
+        self.set_policy(policy or make_policy(DEFAULT_POLICY))
+
+    def creation_id(self) -> bytes | None:
+        raw = self.meta_get("creation_id")
+        return None if raw is None else bytes(raw)
+
+    def header_copy(self) -> bytes | None:
+        raw = self.meta_get("header")
+        return None if raw is None else bytes(raw)
+
+    def policy(self) -> Policy:
+        """The store's eviction policy, as recorded in the index."""
+        return make_policy(bytes(self.meta_get("policy") or DEFAULT_POLICY.encode()).decode())
+
+    def set_policy(self, policy: Policy) -> None:
+        self.meta_put("policy", policy.name.encode())
+
+    def next_tick(self) -> int:
+        t = self._u64("tick") + 1
+        self.meta_put("tick", _U64.pack(t))
+        return t
+
+    def set_tick(self, tick: int) -> None:
+        self.meta_put("tick", _U64.pack(tick))
+
+    def counters(self) -> dict[str, int]:
+        raw = bytes(self.meta_get("counters") or b"")
+        vals = struct.unpack(f"<{len(raw) // 8}Q", raw[:len(raw) // 8 * 8])
+        vals = (vals + (0,) * len(COUNTERS))[:len(COUNTERS)]
+        return dict(zip(COUNTERS, vals))
+
+    def add_counters(self, delta: dict[str, int]) -> None:
+        if not any(delta.values()):
+            return
+        cur = self.counters()
+        for k, v in delta.items():
+            cur[k] += v
+        self.meta_put("counters", _COUNTERS.pack(*(cur[k] for k in COUNTERS)))
+
+    # -- entries ---------------------------------------------------------
+
+    def get_entry(self, ikey: bytes, canon: bytes) -> Entry | None:
+        raw = self.txn.get(ikey, db=self.db["entries"])
+        if raw is None:
+            return None
+        e = Entry.decode(ikey, raw)
+        return e if e.canon == canon else None
+
+    def has(self, ikey: bytes, canon: bytes) -> bool:
+        raw = self.txn.get(ikey, db=self.db["entries"])
+        if raw is None:
+            return False
+        return ikey == canon or canon_of(raw) == canon
+
+    def slot_gen(self, ikey: bytes) -> tuple[int, int] | None:
+        """(slot, generation) of the entry at ``ikey``, without decoding the rest."""
+        raw = self.txn.get(ikey, db=self.db["entries"])
+        return None if raw is None else slot_gen_of(raw)
+
+    def entry_at(self, ikey: bytes) -> Entry | None:
+        raw = self.txn.get(ikey, db=self.db["entries"])
+        return None if raw is None else Entry.decode(ikey, raw)
+
+    def put_entry(self, e: Entry, policy: Policy) -> None:
+        self.txn.put(e.ikey, e.encode(), db=self.db["entries"])
+        self.txn.put(policy.order_key(e.slot, e.use), e.ikey, db=self.db["order"])
+
+    def insert(self, ikey: bytes, canon: bytes, slot: int, generation: int, length: int,
+               checksum: int, meta_raw: bytes, policy: Policy, now: float) -> Entry:
+        """A new entry, first in its use order."""
+        tick = self.next_tick()
+        e = Entry(ikey, canon, slot, generation, length, checksum, UseStats(tick, 0, tick),
+                  now, now, meta_raw)
+        self.put_entry(e, policy)
+        return e
+
+    def _unlink_entry(self, e: Entry, policy: Policy) -> None:
+        self.txn.delete(e.ikey, db=self.db["entries"])
+        self.txn.delete(policy.order_key(e.slot, e.use), db=self.db["order"])
+
+    def free_entry(self, e: Entry, policy: Policy) -> None:
+        """Remove ``e``: its entry, its place in the eviction order, its pins;
+        its slot goes on the free list with the entry's generation."""
+        self._unlink_entry(e, policy)
+        self.drop_pins(e.ikey)
+        self.release_slot(e.slot, e.generation)
+
+    def evict(self, e: Entry, policy: Policy) -> tuple[int, int]:
+        """Remove ``e`` and hand its (slot, generation) straight to the caller,
+        who reuses the slot (it never appears on the free list)."""
+        self._unlink_entry(e, policy)
+        self.drop_pins(e.ikey)
+        return e.slot, e.generation
+
+    def record_use(self, e: Entry, policy: Policy, now: float, count: int = 1) -> Entry:
+        tick = self.next_tick()
+        self.txn.delete(policy.order_key(e.slot, e.use), db=self.db["order"])
+        new = e.with_use(UseStats(tick, e.use.hits + count, e.use.inserted), now)
+        self.put_entry(new, policy)
+        return new
+
+    def entries(self) -> Iterator[Entry]:
+        with self.txn.cursor(db=self.db["entries"]) as cur:
+            for k, v in cur:
+                yield Entry.decode(bytes(k), v)
+
+    def entry_count(self) -> int:
+        return self.txn.stat(self.db["entries"])["entries"]
+
+    def order_keys(self, reverse: bool = False) -> Iterator[tuple[bytes, bytes]]:
+        with self.txn.cursor(db=self.db["order"]) as cur:
+            ok = cur.last() if reverse else cur.first()
+            while ok:
+                yield bytes(cur.key()), bytes(cur.value())
+                ok = cur.prev() if reverse else cur.next()
+
+    # -- slots -----------------------------------------------------------
+
+    def take_free_slot(self, slot_count: int) -> tuple[int, int] | None:
+        """Pop a free slot: (slot, last generation), or None when none is free."""
+        with self.txn.cursor(db=self.db["free"]) as cur:
+            if cur.first():
+                slot = _U64.unpack(cur.key())[0]
+                gen = _U32.unpack(cur.value())[0]
+                cur.delete()
+                return slot, gen
+        nxt = self._u64("next_unused")
+        if nxt < slot_count:
+            self.meta_put("next_unused", _U64.pack(nxt + 1))
+            return nxt, 0
+        return None
+
+    def release_slot(self, slot: int, generation: int) -> None:
+        self.txn.put(_U64.pack(slot), _U32.pack(generation), db=self.db["free"])
+
+    def free_slots(self) -> Iterator[tuple[int, int]]:
+        with self.txn.cursor(db=self.db["free"]) as cur:
+            for k, v in cur:
+                yield _U64.unpack(k)[0], _U32.unpack(v)[0]
+
+    def free_count(self, slot_count: int) -> int:
+        listed = self.txn.stat(self.db["free"])["entries"]
+        return listed + max(0, slot_count - self._u64("next_unused"))
+
+    def next_unused(self) -> int:
+        return self._u64("next_unused")
+
+    def reserve(self, slot: int, generation: int, who: bytes) -> None:
+        self.txn.put(_U64.pack(slot), _U32.pack(generation) + who, db=self.db["reserved"])
+
+    def reservation(self, slot: int) -> tuple[int, bytes] | None:
+        raw = self.txn.get(_U64.pack(slot), db=self.db["reserved"])
+        if raw is None:
+            return None
+        return _U32.unpack_from(raw)[0], bytes(raw[4:])
+
+    def unreserve(self, slot: int) -> None:
+        self.txn.delete(_U64.pack(slot), db=self.db["reserved"])
+
+    def reservations(self) -> list[tuple[int, int, bytes]]:
+        with self.txn.cursor(db=self.db["reserved"]) as cur:
+            return [(_U64.unpack(k)[0], _U32.unpack_from(v)[0], bytes(v[4:])) for k, v in cur]
+
+    # -- pins ------------------------------------------------------------
+
+    def pin(self, ikey: bytes, who: bytes) -> int:
+        k = _pin_prefix(ikey) + who
+        raw = self.txn.get(k, db=self.db["pins"])
+        n = (_U32.unpack(raw)[0] if raw else 0) + 1
+        self.txn.put(k, _U32.pack(n), db=self.db["pins"])
+        return n
+
+    def unpin(self, ikey: bytes, who: bytes) -> bool:
+        k = _pin_prefix(ikey) + who
+        raw = self.txn.get(k, db=self.db["pins"])
+        if raw is None:
+            return False
+        n = _U32.unpack(raw)[0] - 1
+        if n > 0:
+            self.txn.put(k, _U32.pack(n), db=self.db["pins"])
+        else:
+            self.txn.delete(k, db=self.db["pins"])
+        return True
+
+    def pins_of(self, ikey: bytes) -> list[tuple[bytes, int]]:
+        prefix = _pin_prefix(ikey)
+        out = []
+        with self.txn.cursor(db=self.db["pins"]) as cur:
+            if cur.set_range(prefix):
+                for k, v in cur:
+                    if not k.startswith(prefix):
+                        break
+                    out.append((bytes(k[len(prefix):]), _U32.unpack(v)[0]))
+        return out
+
+    def pin_count(self, ikey: bytes) -> int:
+        return sum(n for who, n in self.pins_of(ikey) if owners.is_alive(who))
+
+    def drop_pins(self, ikey: bytes) -> None:
+        prefix = _pin_prefix(ikey)
+        for who, _ in self.pins_of(ikey):
+            self.txn.delete(prefix + who, db=self.db["pins"])
+
+    def all_pins(self) -> list[tuple[bytes, bytes, int]]:
+        """(index key, owner, count) for every pin record."""
+        out = []
+        with self.txn.cursor(db=self.db["pins"]) as cur:
+            for k, v in cur:
+                n = struct.unpack_from(">H", k)[0]
+                out.append((bytes(k[2:2 + n]), bytes(k[2 + n:]), _U32.unpack(v)[0]))
+        return out
+
+    def delete_pin(self, ikey: bytes, who: bytes) -> None:
+        self.txn.delete(_pin_prefix(ikey) + who, db=self.db["pins"])
+
+    def release_owner(self, who: bytes) -> None:
+        """Drop every pin ``who`` holds and its open-handle record."""
+        for ikey, holder, _n in self.all_pins():
+            if holder == who:
+                self.delete_pin(ikey, holder)
+        self.unregister_owner(who)
+
+    # -- owners ----------------------------------------------------------
+
+    def register_owner(self, who: bytes, writable: bool) -> None:
+        self.txn.put(who, _OWNER_INFO.pack(time.time(), writable), db=self.db["owners"])
+
+    def unregister_owner(self, who: bytes) -> None:
+        self.txn.delete(who, db=self.db["owners"])
+
+    def owners(self) -> list[tuple[bytes, float, bool]]:
+        with self.txn.cursor(db=self.db["owners"]) as cur:
+            out = []
+            for k, v in cur:
+                t, w = _OWNER_INFO.unpack(v)
+                out.append((bytes(k), t, bool(w)))
+            return out
+
+    def live_pids(self) -> list[int]:
+        """Pids of live processes that have the store open."""
+        return sorted({owners.pid_of(w) for w, _t, _wr in self.owners() if owners.is_alive(w)})
+
+    # -- eviction --------------------------------------------------------
+
+    def find_victim(self, policy: Policy) -> Entry | None:
+        """First entry in eviction order that nobody alive has pinned."""
+        for _okey, ikey in self.order_keys(reverse=policy.from_end):
+            e = self.entry_at(ikey)
+            if e is None:
+                continue
+            pins = self.pins_of(ikey)
+            if any(owners.is_alive(who) for who, _ in pins):
+                continue
+            for who, _ in pins:  # only dead owners left: their pins lapse
+                self.delete_pin(ikey, who)
+            return e
+        return None
+
+    def reap_dead(self) -> dict[str, int]:
+        """Release what dead processes left: reservations, pins, open handles."""
+        found = {"reservations": 0, "pins": 0, "owners": 0}
+        for slot, gen, who in self.reservations():
+            if not owners.is_alive(who):
+                self.unreserve(slot)
+                self.release_slot(slot, gen)
+                found["reservations"] += 1
+        for ikey, who, _n in self.all_pins():
+            if not owners.is_alive(who):
+                self.delete_pin(ikey, who)
+                found["pins"] += 1
+        for who, _t, _w in self.owners():
+            if not owners.is_alive(who):
+                self.unregister_owner(who)
+                found["owners"] += 1
+        return found
+
+    def rebuild_order(self, policy: Policy, entries=None) -> None:
+        """Rewrite the eviction order from ``entries`` (default: all) under ``policy``."""
+        entries = list(self.entries()) if entries is None else list(entries)
+        self.txn.drop(self.db["order"], delete=False)
+        for e in entries:
+            self.txn.put(policy.order_key(e.slot, e.use), e.ikey, db=self.db["order"])
+
+    # -- repair (fsck) ---------------------------------------------------
+
+    def raw_entries(self) -> list[tuple[bytes, bytes]]:
+        """Every entry as stored, decodable or not."""
+        with self.txn.cursor(db=self.db["entries"]) as cur:
+            return [(bytes(k), bytes(v)) for k, v in cur]
+
+    def drop_entry_key(self, ikey: bytes) -> None:
+        """Remove whatever is stored at ``ikey`` and its pins, without
+        decoding it (entries too damaged to free normally)."""
+        self.txn.delete(ikey, db=self.db["entries"])
+        self.drop_pins(ikey)
+
+    def forget_free(self, slot: int) -> None:
+        """Take ``slot`` off the free list (it is in use, or out of range)."""
+        self.txn.delete(_U64.pack(slot), db=self.db["free"])
+
+    def set_next_unused(self, mark: int) -> None:
+        self.meta_put("next_unused", _U64.pack(mark))

@@ -1,0 +1,290 @@
+"""SlabCacheBackend: slabcache as LMCache's local disk tier (LMCache 0.5.6 plugin).
+
+Configure it under the name ``LocalDiskBackend`` (and leave ``local_disk``
+unset) so it takes the built-in disk tier's place::
+
+    storage_plugins: ["LocalDiskBackend"]
+    extra_config:
+      storage_plugin.LocalDiskBackend.module_path: slabcache.integrations.lmcache
+      storage_plugin.LocalDiskBackend.class_name: SlabCacheBackend
+      slabcache.paths: "file:///mnt/nvme0/kvcache/"
+
+Each chunk is stored with its real shapes and dtypes (so `slabcache ls`
+shows them); LMCache's memory format and cached positions ride in the
+entry's extra bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import warnings
+from concurrent.futures import Future
+from typing import Any, Callable, List, Optional, Sequence
+
+import torch
+from lmcache.observability import LMCStatsMonitor
+from lmcache.v1.memory_management import MemoryFormat
+from lmcache.v1.storage_backend.abstract_backend import StoragePluginInterface
+
+from ...core import SlabStore
+from ...core.values import describe
+from ...errors import QueueFullError, SlabcacheError
+from .keys import canonical_key
+from .settings import from_lmcache
+
+log = logging.getLogger(__name__)
+
+
+def _bytes_of(memory_obj) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # memoryview over the object's own buffer
+        return torch.frombuffer(memory_obj.byte_array, dtype=torch.uint8)
+
+
+def _describe(memory_obj):
+    """The value description of an object: its tensors' real shapes and
+    dtypes, with what LMCache needs to rebuild it in the extra bytes."""
+    m = memory_obj.metadata
+    multi = bool(m.shapes)
+    shapes = m.shapes if multi else [m.shape]
+    dtypes = m.dtypes if multi else [m.dtype]
+    pos = m.cached_positions
+    extra = json.dumps({
+        "fmt": m.fmt.name if m.fmt is not None else None,
+        "multi": multi,
+        "cached_positions": pos.tolist() if isinstance(pos, torch.Tensor) else None,
+    }).encode()
+    return describe(shapes, dtypes, is_list=multi, extra=extra)
+
+
+class SlabCacheBackend(StoragePluginInterface):
+    """LMCache storage plugin backed by one SlabStore per configured path."""
+
+    def __init__(self, config=None, dst_device: str = "cpu", metadata=None,
+                 local_cpu_backend=None, loop: Optional[asyncio.AbstractEventLoop] = None):
+        super().__init__(dst_device=dst_device, config=config, metadata=metadata,
+                         local_cpu_backend=local_cpu_backend, loop=loop)
+        try:
+            self.settings = from_lmcache(config, metadata, dst_device)
+            self.path = self.settings.path
+            self.store = SlabStore.open(
+                self.path, capacity_bytes=self.settings.bytes_per_path,
+                slot_bytes=self.settings.slot_bytes, policy=self.settings.policy,
+                io=self.settings.io, io_threads=self.settings.io_threads,
+                durability=self.settings.durability, checksum=self.settings.checksum,
+                queue_full="wait",
+            )
+        except Exception as exc:
+            # LMCache logs constructor failures briefly and runs on without
+            # the tier; say loudly what is wrong and how to fix it.
+            log.error("slabcache: the LocalDiskBackend plugin could not start and LMCache "
+                      "will run WITHOUT a disk tier: %s", exc)
+            raise
+        self._lock = threading.Lock()
+        self._inflight: set[str] = set()
+        self._keys_in_request: list[str] = []
+        # lookup_id -> keys pinned by batched_async_contains, released after the prefetch
+        self._lookup_pins: dict[str, list[str]] = {}
+        self._stats_monitor = LMCStatsMonitor.GetOrCreate()
+        self._report_usage()
+        log.info("slabcache: disk tier at %s (%s, %d slots of %d bytes)", self.path,
+                 self.settings.io, self.store.geometry.slot_count, self.store.geometry.slot_bytes)
+
+    def __str__(self) -> str:
+        return "LocalDiskBackend"
+
+    # ------------------------------------------------------------ lookups
+
+    def contains(self, key, pin: bool = False) -> bool:
+        k = canonical_key(key)
+        if pin:
+            if not self.store.pin(k):
+                return False
+            with self._lock:
+                self._keys_in_request.append(k)
+            return True
+        return self.store.contains(k)
+
+    def batched_contains(self, keys, pin: bool = False) -> int:
+        n = 0
+        for key in keys:
+            if not self.contains(key, pin):
+                break
+            n += 1
+        return n
+
+    def exists_in_put_tasks(self, key) -> bool:
+        with self._lock:
+            return canonical_key(key) in self._inflight
+
+    def touch_cache(self) -> None:
+        with self._lock:
+            keys, self._keys_in_request = self._keys_in_request, []
+        if keys:
+            # Prefix chunks are the most valuable: touch them last.
+            self.store.touch(list(reversed(keys)))
+
+    def pin(self, key) -> bool:
+        return self.store.pin(canonical_key(key))
+
+    def unpin(self, key) -> bool:
+        return self.store.unpin(canonical_key(key))
+
+    def remove(self, key, force: bool = True) -> bool:
+        removed = self.store.remove(canonical_key(key), force=force)
+        if removed:
+            self._report_usage()
+        return removed
+
+    # ------------------------------------------------------------ put
+
+    def batched_submit_put_task(self, keys: Sequence, objs: List, transfer_spec: Any = None,
+                                on_complete_callback: Optional[Callable] = None):
+        futures = []
+        for key, obj in zip(keys, objs):
+            k = canonical_key(key)
+            with self._lock:
+                if k in self._inflight:
+                    continue
+            if self.store.contains(k):
+                self.store.touch([k])
+                continue
+            with self._lock:
+                self._inflight.add(k)
+            # The engine drops its reference right after this call: hold one
+            # until the bytes are on disk.
+            obj.ref_count_up()
+            try:
+                desc = _describe(obj)
+                fut = self.store.put_raw_async(k, _bytes_of(obj)[:desc.length], desc)
+            except (QueueFullError, SlabcacheError) as exc:
+                log.warning("slabcache: put of %s skipped: %s", k, exc)
+                self._put_done(k, key, obj, None, on_complete_callback)
+                continue
+            fut.add_done_callback(
+                lambda f, k=k, key=key, obj=obj: self._put_done(k, key, obj, f, on_complete_callback))
+            futures.append(fut)
+        return futures or None
+
+    def _put_done(self, k: str, key, obj, fut: Optional[Future], callback) -> None:
+        try:
+            if fut is not None and not fut.cancelled() and fut.exception() is not None:
+                log.error("slabcache: writing %s failed: %s", k, fut.exception())
+        finally:
+            obj.ref_count_down()
+            with self._lock:
+                self._inflight.discard(k)
+        self._report_usage()
+        if callback is not None and fut is not None and not fut.cancelled() and fut.exception() is None:
+            try:
+                callback(key)
+            except Exception as exc:  # the engine's callback: report, do not propagate
+                log.warning("slabcache: on_complete_callback failed for %s: %s", k, exc)
+
+    # ------------------------------------------------------------ get
+
+    def _report_usage(self) -> None:
+        """Tell LMCache's stats monitor how much of the disk tier is in use."""
+        self._stats_monitor.update_local_storage_usage(len(self.store) * self.store.geometry.slot_bytes)
+
+    def _allocate(self, k: str):
+        """(object from the CPU allocator, byte view to read into, description),
+        or None when the key is absent or no object can be had."""
+        meta = self.store.describe(k)
+        if meta is None:
+            return None
+        try:
+            d = json.loads(meta.extra)
+        except ValueError:
+            log.error("slabcache: entry %s has no LMCache description; dropping it", k)
+            self.store.remove(k, force=True)
+            return None
+        # Entries written before shapes were recorded natively carry them
+        # in the extra bytes.
+        shapes = [torch.Size(s) for s in d.get("shapes", meta.shapes)]
+        dtypes = [getattr(torch, t) for t in d.get("dtypes", meta.dtypes)]
+        fmt = MemoryFormat[d["fmt"]] if d.get("fmt") else None
+        if d.get("multi"):
+            obj = self.local_cpu_backend.allocate(shapes, dtypes, fmt)
+        else:
+            obj = self.local_cpu_backend.allocate(shapes[0], dtypes[0], fmt)
+        if obj is None:
+            log.warning("slabcache: the CPU allocator has no room for %s", k)
+            return None
+        buf = _bytes_of(obj)
+        if buf.numel() < meta.length:
+            log.error("slabcache: allocated object for %s is smaller than the stored bytes", k)
+            obj.ref_count_down()
+            return None
+        return obj, buf[:meta.length], d
+
+    def get_blocking(self, key):
+        return self.batched_get_blocking([key])[0]
+
+    def batched_get_blocking(self, keys) -> list:
+        ks = [canonical_key(k) for k in keys]
+        jobs = [(i, k, got) for i, k in enumerate(ks) if (got := self._allocate(k)) is not None]
+        got_descs = self.store.get_many_raw_into([k for _, k, _ in jobs],
+                                                 [got[1] for _, _, got in jobs]) if jobs else []
+        oks = [desc is not None for desc in got_descs]
+        results: list = [None] * len(ks)
+        for (i, _k, (obj, _out, d)), ok in zip(jobs, oks):
+            if not ok:
+                obj.ref_count_down()
+                continue
+            pos = d.get("cached_positions")
+            if pos is not None:
+                obj.metadata.cached_positions = torch.tensor(pos, dtype=torch.long)
+            results[i] = obj
+        return results
+
+    # ------------------------------------------------------------ async
+
+    async def batched_async_contains(self, lookup_id: str, keys, pin: bool = False) -> int:
+        hits = []
+        for key in keys:
+            k = canonical_key(key)
+            if not (self.store.pin(k) if pin else self.store.contains(k)):
+                break
+            hits.append(k)
+        if pin and hits:
+            with self._lock:
+                self._lookup_pins.setdefault(lookup_id, []).extend(hits)
+        return len(hits)
+
+    async def batched_get_non_blocking(self, lookup_id: str, keys, transfer_spec: Any = None) -> list:
+        loop = asyncio.get_running_loop()
+        try:
+            objs = await loop.run_in_executor(None, self.batched_get_blocking, list(keys))
+        finally:
+            # The pins that made this prefetch safe are released here, once
+            # (LMCache's own disk backend leaks them).
+            with self._lock:
+                pinned = self._lookup_pins.pop(lookup_id, [])
+            for k in pinned:
+                self.store.unpin(k)
+        out = []
+        for obj in objs:  # a prefix of hits, as the engine expects
+            if obj is None:
+                break
+            out.append(obj)
+        for obj in objs[len(out):]:
+            if obj is not None:
+                obj.ref_count_down()
+        return out
+
+    # ------------------------------------------------------------ life
+
+    def get_allocator_backend(self):
+        return self.local_cpu_backend
+
+    def clear(self) -> int:
+        n = self.store.clear()
+        self._report_usage()
+        return n
+
+    def close(self) -> None:
+        self.store.close()

@@ -1,0 +1,173 @@
+"""Store settings read from LMCache's resolved configuration.
+
+LMCache hands a plugin its ``LMCacheEngineConfig`` (YAML from
+``LMCACHE_CONFIG_FILE`` overridden by ``LMCACHE_*`` variables).  Paths are
+chosen by LMCache's own ``PathSharder``, extra settings read through the
+config's ``get_extra_config_value``, so the plugin follows LMCache's
+conventions instead of re-implementing them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from lmcache.v1.storage_backend.path_sharder import PathSharder
+
+from ...errors import ConfigError
+
+GB = 1024 ** 3
+# The spellings LMCache itself accepts for booleans given as strings.
+TRUE_WORDS = ("true", "1")
+FALSE_WORDS = ("false", "0")
+
+
+def parse_bool(name: str, value) -> bool:
+    """``True``/``False``, or LMCache's strings ``"true"``/``"false"``/``"1"``/``"0"``
+    (any case).  Raises ConfigError for anything else."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in TRUE_WORDS:
+            return True
+        if word in FALSE_WORDS:
+            return False
+    raise ConfigError(f"{name} must be true or false, got {value!r}")
+
+
+def parse_paths(csv) -> list[str]:
+    """``"file:///a/,/b"`` -> ``["/a", "/b"]``.  Raises ConfigError."""
+    if isinstance(csv, (list, tuple)):
+        items = [str(x) for x in csv]
+    elif isinstance(csv, str):
+        items = csv.split(",")
+    else:
+        raise ConfigError(
+            f"slabcache.paths must be a comma-separated string of directories, got {csv!r}"
+        )
+    out = []
+    for raw in items:
+        p = raw.strip()
+        if p.startswith("file://"):
+            p = p[len("file://"):]
+        if p:
+            out.append(os.path.abspath(p))
+    if not out:
+        raise ConfigError(
+            "no disk path configured: set extra_config['slabcache.paths'] (or local_disk) "
+            "to a comma-separated list of directories, e.g. file:///mnt/nvme0/kvcache/"
+        )
+    return out
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """What a plugin instance needs to open its store."""
+
+    path: str  # the one this worker uses
+    all_paths: tuple[str, ...]
+    total_bytes: int  # over all paths
+    slot_bytes: int
+    policy: str = "lru"
+    io: str = "mmap"
+    io_threads: int = 4
+    path_sharding: str = "by_gpu"
+    durability: str = "fast"
+    checksum: bool = True
+
+    @property
+    def bytes_per_path(self) -> int:
+        return self.total_bytes // len(self.all_paths)
+
+
+def chunk_bytes(metadata, chunk_size: int) -> int:
+    """Bytes of one full chunk of the model's KV (all layers and KV groups)."""
+    shapes = getattr(metadata, "kv_shapes", None) or [getattr(metadata, "kv_shape", None)]
+    dtypes = getattr(metadata, "kv_dtypes", None) or [getattr(metadata, "kv_dtype", None)]
+    total = 0
+    for shape, dtype in zip(shapes, dtypes):
+        if shape is None or dtype is None:
+            raise ConfigError(
+                "the engine metadata carries no kv_shape/kv_dtype to size slots from; "
+                "set extra_config['slabcache.slot_bytes']"
+            )
+        # kv_shape is (layers, 2, chunk_size, heads, head_dim): scale by the
+        # configured chunk size in case the metadata was built for another.
+        n = 1
+        for d in shape:
+            n *= int(d)
+        if len(shape) >= 3 and int(shape[2]) and chunk_size:
+            n = n // int(shape[2]) * int(chunk_size)
+        total += n * torch.empty((), dtype=dtype).element_size()
+    return total
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool):
+        raise ConfigError(f"{name} must be a positive int, got {value!r}")
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a positive int, got {value!r}") from None
+    if n <= 0 or (isinstance(value, float) and n != value):
+        raise ConfigError(f"{name} must be a positive int, got {value!r}")
+    return n
+
+
+def from_lmcache(config, metadata, dst_device: str = "cpu") -> StoreConfig:
+    """Settings from an LMCacheEngineConfig (+ metadata for the slot size).
+
+    Raises ConfigError naming the setting and the fix.
+    """
+    if config is None:
+        raise ConfigError("the slabcache plugin got no LMCache config; it must be loaded by LMCache")
+    extra = getattr(config, "extra_config", None)
+    if extra is not None and not isinstance(extra, dict):
+        raise ConfigError(f"extra_config must be a mapping, got {type(extra).__name__}")
+
+    def setting(key, default=None):
+        return config.get_extra_config_value(key, default)
+
+    raw_paths = setting("slabcache.paths") or getattr(config, "local_disk", None)
+    paths = parse_paths(raw_paths if raw_paths else "")
+    sharding = setting("slabcache.path_sharding",
+                       getattr(config, "local_disk_path_sharding", None) or "by_gpu")
+    try:
+        sharder = PathSharder(",".join(paths), strategy=sharding, dst_device=str(dst_device or "cpu"))
+    except ValueError as exc:
+        raise ConfigError(f"slabcache.path_sharding: {exc}; use 'by_gpu'") from None
+
+    size_gb = getattr(config, "max_local_disk_size", 0) or 0
+    try:
+        total = int(float(size_gb) * GB)
+    except (TypeError, ValueError):
+        raise ConfigError(f"max_local_disk_size must be a number of GB, got {size_gb!r}") from None
+    if total <= 0:
+        raise ConfigError(
+            "max_local_disk_size is 0: set it to the disk budget in GB over all paths "
+            "(e.g. max_local_disk_size: 20.0)"
+        )
+    slot = setting("slabcache.slot_bytes")
+    if slot is None:
+        slot = chunk_bytes(metadata, int(getattr(config, "chunk_size", 256) or 256))
+    else:
+        slot = _positive_int("slabcache.slot_bytes", slot)
+    threads = _positive_int("disk_io_threads", setting("disk_io_threads", 4))
+    odirect = parse_bool("use_odirect", setting("use_odirect", False))
+    durability = setting("slabcache.durability", "fast")
+    checksum = parse_bool("slabcache.checksum", setting("slabcache.checksum", True))
+    policy = str(getattr(config, "cache_policy", "LRU") or "LRU").lower()
+    per_path = total // len(paths)
+    if per_path < slot:
+        raise ConfigError(
+            f"max_local_disk_size gives each of {len(paths)} path(s) {per_path} bytes, less "
+            f"than one slot of {slot} bytes; raise max_local_disk_size or lower slabcache.slot_bytes"
+        )
+    return StoreConfig(path=sharder.selected, all_paths=tuple(sharder.all_paths), total_bytes=total,
+                       slot_bytes=slot, policy=policy, io="direct" if odirect else "mmap",
+                       io_threads=threads, path_sharding=sharder.strategy, durability=durability,
+                       checksum=checksum)

@@ -1,0 +1,252 @@
+"""Crashes, injected faults, corruption, races: never wrong bytes, nothing leaked."""
+
+import errno
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from slabcache import SlabIOError, SlabStore, StorageFullError
+from slabcache.testing import (
+    FaultyEngine, child_env, corruption_trials, crash_loop, expected, hammer, inject, verify,
+)
+
+
+def _no_leak(s):
+    st_ = s.stats()
+    assert st_["slots_used"] + st_["slots_free"] + st_["slots_reserved"] == st_["slots_total"]
+    assert st_["slots_reserved"] == 0
+
+
+# ------------------------------------------------------------------ crash loop
+
+
+@pytest.mark.parametrize("durability,io,kills", [("fast", "mmap", 10), ("strict", "direct", 5)])
+def test_crash_loop(tmp_path, durability, io, kills):
+    rep = crash_loop(str(tmp_path / "s"), kills=kills, durability=durability, io=io, max_run=0.4)
+    assert rep.kills == kills
+    assert rep.acked_puts > 0 and rep.verified > 0
+    assert rep.wrong == 0, rep
+    assert rep.fsck_unfixable == 0, rep.notes
+    assert rep.leaks == 0 and rep.resurrected == 0
+
+
+# ------------------------------------------------------------------ faults
+
+
+@pytest.fixture
+def store(tmp_path, engine):
+    s = SlabStore.open(tmp_path / "s", capacity_bytes=32 * 4096, slot_bytes=4096, io=engine,
+                       engine_wrapper=FaultyEngine)
+    for i in range(8):
+        s.put(f"keep{i}", expected(f"keep{i}"))
+    yield s
+    s.close()
+
+
+@pytest.mark.parametrize("mode", ["eio_write", "enospc", "short_write"])
+def test_write_faults_fail_cleanly(store, mode):
+    fe = inject(store, mode)
+    with pytest.raises(SlabIOError, match="writing slot"):
+        store.put("victim", expected("victim"))
+    assert fe.injected == 1
+    assert "victim" not in store and store.get("victim") is None
+    _no_leak(store)
+    inject(store, None)
+    assert store.put("victim", expected("victim"))  # usable again
+    assert verify(store, [f"keep{i}" for i in range(8)] + ["victim"]) == (9, 0, 0)
+
+
+def test_read_fault_is_a_miss(store):
+    fe = inject(store, "eio_read")
+    assert store.get("keep1") is None
+    assert store.stats()["io_errors"] == 1 and fe.injected == 1
+    inject(store, None)
+    assert torch.equal(store.get("keep1"), expected("keep1"))  # the entry is untouched
+
+
+def test_intermittent_faults_under_load(store):
+    fe = inject(store, "eio_write", every=3)
+    ok = failed = 0
+    for i in range(60):
+        try:
+            ok += store.put(f"x{i}", expected(f"x{i}"))
+        except SlabIOError:
+            failed += 1
+    assert failed == fe.injected == 20 and ok == 40
+    inject(store, None)
+    _no_leak(store)
+    right, miss, wrong = verify(store, [f"x{i}" for i in range(60)])
+    assert wrong == 0 and right + miss == 60
+
+
+def test_slow_device_with_threads(store):
+    inject(store, "slow")
+    counts = hammer(store, threads=4, seconds=1.0, keys=40)
+    assert counts["wrong"] == 0 and counts["errors"] == 0 and counts["gets"] > 0
+
+
+# ------------------------------------------------------------------ corruption
+
+
+def test_corruption_never_serves_wrong_bytes(tmp_path):
+    rep = corruption_trials(str(tmp_path), trials=8, flips=6)
+    assert rep.trials == 8 and rep.wrong == 0, rep
+    assert rep.by_target == {"payload": 2, "record": 2, "header": 2, "lmdb": 2}
+    assert rep.open_refused >= 2  # both damaged headers were refused at open...
+    assert rep.open_refused_naming_fsck >= 2  # ...with a message naming fsck
+    assert rep.right > 0
+
+
+# ------------------------------------------------------------------ concurrency
+
+
+def test_many_threads_then_full_verification(tmp_path, engine):
+    with SlabStore.open(tmp_path / "s", capacity_bytes=64 * 4096, slot_bytes=4096, io=engine) as s:
+        counts = hammer(s, threads=8, seconds=2.0, keys=150)
+        assert counts["wrong"] == 0 and counts["errors"] == 0 and counts["ops"] > 500
+        _no_leak(s)
+        right, miss, wrong = verify(s, s.keys())
+        assert wrong == 0 and miss == 0 and right == len(s)
+
+
+_PROC = """
+import json, sys
+from slabcache import SlabStore
+from slabcache.testing import hammer
+with SlabStore.open(sys.argv[1]) as s:
+    print(json.dumps(hammer(s, threads=2, seconds=2.0, keys=100, seed=int(sys.argv[2]))))
+"""
+
+
+def test_four_processes_on_one_path(tmp_path):
+    p = tmp_path / "s"
+    SlabStore.open(p, capacity_bytes=64 * 4096, slot_bytes=4096).close()
+    env = child_env()
+    procs = [subprocess.Popen([sys.executable, "-c", _PROC, str(p), str(i)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(4)]
+    totals = {"ops": 0, "wrong": 0, "errors": 0}
+    for pr in procs:
+        out, err = pr.communicate(timeout=120)
+        assert pr.returncode == 0, err[-2000:]
+        c = json.loads(out)
+        for k in totals:
+            totals[k] += c[k]
+    assert totals["wrong"] == 0 and totals["errors"] == 0 and totals["ops"] > 200
+    with SlabStore.open(p) as s:
+        _no_leak(s)
+        assert verify(s, s.keys())[2] == 0
+
+
+# ------------------------------------------------------------------ disk full
+
+
+def test_disk_full_at_creation_leaves_nothing(tmp_path, monkeypatch):
+    def full(fd, off, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    p = tmp_path / "s"
+    with pytest.raises(StorageFullError, match=rf"cannot preallocate \d+ bytes for the slab at {p}"):
+        SlabStore.open(p, capacity_bytes=64 * 4096, slot_bytes=4096)
+    assert sorted(os.listdir(p)) == ["lock"]  # no slab, no index, no temp file
+    monkeypatch.undo()
+    with SlabStore.open(p, capacity_bytes=64 * 4096, slot_bytes=4096) as s:  # works once there is room
+        assert s.put("k", expected("k"))
+
+
+# ------------------------------------------------------------------ model check
+
+
+class StoreVsModel(RuleBasedStateMachine):
+    """The store against a dict with the same capacity, LRU and pin rules."""
+
+    CAP = 4
+    KEYS = st.sampled_from([f"m{i}" for i in range(7)])
+
+    def __init__(self):
+        super().__init__()
+        import tempfile
+
+        self.dir = tempfile.mkdtemp()
+        self.s = SlabStore.open(self.dir, capacity_bytes=self.CAP * 4096, slot_bytes=4096, policy="lru")
+        self.model: dict[str, int] = {}  # key -> last use tick
+        self.pins: dict[str, int] = {}
+        self.tick = 0
+
+    def _use(self, k):
+        self.tick += 1
+        self.model[k] = self.tick
+
+    @rule(k=KEYS)
+    def put(self, k):
+        got = self.s.put(k, expected(k))
+        if k in self.model:
+            assert got
+            self._use(k)
+            return
+        if len(self.model) >= self.CAP:
+            free = [x for x in self.model if not self.pins.get(x)]
+            if not free:
+                assert got is False
+                return
+            victim = min(free, key=self.model.get)
+            del self.model[victim]
+        assert got
+        self._use(k)
+
+    @rule(k=KEYS)
+    def get(self, k):
+        v = self.s.get(k)
+        if k in self.model:
+            assert v is not None and torch.equal(v, expected(k))
+            self._use(k)
+        else:
+            assert v is None
+
+    @rule(k=KEYS)
+    def touch(self, k):
+        self.s.touch([k])
+        if k in self.model:
+            self._use(k)
+
+    @rule(k=KEYS)
+    def pin(self, k):
+        assert self.s.pin(k) == (k in self.model)
+        if k in self.model:
+            self.pins[k] = self.pins.get(k, 0) + 1
+
+    @precondition(lambda self: any(self.pins.values()))
+    @rule(data=st.data())
+    def unpin(self, data):
+        k = data.draw(st.sampled_from(sorted(x for x, n in self.pins.items() if n)))
+        assert self.s.unpin(k)
+        self.pins[k] -= 1
+
+    @rule(k=KEYS)
+    def remove(self, k):
+        assert self.s.remove(k, force=True) == (k in self.model)
+        self.model.pop(k, None)
+        self.pins.pop(k, None)
+
+    @invariant()
+    def same_keys(self):
+        assert sorted(self.s.keys()) == sorted(self.model)
+        assert self.s.batched_contains(sorted(self.model)) == len(self.model)
+
+    def teardown(self):
+        self.s.close()
+        import shutil
+
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+TestStoreVsModel = StoreVsModel.TestCase
+TestStoreVsModel.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
