@@ -37,6 +37,12 @@ def test_help():
     assert r.returncode == 0 and "bench" in r.stdout and "stats" in r.stdout
 
 
+def test_python_dash_m_runs_the_cli(store_path):
+    r = subprocess.run([sys.executable, "-m", "slabcache", "fsck", str(store_path)],
+                       capture_output=True, text=True, env=child_env())
+    assert r.returncode == 0 and "clean" in r.stdout, r.stderr
+
+
 def test_stats_json(store_path, capsys):
     assert main(["stats", str(store_path), "--json"]) == 0
     st = json.loads(capsys.readouterr().out)

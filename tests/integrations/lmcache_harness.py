@@ -104,9 +104,7 @@ def wait_stored(eng, n_chunks: int, timeout: float = 30) -> None:
     b = backend(eng)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with b._lock:
-            busy = bool(b._inflight)
-        if not busy and len(b.store) >= n_chunks:
+        if not b.pending_puts() and len(b.store) >= n_chunks:
             return
         time.sleep(0.01)
     raise AssertionError(f"only {len(b.store)} of {n_chunks} chunks reached the disk tier")

@@ -265,6 +265,7 @@ def test_several_paths_shard_by_device(tmp_path):
     (dict(size=0), "max_local_disk_size is 0"),
     (dict(extra={"disk_io_threads": 0}), "disk_io_threads must be a positive int"),
     (dict(extra={"use_odirect": "yes"}), "use_odirect must be true or false"),
+    (dict(extra={"slabcache.checksum": "maybe"}), "slabcache.checksum must be true or false"),
     (dict(extra={"slabcache.slot_bytes": 1 << 40}), "less than one slot"),
 ])
 def test_bad_settings_fail_loudly(disk, change, fragment, caplog):
@@ -279,6 +280,41 @@ def test_bad_settings_fail_loudly(disk, change, fragment, caplog):
                          local_cpu_backend=None, loop=None)
     assert any(r.levelname == "ERROR" and "WITHOUT a disk tier" in r.getMessage()
                for r in caplog.records)
+
+
+@pytest.mark.parametrize("spelling,want", [("false", False), ("FALSE", False), ("0", False),
+                                           (False, False), ("true", True), ("1", True), (True, True)])
+def test_boolean_settings_take_lmcache_spellings(disk, spelling, want):
+    from slabcache.integrations.lmcache import SlabCacheBackend
+
+    cfg = h.config(disk)
+    cfg.extra_config.update({"slabcache.checksum": spelling, "use_odirect": spelling})
+    b = SlabCacheBackend(config=cfg, dst_device="cpu", metadata=h.metadata(),
+                         local_cpu_backend=None, loop=None)
+    try:
+        st = b.store.stats()
+        assert st["checksum"] is want and st["io"] == ("direct" if want else "mmap")
+    finally:
+        b.close()
+
+
+def test_entries_show_lmcache_shapes_and_usage_reaches_its_monitor(disk, capsys):
+    from lmcache.observability import LMCStatsMonitor
+
+    from slabcache.cli import main
+
+    cfg = h.config(disk)
+    eng = h.engine(cfg)
+    try:
+        _store_prompt(eng, n_tokens=2 * h.CHUNK)
+        assert main(["ls", disk, "--json"]) == 0
+        rows = json.loads(capsys.readouterr().out)
+        assert [r["dtypes"] for r in rows] == [["bfloat16"]] * 2
+        assert [r["shapes"] for r in rows] == [[[2, h.LAYERS, h.CHUNK, h.HIDDEN]]] * 2
+        st = h.backend(eng).store.stats()
+        assert LMCStatsMonitor.GetOrCreate().local_storage_usage_bytes == 2 * st["slot_bytes"]
+    finally:
+        h.destroy(cfg)
 
 
 def test_canonical_keys_are_distinct():

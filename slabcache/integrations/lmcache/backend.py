@@ -116,6 +116,11 @@ class SlabCacheBackend(StoragePluginInterface):
             n += 1
         return n
 
+    def pending_puts(self) -> int:
+        """Puts accepted and not yet on disk (or failed)."""
+        with self._lock:
+            return len(self._inflight)
+
     def exists_in_put_tasks(self, key) -> bool:
         with self._lock:
             return canonical_key(key) in self._inflight

@@ -1,0 +1,74 @@
+"""The LMDB index on its own: transactions over a bare environment, no slab."""
+
+import pytest
+
+from slabcache.index import Index
+from slabcache.index.policy import LRU, make_policy
+from slabcache.index import owner as owners
+
+
+@pytest.fixture
+def index(tmp_path):
+    idx = Index.acquire(str(tmp_path / "index"), map_size=1 << 24, create=True)
+    with idx.write() as t:
+        t.init_store(b"c" * 16, b"header", make_policy("lfu"))
+    yield idx
+    idx.release()
+
+
+def _insert(t, key, slot, gen=1):
+    return t.insert(key, key, slot, gen, 10, 99, b"", t.policy(), 0.0)
+
+
+def test_store_settings_are_recorded(index):
+    with index.read() as t:
+        assert t.creation_id() == b"c" * 16 and t.header_copy() == b"header"
+        assert t.policy().name == "lfu"
+
+
+def test_slots_come_from_the_free_list_then_the_high_water_mark(index):
+    with index.write() as t:
+        assert [t.take_free_slot(3) for _ in range(4)] == [(0, 0), (1, 0), (2, 0), None]
+        t.release_slot(1, 5)
+        assert t.free_count(3) == 1 and t.take_free_slot(3) == (1, 5)
+
+
+def test_free_entry_is_the_one_way_out(index):
+    me = owners.new_handle()
+    with index.write() as t:
+        e = _insert(t, b"sk", slot=4, gen=3)
+        t.pin(b"sk", me)
+        assert t.pin_count(b"sk") == 1 and t.find_victim(t.policy()) is None  # pinned
+        t.free_entry(e, t.policy())
+    with index.read() as t:
+        assert t.entry_at(b"sk") is None and t.all_pins() == []
+        assert dict(t.free_slots()) == {4: 3} and list(t.order_keys()) == []
+
+
+def test_victim_follows_the_policy(index):
+    lru = LRU()
+    with index.write() as t:
+        t.set_policy(lru)
+        a = t.insert(b"a", b"a", 0, 1, 1, 0, b"", lru, 0.0)
+        t.insert(b"b", b"b", 1, 1, 1, 0, b"", lru, 0.0)
+        t.record_use(a, lru, 1.0)  # a is now the most recent
+        assert t.find_victim(lru).ikey == b"b"
+
+
+def test_reap_dead_releases_what_a_dead_process_held(index):
+    dead = owners.OWNER.pack(2 ** 31 - 7, 1) + b"\0\0\0\1"  # no such pid
+    with index.write() as t:
+        _insert(t, b"k", slot=0)
+        t.pin(b"k", dead)
+        t.reserve(5, 2, dead)
+        t.register_owner(dead, writable=True)
+        assert t.reap_dead() == {"reservations": 1, "pins": 1, "owners": 1}
+        assert t.reservations() == [] and (5, 2) in set(t.free_slots())
+
+
+def test_one_environment_per_path_per_process(tmp_path, index):
+    again = Index.acquire(index.path, map_size=1 << 24)
+    assert again is index
+    again.release()
+    with index.read() as t:  # still open for the first user
+        t.entry_count()
