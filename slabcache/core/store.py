@@ -220,13 +220,7 @@ class SlabStore:
         :meth:`put` returns; raises the same errors.
         """
         canon, ikey = self._keys(key)
-        if not isinstance(desc, ValueDesc):
-            raise TypeError(f"desc must be a ValueDesc, got {type(desc).__name__}")
-        buf = as_bytes(data)
-        if buf.numel() != desc.length:
-            raise ValueError(f"data holds {buf.numel()} bytes but desc describes {desc.length}; "
-                             "pass exactly the described bytes")
-        return self._put_parts(canon, ikey, split(buf, desc.nbytes), desc)
+        return self._put_parts(canon, ikey, _raw_parts(data, desc), desc)
 
     def _put_tensors(self, canon: bytes, ikey: bytes, tensors: list[torch.Tensor],
                      meta: ValueDesc, marks: dict | None = None) -> bool:
@@ -396,14 +390,10 @@ class SlabStore:
         Future is done.  Raises like :meth:`put_async`."""
         self._writable()
         canon, ikey = self._keys(key)
-        buf = as_bytes(data)
-        if buf.numel() != desc.length:
-            raise ValueError(f"data holds {buf.numel()} bytes but desc describes {desc.length}; "
-                             "pass exactly the described bytes")
+        parts = _raw_parts(data, desc)
         self._check_size(desc)
         try:
-            return self._workers().submit(Priority.PUT, self._put_parts, canon, ikey,
-                                          split(buf, desc.nbytes), desc)
+            return self._workers().submit(Priority.PUT, self._put_parts, canon, ikey, parts, desc)
         except QueueFullError:
             self._uses.count("queue_rejections")
             raise
@@ -618,6 +608,18 @@ class Snapshot:
 
     def open_pids(self) -> list[int]:
         return self._t.live_pids()
+
+
+def _raw_parts(data, desc: ValueDesc) -> list[torch.Tensor]:
+    """``data`` split into ``desc``'s tensors' bytes.  Raises TypeError /
+    ValueError when ``desc`` is not a description of exactly these bytes."""
+    if not isinstance(desc, ValueDesc):
+        raise TypeError(f"desc must be a ValueDesc, got {type(desc).__name__}")
+    buf = as_bytes(data)
+    if buf.numel() != desc.length:
+        raise ValueError(f"data holds {buf.numel()} bytes but desc describes {desc.length}; "
+                         "pass exactly the described bytes")
+    return split(buf, desc.nbytes)
 
 
 def _caller_marks(tensors: list[torch.Tensor]) -> dict | None:
