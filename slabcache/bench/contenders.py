@@ -13,15 +13,29 @@ from ..device.memory import aligned_empty
 ALIGN = 4096
 
 
+# What each contender is compared with: the same configuration of the
+# layout it replaces.  LMCache writes buffered unless use_odirect is set.
+BUFFERED = "file-per-chunk-buffered"
+ODIRECT = "file-per-chunk-odirect"
+BASELINE_OF = {
+    "slabcache-mmap": BUFFERED,
+    "slabcache-direct": ODIRECT,
+    "lmcache-LocalDiskBackend-buffered": BUFFERED,
+    "lmcache-LocalDiskBackend-odirect": ODIRECT,
+}
+
+
 class FilePerChunk:
     """LMCache's on-disk layout, faithfully: one file per chunk in one
-    directory, open/write/close (O_DIRECT when the size is a multiple of the
-    block size), an in-memory dict index, unlink on eviction, LRU order."""
+    directory, open/write/close, an in-memory dict index, unlink on
+    eviction, LRU order.  Buffered by default, as LMCache runs it; with
+    ``odirect`` (LMCache's use_odirect) sizes that are a multiple of the
+    block size go through O_DIRECT."""
 
-    name = "file-per-chunk"
-
-    def __init__(self, directory: str, capacity_bytes: int, **_):
+    def __init__(self, directory: str, capacity_bytes: int, odirect: bool = False, **_):
         self.dir = directory
+        self.odirect = odirect
+        self.name = ODIRECT if odirect else BUFFERED
         os.makedirs(directory, exist_ok=True)
         self.capacity = capacity_bytes
         self.used = 0
@@ -46,7 +60,7 @@ class FilePerChunk:
             old, (size, _, _) = self.index.popitem(last=False)
             os.unlink(self._path(old))
             self.used -= size
-        direct = n % ALIGN == 0
+        direct = self.odirect and n % ALIGN == 0
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (os.O_DIRECT if direct else 0)
         fd = os.open(self._path(key), flags, 0o644)
         try:
@@ -69,7 +83,7 @@ class FilePerChunk:
         if meta is None:
             return False
         n, dtype, shape = meta
-        direct = n % ALIGN == 0
+        direct = self.odirect and n % ALIGN == 0
         fd = os.open(self._path(key), os.O_RDONLY | (os.O_DIRECT if direct else 0))
         try:
             view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
@@ -100,7 +114,7 @@ class FilePerChunk:
 
     def reopen(self) -> "FilePerChunk":
         # The index lived in a Python dict: after a restart nothing is found.
-        return FilePerChunk(self.dir, self.capacity)
+        return FilePerChunk(self.dir, self.capacity, self.odirect)
 
     def close(self) -> None:
         """Nothing to release: every file is closed after each operation."""
@@ -140,9 +154,8 @@ class LMCacheDisk:
     """LMCache's own LocalDiskBackend, driven through its storage-backend API
     with a CPU LocalCPUBackend as allocator (needs lmcache installed)."""
 
-    name = "lmcache-LocalDiskBackend"
-
-    def __init__(self, directory: str, capacity_bytes: int, size: int, odirect: bool = True):
+    def __init__(self, directory: str, capacity_bytes: int, size: int, odirect: bool = False):
+        self.name = "lmcache-LocalDiskBackend-" + ("odirect" if odirect else "buffered")
         os.environ.setdefault("LMCACHE_TRACK_USAGE", "false")
         # LMCache logs every backend start and stop at INFO: keep the table readable.
         os.environ.setdefault("LMCACHE_LOG_LEVEL", "ERROR")

@@ -23,7 +23,10 @@ import torch
 from ..admin.progress import Progress
 from ..core import SlabStore
 from ..device.memory import aligned_empty
-from .contenders import FilePerChunk, LMCacheDisk, SlabContender, direct_supported, lmcache_available
+from .contenders import (
+    BASELINE_OF, BUFFERED, ODIRECT, FilePerChunk, LMCacheDisk, SlabContender, direct_supported,
+    lmcache_available,
+)
 from .references import mapped_copy_gbps, memcpy_gbps, odirect_ceiling
 
 log = logging.getLogger(__name__)
@@ -179,17 +182,19 @@ def run_suite(directory: str, sizes: list[int], quick: bool, restart_entries: li
               progress: bool = True) -> dict:
     os.makedirs(directory, exist_ok=True)
     can_direct = direct_supported(directory)
-    contenders = [("slabcache-mmap", "mmap")]
+    # Each slabcache engine next to its matched baseline (BASELINE_OF).
+    contenders = [("slabcache-mmap", "mmap"), (BUFFERED, "fpc")]
     if can_direct:
-        contenders.append(("slabcache-direct", "direct"))
-    contenders.append(("file-per-chunk", None))
+        contenders += [("slabcache-direct", "direct"), (ODIRECT, "fpc-odirect")]
     results: list[Result] = []
     refs = {"memcpy_gbps": memcpy_gbps()}
     notes = []
     if not can_direct:
         notes.append(f"{directory} refuses O_DIRECT: the direct engine was skipped")
     if lmcache_available():
-        contenders.append(("lmcache-LocalDiskBackend", "lmcache"))
+        contenders.append(("lmcache-LocalDiskBackend-buffered", "lmcache"))
+        if can_direct:
+            contenders.append(("lmcache-LocalDiskBackend-odirect", "lmcache-odirect"))
     else:
         notes.append("lmcache is not installed: LMCache's own LocalDiskBackend was not measured "
                      "(tools/bootstrap.sh --with-lmcache installs it)")
@@ -210,10 +215,11 @@ def run_suite(directory: str, sizes: list[int], quick: bool, restart_entries: li
             shutil.rmtree(sub, ignore_errors=True)
 
             def make(sub=sub, io=io):
-                if io is None:
-                    return FilePerChunk(sub, capacity_bytes=slots * size)
-                if io == "lmcache":
-                    return LMCacheDisk(sub, capacity_bytes=slots * size, size=size, odirect=can_direct)
+                if io in ("fpc", "fpc-odirect"):
+                    return FilePerChunk(sub, capacity_bytes=slots * size, odirect=io == "fpc-odirect")
+                if io in ("lmcache", "lmcache-odirect"):
+                    return LMCacheDisk(sub, capacity_bytes=slots * size, size=size,
+                                       odirect=io == "lmcache-odirect")
                 return SlabContender(sub, capacity_bytes=slots * size, slot_bytes=size, io=io)
 
             results += run_size(make, size, slots, churn_ops, pool)
@@ -248,10 +254,14 @@ def _fmt_size(n: int) -> str:
 def markdown(report: dict) -> str:
     rows = [Result(**{k: v for k, v in r.items() if k not in ("gbps", "ops_per_s")})
             for r in report["results"]]
-    base = {(r.size, r.workload): r for r in rows if r.contender == "file-per-chunk"}
+    base = {(r.contender, r.size, r.workload): r for r in rows if r.contender in (BUFFERED, ODIRECT)}
     refs = report["references"]
     lines = [
-        "| size | workload | contender | GB/s | ops/s | p50 us | p99 us | CPU s | % ceiling | vs file-per-chunk |",
+        "Ratios compare each contender with its matched baseline in the same run: "
+        f"slabcache-mmap and LMCache buffered with {BUFFERED} (LMCache's default), "
+        f"slabcache-direct and LMCache with use_odirect with {ODIRECT}.",
+        "",
+        "| size | workload | contender | GB/s | ops/s | p50 us | p99 us | CPU s | % ceiling | vs matched baseline |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -262,13 +272,13 @@ def markdown(report: dict) -> str:
             ceiling = f"{100 * r.gbps / ref:.0f}%"
         elif r.workload == "warm get" and f"mapped_copy_{r.size}" in refs and r.bytes:
             ceiling = f"{100 * r.gbps / refs[f'mapped_copy_{r.size}']:.0f}%"
-        b = base.get((r.size, r.workload))
+        b = base.get((BASELINE_OF.get(r.contender), r.size, r.workload))
         ratio = ""
-        if b is not None and r.contender != "file-per-chunk":
+        if b is not None:
             if r.workload.startswith("lookup"):
                 ratio = f"{b.p50_us / r.p50_us:.2f}x" if r.p50_us else ""
             elif r.workload.startswith("restart"):
-                ratio = "file-per-chunk: 0 hits" if not b.hits else f"{b.p50_us / r.p50_us:.2f}x"
+                ratio = "baseline: 0 hits" if not b.hits else f"{b.p50_us / r.p50_us:.2f}x"
             elif b.ops_per_s:
                 ratio = f"{r.ops_per_s / b.ops_per_s:.2f}x"
         hits = "" if r.hits is None else f" ({r.hits} hits)" if r.workload.startswith("restart") else ""

@@ -2,7 +2,8 @@
 
 A put reserves a slot (a free one, or the policy's victim, whose entry is
 deleted in the same transaction), writes, then commits the entry; a failed
-write aborts.  Entries leave through :meth:`SlotAllocator.free`.
+write aborts.  Batches reserve and commit all their slots in one
+transaction each.  Entries leave through :meth:`SlotAllocator.free`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import enum
 import logging
 import time
 from dataclasses import dataclass
+from typing import Sequence
 
 from ..device.slabfile import SlotRecords
 from ..format.header import Geometry
@@ -19,6 +21,11 @@ from ..index.policy import Policy
 from .uses import UseTracker
 
 log = logging.getLogger(__name__)
+
+# With no free slot, dead processes' reservations are reclaimed at most
+# this often (they are also reclaimed at every open and by fsck --repair);
+# reaping on every put at capacity would scan three tables per put.
+REAP_EVERY_SECONDS = 1.0
 
 
 class PutStatus(enum.Enum):
@@ -35,6 +42,9 @@ class PutStatus(enum.Enum):
         return self in (PutStatus.STORED, PutStatus.PRESENT)
 
 
+_SETTLED = {"stored": PutStatus.STORED, "present": PutStatus.PRESENT, "lost": PutStatus.LOST}
+
+
 @dataclass(frozen=True)
 class Reservation:
     """A slot taken for one put: write it, then ``commit`` or ``abort``."""
@@ -45,10 +55,10 @@ class Reservation:
 
     def commit(self, canon: bytes, ikey: bytes, checksum: int, meta_raw: bytes, length: int,
                durable: bool = False) -> PutStatus:
-        return self.allocator._commit(self, canon, ikey, checksum, meta_raw, length, durable)
+        return self.allocator.commit_many([(self, canon, ikey, checksum, meta_raw, length)], durable)[0]
 
     def abort(self) -> None:
-        self.allocator._abort(self)
+        self.allocator.abort_many([self])
 
 
 class SlotAllocator:
@@ -61,57 +71,78 @@ class SlotAllocator:
         self.owner = owner
         self.uses = uses
         self.path = path
+        self._last_reap = 0.0
 
     def reserve(self, canon: bytes, ikey: bytes) -> Reservation | PutStatus:
         """A Reservation, or PRESENT (counted as a use) or REJECTED."""
+        return self.reserve_many([(canon, ikey)])[0]
+
+    def _reap_due(self) -> bool:
+        now = time.monotonic()
+        if now - self._last_reap < REAP_EVERY_SECONDS:
+            return False
+        self._last_reap = now
+        return True
+
+    def reserve_many(self, keys: Sequence[tuple[bytes, bytes]]) -> list[Reservation | PutStatus]:
+        """Reserve a slot for each (canonical key, index key) in one write
+        transaction.  A key already stored, or repeated in ``keys``, is
+        PRESENT (counted as a use); REJECTED when no slot can be had."""
+        out: list[Reservation | PutStatus] = []
+        seen: set[bytes] = set()
+        now = time.time()
+        n, owner, policy = self.geometry.slot_count, self.owner, self.policy
+        evictions = rejected = 0
         with self.index.write() as t:
             self.uses.flush(t)
-            e = t.get_entry(ikey, canon)
-            if e is not None:
-                t.record_use(e, self.policy, time.time())
-                return PutStatus.PRESENT
-            got = t.take_free_slot(self.geometry.slot_count)
-            if got is None:
-                t.reap_dead()
-                got = t.take_free_slot(self.geometry.slot_count)
-            if got is None:
-                victim = t.find_victim(self.policy)
-                if victim is None:
-                    self.uses.count("rejected_puts")
-                    return PutStatus.REJECTED
-                got = t.evict(victim, self.policy)
-                self.uses.count("evictions")
-            slot, gen = got
-            # A new generation: readers that looked the old entry up fail
-            # their check after copying, even if they copied new bytes.
-            gen = (gen + 1) & 0xFFFFFFFF or 1
-            t.reserve(slot, gen, self.owner)
-            return Reservation(self, slot, gen)
+            for canon, ikey in keys:
+                if canon in seen:
+                    out.append(PutStatus.PRESENT)
+                    continue
+                seen.add(canon)
+                got = t.claim(ikey, canon, n, owner, policy, now, self._reap_due)
+                if got is True:
+                    out.append(PutStatus.PRESENT)
+                elif got is None:
+                    rejected += 1
+                    out.append(PutStatus.REJECTED)
+                else:
+                    evictions += got[2]
+                    out.append(Reservation(self, got[0], got[1]))
+        if evictions:
+            self.uses.count("evictions", evictions)
+        if rejected:
+            self.uses.count("rejected_puts", rejected)
+        return out
 
-    def _commit(self, r: Reservation, canon, ikey, csum, meta_raw, length, durable) -> PutStatus:
+    def commit_many(self, items, durable: bool = False) -> list[PutStatus]:
+        """Commit written reservations in one transaction; ``items`` are
+        (reservation, canon, ikey, checksum, meta_raw, length)."""
+        out = []
+        now = time.time()
+        owner, policy = self.owner, self.policy
         with self.index.write(durable=durable) as t:
-            if t.reservation(r.slot) != (r.generation, self.owner):
-                log.warning("slot %d of %s was taken from this put (repair?); dropping it",
-                            r.slot, self.path)
-                return PutStatus.LOST
-            t.unreserve(r.slot)
-            old = t.entry_at(ikey)
-            if old is not None and old.canon == canon:
-                # Another thread or process stored the same key meanwhile.
-                t.release_slot(r.slot, r.generation)
-                return PutStatus.PRESENT
-            if old is not None:  # a different key with the same hash: replace it
-                t.free_entry(old, self.policy)
-            t.insert(ikey, canon, r.slot, r.generation, length, csum, meta_raw, self.policy,
-                     time.time())
-        self.uses.count("puts")
-        return PutStatus.STORED
+            for r, canon, ikey, csum, meta_raw, length in items:
+                got = _SETTLED[t.settle(r.slot, r.generation, owner, ikey, canon, length, csum,
+                                        meta_raw, policy, now)]
+                if got is PutStatus.LOST:
+                    log.warning("slot %d of %s was taken from this put (repair?); dropping it",
+                                r.slot, self.path)
+                out.append(got)
+        stored = sum(1 for s in out if s is PutStatus.STORED)
+        if stored:
+            self.uses.count("puts", stored)
+        return out
 
-    def _abort(self, r: Reservation) -> None:
+    def abort_many(self, reservations: Sequence[Reservation]) -> None:
+        """Give back reservations whose writes failed (or were never made)."""
+        if not reservations:
+            return
         with self.index.write() as t:
-            if t.reservation(r.slot) == (r.generation, self.owner):
-                t.unreserve(r.slot)
-                t.release_slot(r.slot, r.generation)
+            for r in reservations:
+                if t.reservation(r.slot) == (r.generation, self.owner):
+                    t.unreserve(r.slot)
+                    t.release_slot(r.slot, r.generation)
 
     def free(self, t: IndexTxn, e: Entry) -> None:
         """Remove ``e`` inside write transaction ``t`` and free its slot.
@@ -123,8 +154,9 @@ class SlotAllocator:
         self.records.clear(e.slot)
         t.free_entry(e, self.policy)
 
-    def free_if_current(self, e: Entry) -> bool:
-        """Free ``e`` unless it was replaced or evicted meanwhile."""
+    def free_if_current(self, e) -> bool:
+        """Free the entry ``e`` (an Entry or EntryRef) names, unless it was
+        replaced or evicted meanwhile."""
         with self.index.write() as t:
             cur = t.entry_at(e.ikey)
             if cur is None or cur.slot != e.slot or cur.generation != e.generation:

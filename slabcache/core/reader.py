@@ -11,12 +11,14 @@ are never served.
 from __future__ import annotations
 
 import logging
+from typing import Callable, Sequence
 
 import torch
 
 from ..device import Engine
 from ..format.keys import decode_key
 from ..index import Entry, Index
+from ..index.entry import EntryRef
 from .allocator import SlotAllocator
 from .uses import UseTracker
 
@@ -33,7 +35,7 @@ class Reader:
         self.checksum = checksum
         self.path = path
 
-    def read(self, e: Entry, parts: list[torch.Tensor]) -> bool:
+    def read(self, e: Entry | EntryRef, parts: list[torch.Tensor]) -> bool:
         """Fill ``parts`` with ``e``'s bytes; False (a miss) unless they are
         verified to be the entry's."""
         try:
@@ -45,21 +47,65 @@ class Reader:
             return False
         # A checksum of 0 marks an entry written with checksum=False.
         bad = self.checksum and e.checksum != 0 and digest != e.checksum
-        with self.index.read() as t:
-            now_at = t.slot_gen(e.ikey)
-        if now_at != (e.slot, e.generation):
+        if self.index.slot_gen(e.ikey) != (e.slot, e.generation):
             self.uses.count("misses")  # evicted or replaced while we read
             return False
         if bad:
             self._drop_corrupt(e)
             return False
-        self.uses.count("hits")
-        if self.allocator is not None and self.uses.note_use(e):
+        if self.uses.hit(e) and self.allocator is not None:
             with self.index.write() as t:
                 self.uses.flush(t)
         return True
 
-    def _drop_corrupt(self, e: Entry) -> None:
+    def read_many(self, refs: Sequence[EntryRef], parts_list: Sequence[list[torch.Tensor]],
+                  submit: Callable | None = None) -> list[bool]:
+        """:meth:`read` for many entries with one validation transaction.
+
+        ``submit(fn, *args) -> Future`` runs the reads in parallel (worker
+        threads); without it they run here, one after another.
+        """
+        digests: list = [None] * len(refs)
+        failed = [False] * len(refs)
+        if submit is None:
+            for i, (e, parts) in enumerate(zip(refs, parts_list)):
+                try:
+                    digests[i] = self.engine.read_into(e.slot, parts, self.checksum)
+                except OSError as exc:
+                    log.error("%s; serving a miss", exc)
+                    failed[i] = True
+        else:
+            futs = [submit(self.engine.read_into, e.slot, parts, self.checksum)
+                    for e, parts in zip(refs, parts_list)]
+            for i, f in enumerate(futs):
+                try:
+                    digests[i] = f.result()
+                except OSError as exc:
+                    log.error("%s; serving a miss", exc)
+                    failed[i] = True
+        now_at = self.index.slot_gens([e.ikey for e in refs])
+        ok = []
+        due = False
+        for e, digest, bad_io, cur in zip(refs, digests, failed, now_at):
+            if bad_io:
+                self.uses.count("misses")
+                self.uses.count("io_errors")
+                ok.append(False)
+            elif cur != (e.slot, e.generation):
+                self.uses.count("misses")
+                ok.append(False)
+            elif self.checksum and e.checksum != 0 and digest != e.checksum:
+                self._drop_corrupt(e)
+                ok.append(False)
+            else:
+                due = self.uses.hit(e) or due
+                ok.append(True)
+        if due and self.allocator is not None:
+            with self.index.write() as t:
+                self.uses.flush(t)
+        return ok
+
+    def _drop_corrupt(self, e: Entry | EntryRef) -> None:
         log.warning("checksum mismatch in slot %d of %s (key %r); %s",
                     e.slot, self.path, decode_key(e.canon),
                     "dropping the entry" if self.allocator else "serving a miss")

@@ -26,11 +26,12 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
-from ..errors import ConfigError, EntryTooLargeError, QueueFullError, StoreClosedError
+from ..errors import ConfigError, EntryTooLargeError, QueueFullError, SlabIOError, StoreClosedError
 from ..format.keys import canonical_key, decode_key, index_key, key_hash
-from ..format.records import SlotRecord, pack_record_meta
+from ..format.records import SlotRecord, record_meta
 from ..format.values import ValueDesc
 from ..index import Entry, IndexTxn
+from ..index.entry import EntryRef
 from ..index import owner as owners
 from ..runtime.workers import Priority, WorkerPool
 from .allocator import PutStatus, SlotAllocator
@@ -39,10 +40,13 @@ from .options import StoreOptions
 from .reader import Reader
 from .uses import UseTracker
 from .values import (
-    allocate, as_bytes, as_list, direct_parts, host_parts, match_out, meta_for, on_cuda, split,
+    Plan, as_bytes, as_list, described, direct_parts, host_parts, match_out, on_cuda, plan_for, split,
 )
 
 log = logging.getLogger(__name__)
+
+# Batched reads of at least this many bytes in all run on the worker threads.
+PARALLEL_READ_BYTES = 1 << 20
 
 
 class SlabStore:
@@ -75,6 +79,7 @@ class SlabStore:
         self._idle = threading.Condition(self._lock)
         self._active = 0
         self._closed = False
+        self._guard = _OpGuard(self)
         self._pool: WorkerPool | None = None
         self._staging = None
         if not opts.readonly:
@@ -119,19 +124,10 @@ class SlabStore:
     def checksum(self) -> bool:
         return self.options.checksum
 
-    @contextmanager
-    def _op(self) -> Iterator[None]:
-        with self._lock:
-            if self._closed:
-                raise StoreClosedError(f"store at {self.path} is closed; open it again")
-            self._active += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._active -= 1
-                if self._active == 0:
-                    self._idle.notify_all()
+    def _op(self) -> "_OpGuard":
+        """``with self._op():`` marks an operation in flight (close waits for
+        it) and refuses to start one on a closed store."""
+        return self._guard
 
     def _writable(self) -> SlotAllocator:
         if self._allocator is None:
@@ -209,8 +205,32 @@ class SlabStore:
         """
         canon, ikey = self._keys(key)
         tensors, is_list = as_list(value)
-        meta = meta_for(tensors, is_list, extra)
-        return self._put_tensors(canon, ikey, tensors, meta)
+        desc, meta_raw = described(tensors, is_list, extra)
+        return self._put_tensors(canon, ikey, tensors, desc, meta_raw)
+
+    def put_many(self, keys: Sequence[str | bytes], values: Sequence, *,
+                 extra: bytes = b"") -> list[bool]:
+        """:meth:`put` for each (key, value) pair, with one index transaction
+        to reserve every slot and one to commit every entry.
+
+        Every key and value is checked before anything is reserved.  If a
+        write fails, the entries written before it are still committed, the
+        rest are not written, and the SlabIOError is raised.
+        """
+        keys, values = list(keys), list(values)
+        if len(keys) != len(values):
+            raise ValueError(f"put_many got {len(keys)} keys but {len(values)} values; pass one value per key")
+        items = []
+        for key, value in zip(keys, values):
+            canon, ikey = self._keys(key)
+            tensors, is_list = as_list(value)
+            desc, meta_raw = described(tensors, is_list, extra)
+            self._check_size(desc)
+            items.append((canon, ikey, tensors, desc, meta_raw))
+        if any(on_cuda(it[2]) for it in items):
+            # Device values go through pinned staging one at a time.
+            return [self._put_tensors(*it) for it in items]
+        return self._put_batch([(c, i, host_parts(t), d, m) for c, i, t, d, m in items])
 
     def put_raw(self, key: str | bytes, data, desc: ValueDesc) -> bool:
         """Store bytes that already hold a value described by ``desc`` (from
@@ -220,19 +240,29 @@ class SlabStore:
         :meth:`put` returns; raises the same errors.
         """
         canon, ikey = self._keys(key)
-        return self._put_parts(canon, ikey, _raw_parts(data, desc), desc)
+        return self._put_parts(canon, ikey, _raw_parts(data, desc), desc, desc.encode())
+
+    def put_many_raw(self, keys: Sequence[str | bytes], datas: Sequence,
+                     descs: Sequence[ValueDesc]) -> list[bool]:
+        """:meth:`put_raw` for many keys, batched like :meth:`put_many`."""
+        items = []
+        for key, data, desc in zip(keys, datas, descs, strict=True):
+            canon, ikey = self._keys(key)
+            self._check_size(desc)
+            items.append((canon, ikey, _raw_parts(data, desc), desc, desc.encode()))
+        return self._put_batch(items)
 
     def _put_tensors(self, canon: bytes, ikey: bytes, tensors: list[torch.Tensor],
-                     meta: ValueDesc, marks: dict | None = None) -> bool:
+                     desc: ValueDesc, meta_raw: bytes, marks: dict | None = None) -> bool:
         if not on_cuda(tensors):
-            return self._put_parts(canon, ikey, host_parts(tensors), meta)
+            return self._put_parts(canon, ikey, host_parts(tensors), desc, meta_raw)
         from ..runtime.transfer import to_host
 
-        self._check_size(meta)
+        self._check_size(desc)
         pool = self._staging_pool()
         parts, buf = to_host(tensors, pool, marks)
         try:
-            return self._put_parts(canon, ikey, parts, meta)
+            return self._put_parts(canon, ikey, parts, desc, meta_raw)
         finally:
             pool.release(buf)
 
@@ -252,33 +282,69 @@ class SlabStore:
                 self._staging = StagingPool(count=2 * self.options.io_threads)
             return self._staging
 
+    def _write_slot(self, r, canon: bytes, parts: list[torch.Tensor], length: int,
+                    meta_raw: bytes) -> int:
+        """Payload, then the slot's record; returns the payload checksum."""
+        csum = self.engine.write(r.slot, parts, hashed=self.checksum) or 0
+        self._records.write(r.slot, SlotRecord(r.generation, length, csum, key_hash(canon),
+                                               record_meta(canon, meta_raw)))
+        return csum
+
     def _put_parts(self, canon: bytes, ikey: bytes, parts: list[torch.Tensor],
-                   meta: ValueDesc) -> bool:
-        self._check_size(meta)
+                   desc: ValueDesc, meta_raw: bytes) -> bool:
+        self._check_size(desc)
         alloc = self._writable()
-        with self._op():
+        with self._guard:
             r = alloc.reserve(canon, ikey)
             if isinstance(r, PutStatus):
                 return r.ok
-            meta_raw = meta.encode()
             try:
-                csum = self.engine.write(r.slot, parts, hashed=self.checksum) or 0
-                self._records.write(r.slot, SlotRecord(
-                    r.generation, meta.length, csum, key_hash(canon), pack_record_meta(canon, meta)))
+                csum = self._write_slot(r, canon, parts, desc.length, meta_raw)
                 if self.options.strict:
                     self.engine.sync()
             except BaseException:
                 r.abort()
                 raise
-            return r.commit(canon, ikey, csum, meta_raw, meta.length,
-                            durable=self.options.strict).ok
+            return r.commit(canon, ikey, csum, meta_raw, desc.length, durable=self.options.strict).ok
+
+    def _put_batch(self, items) -> list[bool]:
+        """items: (canon, ikey, parts, desc, meta_raw), already checked."""
+        alloc = self._writable()
+        with self._guard:
+            got = alloc.reserve_many([(c, i) for c, i, *_ in items])
+            done, failed, error = [], [], None
+            try:
+                for r, (canon, ikey, parts, desc, meta_raw) in zip(got, items):
+                    if isinstance(r, PutStatus):
+                        continue
+                    if error is not None:
+                        failed.append(r)
+                        continue
+                    try:
+                        csum = self._write_slot(r, canon, parts, desc.length, meta_raw)
+                    except SlabIOError as exc:
+                        error = error or exc
+                        failed.append(r)
+                        continue
+                    done.append((r, canon, ikey, csum, meta_raw, desc.length))
+                if done and self.options.strict:
+                    self.engine.sync()
+            except BaseException:
+                alloc.abort_many([d[0] for d in done] + failed)
+                raise
+            alloc.abort_many(failed)
+            committed = iter(alloc.commit_many(done, durable=self.options.strict) if done else [])
+            out = [r.ok if isinstance(r, PutStatus) else
+                   (False if r in failed else next(committed).ok) for r in got]
+        if error is not None:
+            raise error
+        return out
 
     # ------------------------------------------------------------------ get
 
-    def _lookup(self, key) -> Entry | None:
-        canon, ikey = self._keys(key)
-        with self._index.read() as t:
-            return t.get_entry(ikey, canon)
+    def _ref(self, key) -> EntryRef | None:
+        canon = canonical_key(key)
+        return self._index.ref(index_key(canon), canon)
 
     def get(self, key: str | bytes):
         """The stored value (same dtypes, shapes, bytes), or None on a miss.
@@ -286,12 +352,12 @@ class SlabStore:
         A checksum mismatch is a miss (counted in ``checksum_failures``, the
         entry dropped); wrong bytes are never returned.
         """
-        with self._op():
-            e = self._lookup(key)
+        with self._guard:
+            e = self._ref(key)
             if e is None:
                 self._uses.count("misses")
                 return None
-            value, parts = allocate(e.meta, self.engine.empty)
+            value, parts = plan_for(e.meta_raw).allocate(self.engine.empty)
             return value if self._reader.read(e, parts) else None
 
     def get_into(self, key: str | bytes, out) -> bool:
@@ -306,42 +372,46 @@ class SlabStore:
         """Read the value's bytes into the 1-D uint8 CPU tensor ``out`` (at
         least as long as the value).  Returns the value's description, or
         None on a miss (``out``'s contents then unspecified)."""
-        with self._op():
-            e = self._lookup(key)
+        with self._guard:
+            e = self._ref(key)
             if e is None:
                 self._uses.count("misses")
                 return None
             buf = as_bytes(out)
             if buf.numel() < e.length:
                 raise ValueError(f"out holds {buf.numel()} bytes, the value {e.length}; pass a larger out")
-            return e.meta if self._reader.read(e, [buf[:e.length]]) else None
+            return plan_for(e.meta_raw).desc if self._reader.read(e, [buf[:e.length]]) else None
 
     def _get_into(self, key: str | bytes, out, marks: dict | None) -> bool:
-        with self._op():
-            e = self._lookup(key)
+        with self._guard:
+            e = self._ref(key)
             if e is None:
                 self._uses.count("misses")
                 return False
-            outs = match_out(out, e.meta)
+            plan = plan_for(e.meta_raw)
+            parts = plan.direct_parts(out)
+            if parts is not None:
+                return self._reader.read(e, parts)
+            outs = match_out(out, plan.desc)
             parts = direct_parts(outs)
             if parts is not None:
                 return self._reader.read(e, parts)
             if on_cuda(outs):
-                return self._read_to_cuda(e, outs, marks)
-            value, parts = allocate(e.meta, self.engine.empty)
+                return self._read_to_cuda(e, plan, outs, marks)
+            value, parts = plan.allocate(self.engine.empty)
             if not self._reader.read(e, parts):
                 return False
-            for dst, src in zip(outs, value if e.meta.is_list else [value]):
+            for dst, src in zip(outs, value if plan.desc.is_list else [value]):
                 dst.copy_(src)
             return True
 
-    def _read_to_cuda(self, e: Entry, outs: list[torch.Tensor], marks: dict | None) -> bool:
+    def _read_to_cuda(self, e: EntryRef, plan: Plan, outs: list[torch.Tensor], marks: dict | None) -> bool:
         from ..runtime.transfer import from_host
 
         pool = self._staging_pool()
         buf = pool.acquire(max(1, e.length))
         try:
-            parts = split(buf, e.meta.nbytes)
+            parts = split(buf, plan.desc.nbytes)
             if not self._reader.read(e, parts):
                 return False
             from_host(parts, outs, pool, marks)
@@ -374,13 +444,14 @@ class SlabStore:
         self._writable()
         canon, ikey = self._keys(key)
         tensors, is_list = as_list(value)
-        meta = meta_for(tensors, is_list, extra)
-        self._check_size(meta)
+        desc, meta_raw = described(tensors, is_list, extra)
+        self._check_size(desc)
         marks = _caller_marks(tensors)
         if marks is None:
             tensors = [t.detach().contiguous() for t in tensors]
         try:
-            return self._workers().submit(Priority.PUT, self._put_tensors, canon, ikey, tensors, meta, marks)
+            return self._workers().submit(Priority.PUT, self._put_tensors, canon, ikey, tensors,
+                                          desc, meta_raw, marks)
         except QueueFullError:
             self._uses.count("queue_rejections")
             raise
@@ -393,14 +464,28 @@ class SlabStore:
         parts = _raw_parts(data, desc)
         self._check_size(desc)
         try:
-            return self._workers().submit(Priority.PUT, self._put_parts, canon, ikey, parts, desc)
+            return self._workers().submit(Priority.PUT, self._put_parts, canon, ikey, parts, desc,
+                                          desc.encode())
         except QueueFullError:
             self._uses.count("queue_rejections")
             raise
 
     def get_many(self, keys: Sequence[str | bytes]) -> list:
-        """Values for ``keys`` (None for misses), read in parallel by the workers."""
-        return self.prefetch(keys).result()
+        """Values for ``keys`` (None for misses): one lookup transaction and
+        one validation transaction for the batch; large reads run in
+        parallel on the workers."""
+        found = self.lookup_many(keys)
+        hits = [i for i, f in enumerate(found) if f is not None]
+        values, parts = {}, []
+        for i in hits:
+            values[i], p = found[i].plan.allocate(self.engine.empty)
+            parts.append(p)
+        oks = self._read_found([found[i] for i in hits], parts)
+        out: list = [None] * len(found)
+        for i, ok in zip(hits, oks):
+            if ok:
+                out[i] = values[i]
+        return out
 
     def prefetch(self, keys: Sequence[str | bytes]) -> "Future[list]":
         """Read ``keys`` ahead of every queued put; the Future gives get()'s results."""
@@ -412,26 +497,98 @@ class SlabStore:
         return _gather(futs)
 
     def get_many_into(self, keys: Sequence[str | bytes], outs: Sequence) -> list[bool]:
-        """get_into for each (key, out) pair in parallel; CUDA outs go through
-        pinned staging so disk reads and device copies overlap, and are
-        written only after the work queued so far on the caller's current
-        stream (which may still be using them)."""
+        """get_into for each (key, out) pair, batched like :meth:`get_many`.
+        CUDA outs go through pinned staging on the workers so disk reads and
+        device copies overlap, and are written only after the work queued so
+        far on the caller's current stream (which may still be using them)."""
         keys, outs = list(keys), list(outs)
         if len(keys) != len(outs):
             raise ValueError(f"get_many_into got {len(keys)} keys but {len(outs)} outs; pass one out per key")
-        pool = self._workers()
         marks = _caller_marks([t for o in outs for t in as_list(o)[0]])
-        futs = [pool.submit(Priority.PREFETCH, self._get_into, k, o, marks) for k, o in zip(keys, outs)]
-        return _gather(futs).result()
+        if marks is not None:
+            pool = self._workers()
+            futs = [pool.submit(Priority.PREFETCH, self._get_into, k, o, marks) for k, o in zip(keys, outs)]
+            return _gather(futs).result()
+        found = self.lookup_many(keys)
+        jobs, parts, copies = [], [], {}
+        for i, (f, out) in enumerate(zip(found, outs)):
+            if f is None:
+                continue
+            p = f.plan.direct_parts(out)
+            if p is None:
+                tensors = match_out(out, f.desc)
+                p = direct_parts(tensors)
+                if p is None:  # non-contiguous: read into fresh tensors, then copy
+                    value, p = f.plan.allocate(self.engine.empty)
+                    copies[i] = (tensors, value if f.desc.is_list else [value])
+            jobs.append(i)
+            parts.append(p)
+        oks = self._read_found([found[i] for i in jobs], parts)
+        out = [False] * len(keys)
+        for i, ok in zip(jobs, oks):
+            if ok and i in copies:
+                for dst, src in zip(*copies[i]):
+                    dst.copy_(src)
+            out[i] = ok
+        return out
 
     def get_many_raw_into(self, keys: Sequence[str | bytes], outs: Sequence[torch.Tensor]) -> list:
-        """:meth:`get_raw_into` for each (key, out) pair in parallel."""
+        """:meth:`get_raw_into` for each (key, out) pair, batched like
+        :meth:`get_many`; returns the value descriptions (None for misses)."""
         keys, outs = list(keys), list(outs)
         if len(keys) != len(outs):
             raise ValueError(f"get_many_raw_into got {len(keys)} keys but {len(outs)} outs; pass one out per key")
-        pool = self._workers()
-        futs = [pool.submit(Priority.PREFETCH, self.get_raw_into, k, o) for k, o in zip(keys, outs)]
-        return _gather(futs).result()
+        found = self.lookup_many(keys)
+        return self.read_many_raw_into(found, [o if f is not None else None for f, o in zip(found, outs)])
+
+    def lookup_many(self, keys: Sequence[str | bytes]) -> list["Found | None"]:
+        """What is stored under each key (None for misses), in one read
+        transaction, without reading payloads: each Found carries the value's
+        description (``.desc``) and byte length (``.length``), so a caller can
+        allocate before :meth:`read_many_raw_into`.  Misses are counted."""
+        pairs = [self._keys(k) for k in keys]
+        with self._guard:
+            refs = self._index.refs([(ikey, canon) for canon, ikey in pairs])
+        found = [None if r is None else Found(r, plan_for(r.meta_raw)) for r in refs]
+        misses = sum(1 for f in found if f is None)
+        if misses:
+            self._uses.count("misses", misses)
+        return found
+
+    def read_many_raw_into(self, found: Sequence["Found | None"], outs: Sequence) -> list:
+        """Read what :meth:`lookup_many` found into 1-D uint8 CPU ``outs``
+        (each at least ``found[i].length`` bytes; ignored where found[i] is
+        None).  Returns each value's description, or None where it was not
+        found or is no longer the entry that was looked up (evicted or
+        replaced since: validated after reading, as every read is)."""
+        jobs, parts = [], []
+        for i, (f, out) in enumerate(zip(found, outs, strict=True)):
+            if f is None:
+                continue
+            buf = as_bytes(out)
+            if buf.numel() < f.length:
+                raise ValueError(f"outs[{i}] holds {buf.numel()} bytes, the value {f.length}; pass a larger out")
+            jobs.append(i)
+            parts.append([buf[:f.length]])
+        oks = self._read_found([found[i] for i in jobs], parts)
+        res: list = [None] * len(found)
+        for i, ok in zip(jobs, oks):
+            if ok:
+                res[i] = found[i].desc
+        return res
+
+    def _read_found(self, found: list["Found"], parts: list[list[torch.Tensor]]) -> list[bool]:
+        if not found:
+            return []
+        total = sum(f.length for f in found)
+        with self._guard:
+            # Large batches go to the workers (several requests in flight for
+            # the device); small ones cost less here than a thread hand-off.
+            submit = None
+            if len(found) > 1 and total >= PARALLEL_READ_BYTES:
+                pool = self._workers()
+                submit = lambda fn, *args: pool.submit(Priority.PREFETCH, fn, *args)  # noqa: E731
+            return self._reader.read_many([f.ref for f in found], parts, submit)
 
     def remove_async(self, key: str | bytes, force: bool = False) -> "Future[bool]":
         """Queue a remove (after prefetches, before puts)."""
@@ -475,14 +632,15 @@ class SlabStore:
 
     def describe(self, key: str | bytes) -> ValueDesc | None:
         """Dtypes, shapes and sizes of a stored value, without reading it."""
-        with self._op():
-            e = self._lookup(key)
-        return None if e is None else e.meta
+        with self._guard:
+            e = self._ref(key)
+        return None if e is None else plan_for(e.meta_raw).desc
 
     def entry(self, key: str | bytes) -> Entry | None:
         """The index entry for ``key`` (slot, generation, use stats); a peek."""
-        with self._op():
-            return self._lookup(key)
+        canon, ikey = self._keys(key)
+        with self._guard, self._index.read() as t:
+            return t.get_entry(ikey, canon)
 
     # ------------------------------------------------------------------ pins
 
@@ -591,6 +749,48 @@ class SlabStore:
             "queued": self._pool.queued() if self._pool else 0,
             **counters,
         }
+
+
+class Found:
+    """What :meth:`SlabStore.lookup_many` found for one key."""
+
+    __slots__ = ("ref", "plan")
+
+    def __init__(self, ref: EntryRef, plan: Plan):
+        self.ref = ref
+        self.plan = plan
+
+    @property
+    def desc(self) -> ValueDesc:
+        return self.plan.desc
+
+    @property
+    def length(self) -> int:
+        return self.ref.length
+
+
+class _OpGuard:
+    """The in-flight marker behind ``SlabStore._op`` (one per store,
+    re-entrant across threads: it only counts)."""
+
+    __slots__ = ("_store",)
+
+    def __init__(self, store: SlabStore):
+        self._store = store
+
+    def __enter__(self) -> None:
+        s = self._store
+        with s._lock:
+            if s._closed:
+                raise StoreClosedError(f"store at {s.path} is closed; open it again")
+            s._active += 1
+
+    def __exit__(self, *exc) -> None:
+        s = self._store
+        with s._lock:
+            s._active -= 1
+            if s._closed and s._active == 0:  # only close() waits
+                s._idle.notify_all()
 
 
 class Snapshot:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 
-from ..index import COUNTERS, Entry, IndexTxn
+from ..index import COUNTERS, IndexTxn
 from ..index.policy import Policy
 
 USE_BATCH = 256
@@ -39,11 +39,13 @@ class UseTracker:
         with self._lock:
             return dict(self._pending)
 
-    def note_use(self, e: Entry) -> bool:
-        """Remember a use of ``e``; True when the batch is due for a flush."""
+    def hit(self, e) -> bool:
+        """Count a hit and remember a use of ``e`` (an Entry or EntryRef);
+        True when the batch of uses is due for a flush."""
         now = time.monotonic()
         wall = time.time()
         with self._lock:
+            self._pending["hits"] += 1
             u = self._uses.get(e.ikey)
             if u is None:
                 self._uses[e.ikey] = [1, wall, e.slot, e.generation]
@@ -58,6 +60,8 @@ class UseTracker:
         Uses of an entry that was evicted or replaced meanwhile are dropped.
         """
         now = time.monotonic()
+        if not (force or self._uses or now - self._last_counter_flush >= COUNTER_FLUSH_SECONDS):
+            return  # nothing due (read without the lock: a miss only delays a flush)
         with self._lock:
             uses, self._uses = self._uses, {}
             self._last_use_flush = now
@@ -65,9 +69,7 @@ class UseTracker:
             if force or now - self._last_counter_flush >= COUNTER_FLUSH_SECONDS:
                 delta, self._pending = self._pending, dict.fromkeys(COUNTERS, 0)
                 self._last_counter_flush = now
-        for ikey, (count, when, slot, gen) in uses.items():
-            e = t.entry_at(ikey)
-            if e is not None and e.slot == slot and e.generation == gen:
-                t.record_use(e, self.policy, when, count)
+        if uses:
+            t.record_uses(uses, self.policy)
         if delta:
             t.add_counters(delta)

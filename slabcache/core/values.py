@@ -51,8 +51,13 @@ def as_list(value) -> tuple[list[torch.Tensor], bool]:
 
 
 def byte_view(t: torch.Tensor) -> torch.Tensor:
-    """A 1-D uint8 view of a contiguous CPU tensor (no copy)."""
-    flat = t.reshape(-1)
+    """A 1-D uint8 view of a contiguous CPU tensor (no copy).
+
+    Each torch view costs microseconds here, so only the ones needed run.
+    """
+    flat = t if t.dim() == 1 else t.reshape(-1)
+    if flat.dtype is torch.uint8:
+        return flat
     if flat.numel() == 0:
         return torch.empty(0, dtype=torch.uint8)
     return flat.view(torch.uint8)
@@ -72,27 +77,16 @@ def meta_for(tensors: Sequence[torch.Tensor], is_list: bool, extra: bytes = b"")
 
 def host_parts(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Byte views of CPU tensors (a copy only where one is not contiguous)."""
-    return [byte_view(t.detach().contiguous()) for t in tensors]
+    out = []
+    for t in tensors:
+        if t.requires_grad:
+            t = t.detach()
+        out.append(byte_view(t if t.is_contiguous() else t.contiguous()))
+    return out
 
 
 def on_cuda(tensors: Sequence[torch.Tensor]) -> bool:
     return any(t.device.type == "cuda" for t in tensors)
-
-
-def allocate(meta: ValueDesc, empty: Callable[[int], torch.Tensor]):
-    """Fresh tensors shaped like ``meta`` and the byte parts to read into."""
-    tensors, parts = [], []
-    for dt, shape, n in zip(meta.dtypes, meta.shapes, meta.nbytes):
-        buf = empty(n)
-        dtype = getattr(torch, dt)
-        if n == 0:
-            t = torch.empty(shape, dtype=dtype)
-        else:
-            t = buf.view(dtype).view(shape)
-        tensors.append(t)
-        parts.append(buf)
-    value = tensors if meta.is_list else tensors[0]
-    return value, parts
 
 
 def match_out(out, meta: ValueDesc) -> list[torch.Tensor]:
@@ -121,6 +115,81 @@ def direct_parts(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor] | None:
             return None
         parts.append(byte_view(t))
     return parts
+
+
+class Plan:
+    """How to rebuild a stored value: its description and, per tensor, the
+    byte count, torch dtype and shape.  Cached per encoded description, so
+    the hot path decodes each distinct layout once."""
+
+    __slots__ = ("desc", "length", "_tensors")
+
+    def __init__(self, desc: ValueDesc):
+        self.desc = desc
+        self.length = desc.length
+        self._tensors = [(n, getattr(torch, dt), tuple(shape))
+                         for dt, shape, n in zip(desc.dtypes, desc.shapes, desc.nbytes)]
+
+    def direct_parts(self, out) -> list[torch.Tensor] | None:
+        """The byte part to read straight into ``out`` when it is exactly a
+        dense CPU tensor of this (single-tensor) value's dtype and shape;
+        None when the general path must check or copy."""
+        if self.desc.is_list or type(out) is not torch.Tensor:
+            return None
+        n, dtype, shape = self._tensors[0]
+        if (out.dtype is dtype and out.shape == shape and out.is_cpu and n
+                and out.layout is torch.strided and out.is_contiguous()):
+            return [out.view(-1).view(torch.uint8)]
+        return None
+
+    def allocate(self, empty: Callable[[int], torch.Tensor]):
+        """Fresh tensors for the value (one buffer each) and their byte parts."""
+        tensors, parts = [], []
+        for n, dtype, shape in self._tensors:
+            buf = empty(n)
+            if n == 0:
+                t = torch.empty(shape, dtype=dtype)
+            else:
+                t = buf if dtype is torch.uint8 else buf.view(dtype)
+                if t.shape != shape:
+                    t = t.view(shape)
+            tensors.append(t)
+            parts.append(buf)
+        return (tensors if self.desc.is_list else tensors[0]), parts
+
+
+_PLANS: dict[bytes, Plan] = {}
+_DESCS: dict[tuple, tuple[ValueDesc, bytes]] = {}
+# Distinct layouts are few (a model has a handful of chunk shapes); the
+# caches are cleared if a workload makes them grow past this anyway.
+_CACHE_LIMIT = 4096
+
+
+def plan_for(meta_raw: bytes) -> Plan:
+    """The Plan of an encoded description.  Raises CorruptStoreError when it
+    does not decode."""
+    plan = _PLANS.get(meta_raw)
+    if plan is None:
+        plan = Plan(ValueDesc.decode(meta_raw))
+        if len(_PLANS) >= _CACHE_LIMIT:
+            _PLANS.clear()
+        _PLANS[meta_raw] = plan
+    return plan
+
+
+def described(tensors: Sequence[torch.Tensor], is_list: bool, extra: bytes = b"") -> tuple[ValueDesc, bytes]:
+    """(description, its encoding) of checked tensors; cached per layout."""
+    if not isinstance(extra, (bytes, bytearray)):
+        raise UnsupportedValueError(f"extra must be bytes, got {type(extra).__name__}")
+    key = (is_list, bytes(extra), *[(t.dtype, t.shape) for t in tensors])
+    got = _DESCS.get(key)
+    if got is None:
+        desc = meta_for(tensors, is_list, extra)
+        got = (desc, desc.encode())
+        if len(_DESCS) >= _CACHE_LIMIT:
+            _DESCS.clear()
+        _DESCS[key] = got
+    return got
 
 
 def split(buf: torch.Tensor, nbytes) -> list[torch.Tensor]:

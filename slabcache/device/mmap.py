@@ -8,6 +8,7 @@ import warnings
 
 import numpy as np
 import torch
+import xxhash
 
 from ..format.checksum import CHECKSUM_BLOCK, block_hasher, combine_digests
 from ..format.header import Geometry, round_up
@@ -50,6 +51,11 @@ class MmapEngine(Engine):
     def _write_impl(self, offset, parts, n):
         pwritev_all(self.fd, [as_numpy(p) for p in parts], offset)
 
+    def _write_one(self, offset, part, array, n):
+        done = os.pwritev(self.fd, [array], offset)
+        if done != n:
+            pwritev_all(self.fd, [array[done:]], offset + done)
+
     def _will_need(self, offset: int, n: int) -> None:
         """Start readahead for a whole value, so a cold read is not served
         one faulted page at a time."""
@@ -70,7 +76,15 @@ class MmapEngine(Engine):
             pos += k
 
     def _read_hashed(self, offset, parts, n, hashed):
-        if not (hashed and len(parts) == 1 and n >= self.PREAD_BELOW):
+        if len(parts) == 1 and n < self.PREAD_BELOW:
+            # The common small read: one pread and, with the bytes still in
+            # cache, one hash (a value under one checksum block hashes whole).
+            a = as_numpy(parts[0])
+            got = os.preadv(self.fd, [a], offset)
+            if got != n:
+                preadv_all(self.fd, [a[got:]], offset + got)
+            return xxhash.xxh3_64_intdigest(a) if hashed else None
+        if not (hashed and len(parts) == 1):
             return super()._read_hashed(offset, parts, n, hashed)
         self._will_need(offset, n)
         dst = as_numpy(parts[0])

@@ -61,9 +61,17 @@ def unpack_record(raw: bytes) -> SlotRecord | None:
     return SlotRecord(gen, length, csum, khash, meta)
 
 
+_KEY_LEN = struct.Struct("<I")
+
+
+def record_meta(canon: bytes, meta_raw: bytes) -> bytes:
+    """The part of a slot record that lets fsck rebuild the index entry
+    (``meta_raw`` is the value description's encoding)."""
+    return _KEY_LEN.pack(len(canon)) + canon + meta_raw
+
+
 def pack_record_meta(canon: bytes, meta: ValueDesc) -> bytes:
-    """The part of a slot record that lets fsck rebuild the index entry."""
-    return struct.pack("<I", len(canon)) + canon + meta.encode()
+    return record_meta(canon, meta.encode())
 
 
 def unpack_record_meta(raw: bytes) -> tuple[bytes, ValueDesc]:

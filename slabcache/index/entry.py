@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..errors import CorruptStoreError
 from ..format.values import ValueDesc
@@ -59,6 +60,56 @@ class Entry:
         canon = bytes(raw[_ENTRY.size + mlen:])
         return cls(ikey, canon, slot, gen, length, csum, UseStats(tick, hits, ins),
                    created, used, bytes(meta_raw))
+
+
+class EntryRef(NamedTuple):
+    """What a read needs of an entry, decoded from its fixed head only (the
+    hot path): which slot and generation hold which bytes."""
+
+    ikey: bytes
+    canon: bytes
+    slot: int
+    generation: int
+    length: int
+    checksum: int
+    meta_raw: bytes
+
+
+_HEAD = struct.Struct("<QIQQ")  # slot, generation, length, checksum: the start of _ENTRY
+_MLEN_AT = _ENTRY.size - 4
+
+
+def ref_of(ikey: bytes, raw, canon: bytes | None = None) -> EntryRef | None:
+    """An EntryRef from an encoded entry; None when ``canon`` is given and
+    the entry holds another key (a hash collision of long keys)."""
+    mlen = _U32.unpack_from(raw, _MLEN_AT)[0]
+    start = _ENTRY.size + mlen
+    stored = bytes(raw[start:])
+    if canon is not None and stored != canon:
+        return None
+    slot, gen, length, csum = _HEAD.unpack_from(raw)
+    return EntryRef(ikey, stored, slot, gen, length, csum, bytes(raw[_ENTRY.size:start]))
+
+
+_USE = struct.Struct("<QQQ")  # tick, hits, inserted
+_USE_AT = 28
+_USED = struct.Struct("<d")
+_USED_AT = 60
+assert _ENTRY.size == 72 and _USE_AT == _HEAD.size and _USED_AT == _USE_AT + _USE.size + 8
+
+
+def use_of(raw) -> UseStats:
+    """The use statistics of an encoded entry."""
+    return UseStats(*_USE.unpack_from(raw, _USE_AT))
+
+
+def with_use(raw, use: UseStats, used: float) -> bytearray:
+    """A copy of an encoded entry with new use statistics (nothing else is
+    decoded or re-encoded)."""
+    out = bytearray(raw)
+    _USE.pack_into(out, _USE_AT, use.tick, use.hits, use.inserted)
+    _USED.pack_into(out, _USED_AT, used)
+    return out
 
 
 def canon_of(raw: bytes) -> bytes:

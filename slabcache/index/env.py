@@ -5,12 +5,11 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from contextlib import contextmanager
-from typing import Iterator
 
 import lmdb
 
 from ..errors import ConfigError, CorruptStoreError, StorageFullError
+from .entry import EntryRef, ref_of, slot_gen_of
 from .txn import TABLES, IndexTxn
 
 log = logging.getLogger(__name__)
@@ -90,42 +89,117 @@ class Index:
                 f"the index at {path} is incomplete ({exc}); run `slabcache fsck "
                 f"{store_dir} --rebuild-index`"
             ) from exc
-        # One writer per process at a time: LMDB serialises writers across
-        # processes itself; this keeps threads of one process queueing here.
-        self._wlock = threading.Lock()
+        self._wlock = threading.Lock()  # see _Write
 
-    @contextmanager
-    def read(self) -> Iterator[IndexTxn]:
-        with self.env.begin(write=False) as txn:
-            yield IndexTxn(txn, self.dbs)
+    def read(self) -> "_Read":
+        """A read transaction: ``with index.read() as t:`` (t is an IndexTxn)."""
+        return _Read(self)
 
-    @contextmanager
-    def write(self, durable: bool = False) -> Iterator[IndexTxn]:
+    def write(self, durable: bool = False) -> "_Write":
         """A write transaction; ``durable`` syncs it to disk before returning.
 
         Raises StorageFullError when the index's map is full.
         """
-        with self._wlock:
-            txn = self.env.begin(write=True)
-            try:
-                yield IndexTxn(txn, self.dbs)
-                txn.commit()
-            except lmdb.MapFullError as exc:
-                txn.abort()
-                raise StorageFullError(
-                    f"the index at {self.path} reached its map size "
-                    f"({self.env.info()['map_size']} bytes); very long keys use "
-                    "index space: shorten them or reopen with a larger index_map_bytes"
-                ) from exc
-            except BaseException:
-                txn.abort()
-                raise
-        if durable:
-            self.sync()
+        return _Write(self, durable)
+
+    # The hot path: one lookup in its own read transaction, without the
+    # IndexTxn wrapper.
+
+    def ref(self, ikey: bytes, canon: bytes) -> EntryRef | None:
+        with self.env.begin(db=self.dbs["entries"]) as txn:
+            raw = txn.get(ikey)
+            return None if raw is None else ref_of(ikey, raw, canon)
+
+    def slot_gen(self, ikey: bytes) -> tuple[int, int] | None:
+        with self.env.begin(db=self.dbs["entries"]) as txn:
+            raw = txn.get(ikey)
+            return None if raw is None else slot_gen_of(raw)
+
+    def refs(self, keys) -> list[EntryRef | None]:
+        """:meth:`ref` for each (index key, canonical key), in one transaction."""
+        with self.env.begin(db=self.dbs["entries"]) as txn:
+            out = []
+            for ikey, canon in keys:
+                raw = txn.get(ikey)
+                out.append(None if raw is None else ref_of(ikey, raw, canon))
+            return out
+
+    def slot_gens(self, ikeys) -> list[tuple[int, int] | None]:
+        """:meth:`slot_gen` for each index key, in one transaction."""
+        with self.env.begin(db=self.dbs["entries"]) as txn:
+            out = []
+            for ikey in ikeys:
+                raw = txn.get(ikey)
+                out.append(None if raw is None else slot_gen_of(raw))
+            return out
+
+    def map_full(self, exc: Exception) -> StorageFullError:
+        return StorageFullError(
+            f"the index at {self.path} reached its map size "
+            f"({self.env.info()['map_size']} bytes); very long keys use "
+            "index space: shorten them or reopen with a larger index_map_bytes"
+        )
 
     def sync(self) -> None:
         """Flush every committed transaction to disk."""
         self.env.sync(True)
+
+
+class _Read:
+    """``with index.read() as t``: a read-only IndexTxn (a class rather than
+    a generator context manager: this runs on every operation)."""
+
+    __slots__ = ("_index", "_txn")
+
+    def __init__(self, index: Index):
+        self._index = index
+
+    def __enter__(self) -> IndexTxn:
+        self._txn = self._index.env.begin(write=False)
+        return IndexTxn(self._txn, self._index.dbs)
+
+    def __exit__(self, *exc) -> None:
+        self._txn.abort()
+
+
+class _Write:
+    """``with index.write() as t``: commit on success, abort on error."""
+
+    __slots__ = ("_index", "_durable", "_txn")
+
+    def __init__(self, index: Index, durable: bool):
+        self._index = index
+        self._durable = durable
+
+    def __enter__(self) -> IndexTxn:
+        # One writer per process at a time: LMDB serialises writers across
+        # processes itself; this keeps threads of one process queueing here.
+        self._index._wlock.acquire()
+        try:
+            self._txn = self._index.env.begin(write=True)
+        except BaseException:
+            self._index._wlock.release()
+            raise
+        return IndexTxn(self._txn, self._index.dbs)
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        idx = self._index
+        try:
+            if exc_type is None:
+                try:
+                    self._txn.commit()
+                except lmdb.MapFullError as full:
+                    self._txn.abort()
+                    raise idx.map_full(full) from full
+            else:
+                self._txn.abort()
+                if issubclass(exc_type, lmdb.MapFullError):
+                    raise idx.map_full(exc) from exc
+        finally:
+            idx._wlock.release()
+        if exc_type is None and self._durable:
+            idx.sync()
+        return False
 
 
 def default_map_size(slot_count: int) -> int:

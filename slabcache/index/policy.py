@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import abc
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..errors import ConfigError
 
 _BE = struct.Struct(">Q")
 
 
-@dataclass(frozen=True)
-class UseStats:
+class UseStats(NamedTuple):
     """What the index tracks per entry on behalf of the policy."""
 
     tick: int  # logical clock of the last use (shared, monotonic)

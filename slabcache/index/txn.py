@@ -27,7 +27,7 @@ from typing import Iterator
 import lmdb
 
 from . import owner as owners
-from .entry import Entry, canon_of, slot_gen_of
+from .entry import Entry, EntryRef, canon_of, ref_of, slot_gen_of, use_of, with_use
 from .policy import Policy, UseStats, make_policy
 
 _U64 = struct.Struct(">Q")
@@ -118,6 +118,11 @@ class IndexTxn:
         e = Entry.decode(ikey, raw)
         return e if e.canon == canon else None
 
+    def ref(self, ikey: bytes, canon: bytes) -> EntryRef | None:
+        """The entry for ``canon`` as an EntryRef (no full decode), or None."""
+        raw = self.txn.get(ikey, db=self.db["entries"])
+        return None if raw is None else ref_of(ikey, raw, canon)
+
     def has(self, ikey: bytes, canon: bytes) -> bool:
         raw = self.txn.get(ikey, db=self.db["entries"])
         if raw is None:
@@ -128,6 +133,10 @@ class IndexTxn:
         """(slot, generation) of the entry at ``ikey``, without decoding the rest."""
         raw = self.txn.get(ikey, db=self.db["entries"])
         return None if raw is None else slot_gen_of(raw)
+
+    def raw_entry(self, ikey: bytes):
+        """The encoded entry at ``ikey`` (a buffer valid in this transaction), or None."""
+        return self.txn.get(ikey, db=self.db["entries"])
 
     def entry_at(self, ikey: bytes) -> Entry | None:
         raw = self.txn.get(ikey, db=self.db["entries"])
@@ -158,10 +167,10 @@ class IndexTxn:
         self.release_slot(e.slot, e.generation)
 
     def evict(self, e: Entry, policy: Policy) -> tuple[int, int]:
-        """Remove ``e`` and hand its (slot, generation) straight to the caller,
-        who reuses the slot (it never appears on the free list)."""
+        """Remove ``e``, a victim from :meth:`find_victim` (which already
+        dropped the lapsed pins it had), and hand its (slot, generation)
+        straight to the caller, who reuses the slot."""
         self._unlink_entry(e, policy)
-        self.drop_pins(e.ikey)
         return e.slot, e.generation
 
     def record_use(self, e: Entry, policy: Policy, now: float, count: int = 1) -> Entry:
@@ -170,6 +179,27 @@ class IndexTxn:
         new = e.with_use(UseStats(tick, e.use.hits + count, e.use.inserted), now)
         self.put_entry(new, policy)
         return new
+
+    def record_uses(self, uses, policy: Policy) -> None:
+        """Record batched uses: ``uses`` maps index key -> (count, wall time,
+        slot, generation).  A use of an entry that was evicted or replaced
+        since (another slot or generation) is dropped.  Entries are patched
+        in place and the clock advanced once for the batch."""
+        entries, order = self.db["entries"], self.db["order"]
+        tick = self._u64("tick")
+        for ikey, (count, when, slot, gen) in uses.items():
+            raw = self.txn.get(ikey, db=entries)
+            if raw is None or slot_gen_of(raw) != (slot, gen):
+                continue
+            old = use_of(raw)
+            tick += 1
+            new = UseStats(tick, old.hits + count, old.inserted)
+            old_key, new_key = policy.order_key(slot, old), policy.order_key(slot, new)
+            self.txn.put(ikey, with_use(raw, new, when), db=entries)
+            if new_key != old_key:
+                self.txn.delete(old_key, db=order)
+                self.txn.put(new_key, ikey, db=order)
+        self.meta_put("tick", _U64.pack(tick))
 
     def entries(self) -> Iterator[Entry]:
         with self.txn.cursor(db=self.db["entries"]) as cur:
@@ -352,6 +382,57 @@ class IndexTxn:
         self.txn.drop(self.db["order"], delete=False)
         for e in entries:
             self.txn.put(policy.order_key(e.slot, e.use), e.ikey, db=self.db["order"])
+
+    # -- the put path, each step in one call -------------------------------
+
+    def claim(self, ikey: bytes, canon: bytes, slot_count: int, owner: bytes, policy: Policy,
+              now: float, reap_due) -> tuple[int, int, bool] | bool | None:
+        """Reserve a slot for ``canon``: (slot, new generation, whether an
+        entry was evicted for it), True when the key is already stored (its
+        use recorded), None when no slot can be had.  A free slot comes
+        first, then slots of dead processes' reservations (when
+        ``reap_due()`` says so), then the policy's victim, evicted here."""
+        entries = self.db["entries"]
+        raw = self.txn.get(ikey, db=entries)
+        if raw is not None and (ikey == canon or canon_of(raw) == canon):
+            self.record_use(Entry.decode(ikey, raw), policy, now)
+            return True
+        got = self.take_free_slot(slot_count)
+        if got is None and reap_due():
+            self.reap_dead()
+            got = self.take_free_slot(slot_count)
+        evicted = got is None
+        if evicted:
+            victim = self.find_victim(policy)
+            if victim is None:
+                return None
+            got = self.evict(victim, policy)
+        slot, gen = got
+        # A new generation: readers that looked the old entry up fail their
+        # check after copying, even if they copied new bytes.
+        gen = (gen + 1) & 0xFFFFFFFF or 1
+        self.txn.put(_U64.pack(slot), _U32.pack(gen) + owner, db=self.db["reserved"])
+        return slot, gen, evicted
+
+    def settle(self, slot: int, generation: int, owner: bytes, ikey: bytes, canon: bytes,
+               length: int, checksum: int, meta_raw: bytes, policy: Policy, now: float) -> str:
+        """Turn the reservation (slot, generation) of ``owner`` into the entry
+        for ``canon``.  Returns "stored", "present" (someone stored the key
+        meanwhile; the slot is freed) or "lost" (the reservation is gone)."""
+        reserved = self.db["reserved"]
+        skey = _U64.pack(slot)
+        raw = self.txn.get(skey, db=reserved)
+        if raw is None or _U32.unpack_from(raw)[0] != generation or raw[4:] != owner:
+            return "lost"
+        self.txn.delete(skey, db=reserved)
+        old = self.txn.get(ikey, db=self.db["entries"])
+        if old is not None:
+            if canon_of(old) == canon:
+                self.release_slot(slot, generation)
+                return "present"
+            self.free_entry(Entry.decode(ikey, old), policy)  # a long key's hash collided
+        self.insert(ikey, canon, slot, generation, length, checksum, meta_raw, policy, now)
+        return "stored"
 
     # -- repair (fsck) ---------------------------------------------------
 

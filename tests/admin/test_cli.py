@@ -91,6 +91,7 @@ def test_parse_size_rejects(bad):
 
 @pytest.mark.parametrize("make", [
     lambda d: FilePerChunk(str(d), capacity_bytes=8 * 8192),
+    lambda d: FilePerChunk(str(d), capacity_bytes=8 * 8192, odirect=True),
     lambda d: SlabContender(str(d), capacity_bytes=8 * 8192, slot_bytes=8192, io="mmap"),
 ])
 def test_bench_workloads_measure_real_hits(tmp_path, make):
