@@ -20,7 +20,7 @@ import logging
 import os
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Iterable, Iterator, Sequence
 
@@ -45,8 +45,10 @@ from .values import (
 
 log = logging.getLogger(__name__)
 
-# Batched reads of at least this many bytes in all run on the worker threads.
-PARALLEL_READ_BYTES = 1 << 20
+# Batches of at least this many bytes in all read on the worker threads and
+# write on the writer threads, several requests in flight; smaller ones cost
+# less done here than handed to threads.
+PARALLEL_IO_BYTES = 1 << 20
 
 
 class SlabStore:
@@ -81,6 +83,7 @@ class SlabStore:
         self._closed = False
         self._guard = _OpGuard(self)
         self._pool: WorkerPool | None = None
+        self._writers: ThreadPoolExecutor | None = None
         self._staging = None
         if not opts.readonly:
             with self._index.write() as t:
@@ -154,6 +157,9 @@ class SlabStore:
             self._closed = True
             while self._active:
                 self._idle.wait()
+            writers, self._writers = self._writers, None
+        if writers is not None:  # idle now: every batch that used them is done
+            writers.shutdown(wait=True)
         try:
             if not self.readonly:
                 with self._index.write() as t:
@@ -307,21 +313,50 @@ class SlabStore:
                 raise
             return r.commit(canon, ikey, csum, meta_raw, desc.length, durable=self.options.strict).ok
 
+    def _writer_pool(self) -> ThreadPoolExecutor:
+        """Threads that write the slots of one large batch side by side.
+        Separate from the workers (a batch runs on one and waits for these)
+        and from the engine's helpers (these wait for those), so no thread
+        ever waits on its own pool."""
+        with self._lock:
+            if self._closed:
+                raise StoreClosedError(f"store at {self.path} is closed; open it again")
+            if self._writers is None:
+                self._writers = ThreadPoolExecutor(max_workers=self.options.io_threads,
+                                                   thread_name_prefix="slabcache-writer")
+            return self._writers
+
     def _put_batch(self, items) -> list[bool]:
         """items: (canon, ikey, parts, desc, meta_raw), already checked."""
         alloc = self._writable()
         with self._guard:
             got = alloc.reserve_many([(c, i) for c, i, *_ in items])
+            todo = [(r, it) for r, it in zip(got, items) if not isinstance(r, PutStatus)]
             done, failed, error = [], [], None
+            if len(todo) > 1 and sum(it[3].length for _r, it in todo) >= PARALLEL_IO_BYTES:
+                pool = self._writer_pool()
+                futs = [pool.submit(self._write_slot, r, it[0], it[2], it[3].length, it[4])
+                        for r, it in todo]
+                results = []
+                for f in futs:
+                    try:
+                        results.append(f.result())
+                    except BaseException as exc:  # every write is waited for first
+                        results.append(exc)
+            else:
+                results = None
             try:
-                for r, (canon, ikey, parts, desc, meta_raw) in zip(got, items):
-                    if isinstance(r, PutStatus):
-                        continue
-                    if error is not None:
+                for n, (r, (canon, ikey, parts, desc, meta_raw)) in enumerate(todo):
+                    if error is not None and results is None:
                         failed.append(r)
                         continue
                     try:
-                        csum = self._write_slot(r, canon, parts, desc.length, meta_raw)
+                        if results is None:
+                            csum = self._write_slot(r, canon, parts, desc.length, meta_raw)
+                        elif isinstance(results[n], BaseException):
+                            raise results[n]
+                        else:
+                            csum = results[n]
                     except SlabIOError as exc:
                         error = error or exc
                         failed.append(r)
@@ -470,6 +505,23 @@ class SlabStore:
             self._uses.count("queue_rejections")
             raise
 
+    def put_many_raw_async(self, keys: Sequence[str | bytes], datas: Sequence,
+                           descs: Sequence[ValueDesc]) -> "Future[list[bool]]":
+        """Queue one :meth:`put_many_raw` for the whole batch (it weighs
+        ``len(keys)`` against ``max_pending_puts``); ``datas`` are held, not
+        copied, until the Future is done.  Bad keys and sizes raise here."""
+        self._writable()
+        items = []
+        for key, data, desc in zip(keys, datas, descs, strict=True):
+            canon, ikey = self._keys(key)
+            self._check_size(desc)
+            items.append((canon, ikey, _raw_parts(data, desc), desc, desc.encode()))
+        try:
+            return self._workers().submit(Priority.PUT, self._put_batch, items, weight=max(1, len(items)))
+        except QueueFullError:
+            self._uses.count("queue_rejections")
+            raise
+
     def get_many(self, keys: Sequence[str | bytes]) -> list:
         """Values for ``keys`` (None for misses): one lookup transaction and
         one validation transaction for the batch; large reads run in
@@ -585,7 +637,7 @@ class SlabStore:
             # Large batches go to the workers (several requests in flight for
             # the device); small ones cost less here than a thread hand-off.
             submit = None
-            if len(found) > 1 and total >= PARALLEL_READ_BYTES:
+            if len(found) > 1 and total >= PARALLEL_IO_BYTES:
                 pool = self._workers()
                 submit = lambda fn, *args: pool.submit(Priority.PREFETCH, fn, *args)  # noqa: E731
             return self._reader.read_many([f.ref for f in found], parts, submit)
@@ -604,6 +656,27 @@ class SlabStore:
             return t.has(ikey, canon)
 
     __contains__ = contains
+
+    def contains_many(self, keys: Iterable[str | bytes]) -> list[bool]:
+        """:meth:`contains` for each key, in one read transaction."""
+        pairs = [self._keys(k) for k in keys]
+        with self._guard, self._index.read() as t:
+            return [t.has(ikey, canon) for canon, ikey in pairs]
+
+    def pin_prefix(self, keys: Iterable[str | bytes]) -> int:
+        """Pin the leading stored keys, stopping at the first that is not
+        stored, in one write transaction; returns how many were pinned
+        (LMCache's prefix lookup with ``pin=True``)."""
+        pairs = [self._keys(k) for k in keys]
+        self._writable()
+        n = 0
+        with self._guard, self._index.write() as t:
+            for canon, ikey in pairs:
+                if not t.has(ikey, canon):
+                    break
+                t.pin(ikey, self._owner)
+                n += 1
+        return n
 
     def batched_contains(self, keys: Iterable[str | bytes]) -> int:
         """How many leading keys are stored (stops at the first miss)."""
@@ -663,6 +736,14 @@ class SlabStore:
         self._writable()
         with self._op(), self._index.write() as t:
             return t.unpin(ikey, self._owner)
+
+    def unpin_many(self, keys: Iterable[str | bytes]) -> int:
+        """:meth:`unpin` for each key, in one write transaction; returns how
+        many pins were released."""
+        pairs = [self._keys(k) for k in keys]
+        self._writable()
+        with self._guard, self._index.write() as t:
+            return sum(t.unpin(ikey, self._owner) for _canon, ikey in pairs)
 
     def pin_count(self, key: str | bytes) -> int:
         """Pins held on ``key`` by live processes."""

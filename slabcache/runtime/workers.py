@@ -64,18 +64,21 @@ class WorkerPool:
     def threads(self) -> int:
         return len(self._threads)
 
-    def submit(self, priority: Priority, fn: Callable, *args) -> Future:
+    def submit(self, priority: Priority, fn: Callable, *args, weight: int = 1) -> Future:
         """Queue ``fn(*args)``; its result or exception lands in the Future.
 
-        Raises QueueFullError (put queue full, reject mode) or
-        StoreClosedError (pool shut down).
+        A PUT task counts ``weight`` puts against ``max_pending_puts`` (a
+        batch of puts weighs as many as it holds; one larger than the whole
+        limit waits for an empty queue instead of never running).  Raises
+        QueueFullError (put queue full, reject mode) or StoreClosedError
+        (pool shut down).
         """
         fut: Future = Future()
         with self._cv:
             if self._closing:
                 raise StoreClosedError("the store is closing; open it again to queue work")
             if priority == Priority.PUT:
-                while self._pending_puts >= self.max_pending_puts:
+                while self._pending_puts and self._pending_puts + weight > self.max_pending_puts:
                     if self.on_full == "reject":
                         self.rejected += 1
                         raise QueueFullError(
@@ -86,8 +89,8 @@ class WorkerPool:
                     self._cv.wait()
                     if self._closing:
                         raise StoreClosedError("the store closed while this put waited for room")
-                self._pending_puts += 1
-            heapq.heappush(self._heap, (int(priority), next(self._seq), fut, fn, args))
+                self._pending_puts += weight
+            heapq.heappush(self._heap, (int(priority), next(self._seq), fut, fn, args, weight))
             self._cv.notify_all()
         return fut
 
@@ -98,7 +101,7 @@ class WorkerPool:
                     self._cv.wait()
                 if not self._heap:
                     return
-                prio, _seq, fut, fn, args = heapq.heappop(self._heap)
+                prio, _seq, fut, fn, args, weight = heapq.heappop(self._heap)
             try:
                 if fut.set_running_or_notify_cancel():
                     try:
@@ -108,7 +111,7 @@ class WorkerPool:
             finally:
                 if prio == Priority.PUT:
                     with self._cv:
-                        self._pending_puts -= 1
+                        self._pending_puts -= weight
                         self._cv.notify_all()
 
     def queued(self) -> int:
@@ -126,7 +129,7 @@ class WorkerPool:
                     if item[2].cancel():
                         cancelled += 1
                         if item[0] == Priority.PUT:
-                            self._pending_puts -= 1
+                            self._pending_puts -= item[5]
                     else:
                         keep.append(item)
                 self._heap = keep

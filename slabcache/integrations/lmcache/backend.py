@@ -44,6 +44,24 @@ def _bytes_of(memory_obj) -> torch.Tensor:
         return torch.frombuffer(memory_obj.byte_array, dtype=torch.uint8)
 
 
+_EXTRAS: dict[bytes, dict] = {}
+
+
+def _extra_of(raw: bytes) -> dict | None:
+    """LMCache's part of an entry's description (parsed once per distinct
+    value: chunks of one model share it), or None when it is not ours."""
+    d = _EXTRAS.get(raw)
+    if d is None:
+        try:
+            d = json.loads(raw)
+        except ValueError:
+            return None
+        if len(_EXTRAS) > 1024:
+            _EXTRAS.clear()
+        _EXTRAS[raw] = d
+    return d
+
+
 def _describe(memory_obj):
     """The value description of an object: its tensors' real shapes and
     dtypes, with what LMCache needs to rebuild it in the extra bytes."""
@@ -109,11 +127,12 @@ class SlabCacheBackend(StoragePluginInterface):
         return self.store.contains(k)
 
     def batched_contains(self, keys, pin: bool = False) -> int:
-        n = 0
-        for key in keys:
-            if not self.contains(key, pin):
-                break
-            n += 1
+        ks = [canonical_key(k) for k in keys]
+        if not pin:
+            return self.store.batched_contains(ks)
+        n = self.store.pin_prefix(ks)  # one transaction for the whole prefix
+        with self._lock:
+            self._keys_in_request.extend(ks[:n])
         return n
 
     def pending_puts(self) -> int:
@@ -148,46 +167,59 @@ class SlabCacheBackend(StoragePluginInterface):
 
     def batched_submit_put_task(self, keys: Sequence, objs: List, transfer_spec: Any = None,
                                 on_complete_callback: Optional[Callable] = None):
-        futures = []
-        for key, obj in zip(keys, objs):
-            k = canonical_key(key)
-            with self._lock:
-                if k in self._inflight:
-                    continue
-            if self.store.contains(k):
-                self.store.touch([k])
-                continue
-            with self._lock:
-                self._inflight.add(k)
-            # The engine drops its reference right after this call: hold one
-            # until the bytes are on disk.
+        """Queue the batch as one put: one transaction reserves every slot,
+        one commits every entry.  Keys already stored count as a use."""
+        ks = [canonical_key(k) for k in keys]
+        with self._lock:
+            fresh = [i for i, k in enumerate(ks) if k not in self._inflight]
+        present = self.store.contains_many([ks[i] for i in fresh])
+        stored = [ks[i] for i, p in zip(fresh, present) if p]
+        if stored:
+            self.store.touch(stored)
+        new = [i for i, p in zip(fresh, present) if not p]
+        if not new:
+            return None
+        batch = [(ks[i], keys[i], objs[i]) for i in new]
+        with self._lock:
+            self._inflight.update(k for k, _key, _obj in batch)
+        # The engine drops its references right after this call: hold one
+        # on each object until its bytes are on disk.
+        for _k, _key, obj in batch:
             obj.ref_count_up()
-            try:
-                desc = _describe(obj)
-                fut = self.store.put_raw_async(k, _bytes_of(obj)[:desc.length], desc)
-            except (QueueFullError, SlabcacheError) as exc:
-                log.warning("slabcache: put of %s skipped: %s", k, exc)
-                self._put_done(k, key, obj, None, on_complete_callback)
-                continue
-            fut.add_done_callback(
-                lambda f, k=k, key=key, obj=obj: self._put_done(k, key, obj, f, on_complete_callback))
-            futures.append(fut)
-        return futures or None
-
-    def _put_done(self, k: str, key, obj, fut: Optional[Future], callback) -> None:
         try:
-            if fut is not None and not fut.cancelled() and fut.exception() is not None:
-                log.error("slabcache: writing %s failed: %s", k, fut.exception())
+            descs = [_describe(obj) for _k, _key, obj in batch]
+            fut = self.store.put_many_raw_async(
+                [k for k, _key, _obj in batch],
+                [_bytes_of(obj)[:d.length] for (_k, _key, obj), d in zip(batch, descs)], descs)
+        except (QueueFullError, SlabcacheError) as exc:
+            log.warning("slabcache: put of %d chunks skipped: %s", len(batch), exc)
+            self._puts_done(batch, None, on_complete_callback)
+            return None
+        fut.add_done_callback(lambda f: self._puts_done(batch, f, on_complete_callback))
+        return [fut]
+
+    def _puts_done(self, batch, fut: Optional[Future], callback) -> None:
+        oks = [False] * len(batch)
+        try:
+            if fut is not None and not fut.cancelled():
+                if fut.exception() is not None:
+                    log.error("slabcache: writing %d chunks failed: %s", len(batch), fut.exception())
+                else:
+                    oks = fut.result()
         finally:
-            obj.ref_count_down()
+            for _k, _key, obj in batch:
+                obj.ref_count_down()
             with self._lock:
-                self._inflight.discard(k)
+                self._inflight.difference_update(k for k, _key, _obj in batch)
         self._report_usage()
-        if callback is not None and fut is not None and not fut.cancelled() and fut.exception() is None:
-            try:
-                callback(key)
-            except Exception as exc:  # the engine's callback: report, do not propagate
-                log.warning("slabcache: on_complete_callback failed for %s: %s", k, exc)
+        if callback is None:
+            return
+        for (k, key, _obj), ok in zip(batch, oks):
+            if ok:
+                try:
+                    callback(key)
+                except Exception as exc:  # the engine's callback: report, do not propagate
+                    log.warning("slabcache: on_complete_callback failed for %s: %s", k, exc)
 
     # ------------------------------------------------------------ get
 
@@ -195,22 +227,18 @@ class SlabCacheBackend(StoragePluginInterface):
         """Tell LMCache's stats monitor how much of the disk tier is in use."""
         self._stats_monitor.update_local_storage_usage(len(self.store) * self.store.geometry.slot_bytes)
 
-    def _allocate(self, k: str):
-        """(object from the CPU allocator, byte view to read into, description),
-        or None when the key is absent or no object can be had."""
-        meta = self.store.describe(k)
-        if meta is None:
-            return None
-        try:
-            d = json.loads(meta.extra)
-        except ValueError:
+    def _allocate(self, k: str, found):
+        """(object from the CPU allocator, byte view to read into, LMCache's
+        extra description), or None when no object can be had."""
+        d = _extra_of(found.desc.extra)
+        if d is None:
             log.error("slabcache: entry %s has no LMCache description; dropping it", k)
             self.store.remove(k, force=True)
             return None
         # Entries written before shapes were recorded natively carry them
         # in the extra bytes.
-        shapes = [torch.Size(s) for s in d.get("shapes", meta.shapes)]
-        dtypes = [getattr(torch, t) for t in d.get("dtypes", meta.dtypes)]
+        shapes = [torch.Size(s) for s in d.get("shapes", found.desc.shapes)]
+        dtypes = [getattr(torch, t) for t in d.get("dtypes", found.desc.dtypes)]
         fmt = MemoryFormat[d["fmt"]] if d.get("fmt") else None
         if d.get("multi"):
             obj = self.local_cpu_backend.allocate(shapes, dtypes, fmt)
@@ -220,24 +248,29 @@ class SlabCacheBackend(StoragePluginInterface):
             log.warning("slabcache: the CPU allocator has no room for %s", k)
             return None
         buf = _bytes_of(obj)
-        if buf.numel() < meta.length:
+        if buf.numel() < found.length:
             log.error("slabcache: allocated object for %s is smaller than the stored bytes", k)
             obj.ref_count_down()
             return None
-        return obj, buf[:meta.length], d
+        return obj, buf[:found.length], d
 
     def get_blocking(self, key):
         return self.batched_get_blocking([key])[0]
 
     def batched_get_blocking(self, keys) -> list:
+        """One lookup (which also gives each chunk's shapes and dtypes) and
+        one validation for the whole batch; large batches read in parallel."""
         ks = [canonical_key(k) for k in keys]
-        jobs = [(i, k, got) for i, k in enumerate(ks) if (got := self._allocate(k)) is not None]
-        got_descs = self.store.get_many_raw_into([k for _, k, _ in jobs],
-                                                 [got[1] for _, _, got in jobs]) if jobs else []
-        oks = [desc is not None for desc in got_descs]
+        found = self.store.lookup_many(ks)
+        jobs = []
+        for i, (k, f) in enumerate(zip(ks, found)):
+            if f is not None and (got := self._allocate(k, f)) is not None:
+                jobs.append((i, got))
+        descs = self.store.read_many_raw_into([found[i] for i, _ in jobs],
+                                              [got[1] for _, got in jobs]) if jobs else []
         results: list = [None] * len(ks)
-        for (i, _k, (obj, _out, d)), ok in zip(jobs, oks):
-            if not ok:
+        for (i, (obj, _out, d)), desc in zip(jobs, descs):
+            if desc is None:
                 obj.ref_count_down()
                 continue
             pos = d.get("cached_positions")
@@ -249,16 +282,14 @@ class SlabCacheBackend(StoragePluginInterface):
     # ------------------------------------------------------------ async
 
     async def batched_async_contains(self, lookup_id: str, keys, pin: bool = False) -> int:
-        hits = []
-        for key in keys:
-            k = canonical_key(key)
-            if not (self.store.pin(k) if pin else self.store.contains(k)):
-                break
-            hits.append(k)
-        if pin and hits:
+        ks = [canonical_key(k) for k in keys]
+        if not pin:
+            return self.store.batched_contains(ks)
+        n = self.store.pin_prefix(ks)
+        if n:
             with self._lock:
-                self._lookup_pins.setdefault(lookup_id, []).extend(hits)
-        return len(hits)
+                self._lookup_pins.setdefault(lookup_id, []).extend(ks[:n])
+        return n
 
     async def batched_get_non_blocking(self, lookup_id: str, keys, transfer_spec: Any = None) -> list:
         loop = asyncio.get_running_loop()
@@ -269,8 +300,8 @@ class SlabCacheBackend(StoragePluginInterface):
             # (LMCache's own disk backend leaks them).
             with self._lock:
                 pinned = self._lookup_pins.pop(lookup_id, [])
-            for k in pinned:
-                self.store.unpin(k)
+            if pinned:
+                self.store.unpin_many(pinned)
         out = []
         for obj in objs:  # a prefix of hits, as the engine expects
             if obj is None:

@@ -1,0 +1,129 @@
+"""Batched operations: one index transaction per batch, same guarantees as
+one key at a time (every engine)."""
+
+import pytest
+import torch
+
+from slabcache import SlabIOError, UnsupportedValueError
+from slabcache.core.values import describe
+from slabcache.testing import FaultyEngine, inject
+from tests.helpers import rand_tensor
+
+
+def _no_leak(s):
+    st = s.stats()
+    assert st["slots_used"] + st["slots_free"] + st["slots_reserved"] == st["slots_total"]
+    assert st["slots_reserved"] == 0
+
+
+def test_put_many_then_get_many_round_trip(make_store):
+    s = make_store(capacity_bytes=64 * 4096)
+    keys = [f"k{i}" for i in range(20)]
+    vals = [rand_tensor(100 + 37 * i, i) for i in range(20)]
+    assert s.put_many(keys, vals) == [True] * 20
+    got = s.get_many(keys + ["missing"])
+    assert got[-1] is None
+    assert all(torch.equal(g, v) for g, v in zip(got, vals))
+    assert s.stats()["puts"] == 20
+    _no_leak(s)
+
+
+def test_put_many_counts_present_and_repeated_keys_as_uses(make_store):
+    s = make_store(capacity_bytes=16 * 4096)
+    assert s.put("a", rand_tensor(10, 1))
+    assert s.put_many(["a", "b", "b"], [rand_tensor(10, 9), rand_tensor(10, 2), rand_tensor(10, 3)]) == [True] * 3
+    assert torch.equal(s.get("a"), rand_tensor(10, 1))  # not rewritten
+    assert torch.equal(s.get("b"), rand_tensor(10, 2))  # the first of the batch wins
+    assert s.entry("a").use.hits >= 1 and len(s) == 2
+
+
+def test_put_many_evicts_like_single_puts_and_rejects_when_all_pinned(make_store):
+    s = make_store(capacity_bytes=4 * 4096)
+    assert s.put_many([f"k{i}" for i in range(4)], [rand_tensor(10, i) for i in range(4)]) == [True] * 4
+    for i in range(4):
+        s.pin(f"k{i}")
+    assert s.put_many(["x", "y"], [rand_tensor(10, 5)] * 2) == [False, False]
+    s.unpin("k0")
+    assert s.put_many(["x"], [rand_tensor(10, 5)]) == [True]
+    assert "k0" not in s and s.stats()["evictions"] == 1
+    _no_leak(s)
+
+
+def test_put_many_checks_everything_before_reserving(make_store):
+    s = make_store(capacity_bytes=4 * 4096)
+    s.put_many(["a", "b"], [rand_tensor(10, 1), rand_tensor(10, 2)])
+    with pytest.raises(UnsupportedValueError):
+        s.put_many(["c", "d"], [rand_tensor(10, 3), "not a tensor"])
+    with pytest.raises(ValueError, match="one value per key"):
+        s.put_many(["c"], [])
+    assert sorted(s.keys()) == ["a", "b"] and "c" not in s
+    _no_leak(s)
+
+
+@pytest.mark.parametrize("big", [False, True])
+def test_put_many_write_failure_keeps_what_was_written(tmp_path, engine, big):
+    from slabcache import SlabStore
+
+    size = (1 << 20) if big else 1000  # big batches write on several threads
+    with SlabStore.open(tmp_path / "s", capacity_bytes=16 * (1 << 20), slot_bytes=1 << 20, io=engine,
+                        engine_wrapper=FaultyEngine) as s:
+        s.put("keep", rand_tensor(size, 0))
+        inject(s, "eio_write", every=3)
+        keys = [f"k{i}" for i in range(6)]
+        with pytest.raises(SlabIOError, match="writing slot"):
+            s.put_many(keys, [rand_tensor(size, i) for i in range(6)])
+        inject(s, None)
+        for i, k in enumerate(keys):
+            v = s.get(k)
+            assert v is None or torch.equal(v, rand_tensor(size, i))
+        assert torch.equal(s.get("keep"), rand_tensor(size, 0))
+        _no_leak(s)
+
+
+def test_get_many_into_handles_every_kind_of_out(make_store):
+    s = make_store(capacity_bytes=16 * 4096)
+    a = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    pair = [torch.arange(5, dtype=torch.int16), torch.ones(2, 2)]
+    s.put_many(["a", "pair"], [a, pair])
+    out_a = torch.empty(4, 3).t()  # not contiguous: read, then copied
+    out_pair = [torch.empty(5, dtype=torch.int16), torch.empty(2, 2)]
+    assert s.get_many_into(["a", "pair", "gone"], [out_a, out_pair, torch.empty(3)]) == [True, True, False]
+    assert torch.equal(out_a, a) and torch.equal(out_pair[0], pair[0]) and torch.equal(out_pair[1], pair[1])
+    with pytest.raises(UnsupportedValueError, match="stored tensor"):
+        s.get_many_into(["a"], [torch.empty(3, 4, dtype=torch.float64)])
+
+
+def test_lookup_then_read_is_a_miss_if_the_entry_changed_between(make_store):
+    s = make_store(capacity_bytes=2 * 4096)
+    s.put_raw("x", rand_tensor(64, 1), describe([(4, 4)], [torch.float32], is_list=False))
+    found = s.lookup_many(["x", "nothing"])
+    assert found[1] is None and found[0].desc.shapes == ((4, 4),) and found[0].length == 64
+    s.remove("x")
+    s.put("y", rand_tensor(64, 2))
+    s.put("z", rand_tensor(64, 3))  # x's slot is reused
+    out = torch.empty(64, dtype=torch.uint8)
+    assert s.read_many_raw_into(found, [out, None]) == [None, None]
+    s.put_raw("x", rand_tensor(64, 4), describe([(64,)], [torch.uint8], is_list=False))
+    found = s.lookup_many(["x"])
+    assert s.read_many_raw_into(found, [out])[0].dtypes == ("uint8",)
+    assert torch.equal(out, rand_tensor(64, 4))
+
+
+def test_prefix_pins_and_unpins_in_one_go(make_store):
+    s = make_store()
+    s.put_many(["a", "b", "d"], [rand_tensor(10, i) for i in range(3)])
+    assert s.contains_many(["a", "c", "d"]) == [True, False, True]
+    assert s.pin_prefix(["a", "b", "c", "d"]) == 2
+    assert [s.pin_count(k) for k in "abd"] == [1, 1, 0]
+    assert s.unpin_many(["a", "b", "d"]) == 2
+    assert [s.pin_count(k) for k in "abd"] == [0, 0, 0]
+
+
+def test_put_many_raw_async_weighs_its_keys_against_the_queue(make_store):
+    s = make_store(capacity_bytes=16 * 4096, max_pending_puts=4)
+    desc = describe([(10,)], [torch.uint8], is_list=False)
+    fut = s.put_many_raw_async(["a", "b", "c"], [rand_tensor(10, i) for i in range(3)], [desc] * 3)
+    assert fut.result(10) == [True, True, True]
+    big = s.put_many_raw_async([f"k{i}" for i in range(6)], [rand_tensor(10, i) for i in range(6)], [desc] * 6)
+    assert big.result(10) == [True] * 6  # larger than the whole limit: runs alone
+    assert torch.equal(s.get("k5"), rand_tensor(10, 5))
