@@ -246,7 +246,7 @@ class SlabStore:
         :meth:`put` returns; raises the same errors.
         """
         canon, ikey = self._keys(key)
-        return self._put_parts(canon, ikey, _raw_parts(data, desc), desc, desc.encode())
+        return self._put_parts(canon, ikey, _raw_parts(data, desc), desc, desc.encoded)
 
     def put_many_raw(self, keys: Sequence[str | bytes], datas: Sequence,
                      descs: Sequence[ValueDesc]) -> list[bool]:
@@ -255,7 +255,7 @@ class SlabStore:
         for key, data, desc in zip(keys, datas, descs, strict=True):
             canon, ikey = self._keys(key)
             self._check_size(desc)
-            items.append((canon, ikey, _raw_parts(data, desc), desc, desc.encode()))
+            items.append((canon, ikey, _raw_parts(data, desc), desc, desc.encoded))
         return self._put_batch(items)
 
     def _put_tensors(self, canon: bytes, ikey: bytes, tensors: list[torch.Tensor],
@@ -500,7 +500,7 @@ class SlabStore:
         self._check_size(desc)
         try:
             return self._workers().submit(Priority.PUT, self._put_parts, canon, ikey, parts, desc,
-                                          desc.encode())
+                                          desc.encoded)
         except QueueFullError:
             self._uses.count("queue_rejections")
             raise
@@ -515,7 +515,7 @@ class SlabStore:
         for key, data, desc in zip(keys, datas, descs, strict=True):
             canon, ikey = self._keys(key)
             self._check_size(desc)
-            items.append((canon, ikey, _raw_parts(data, desc), desc, desc.encode()))
+            items.append((canon, ikey, _raw_parts(data, desc), desc, desc.encoded))
         try:
             return self._workers().submit(Priority.PUT, self._put_batch, items, weight=max(1, len(items)))
         except QueueFullError:

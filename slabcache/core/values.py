@@ -243,7 +243,7 @@ def describe(shapes: Sequence[Sequence[int]], dtypes: Sequence[torch.dtype], *,
         for d in shape:
             n *= int(d)
         names.append(name)
-        nbytes.append(n * torch.empty((), dtype=dt).element_size())
+        nbytes.append(n * dt.itemsize)
     if not isinstance(extra, (bytes, bytearray)):
         raise UnsupportedValueError(f"extra must be bytes, got {type(extra).__name__}")
     return ValueDesc(is_list=is_list, dtypes=tuple(names),

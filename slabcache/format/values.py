@@ -5,6 +5,7 @@ Dtype codes are on disk: append only, never reorder.
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass
 
@@ -37,6 +38,12 @@ class ValueDesc:
     @property
     def length(self) -> int:
         return sum(self.nbytes)
+
+    @functools.cached_property
+    def encoded(self) -> bytes:
+        """``encode()``, computed once per description (the put path reuses
+        descriptions)."""
+        return self.encode()
 
     def encode(self) -> bytes:
         out = [_META_HEAD.pack(1, self.is_list, len(self.dtypes), len(self.extra))]

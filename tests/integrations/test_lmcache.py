@@ -331,3 +331,34 @@ def test_canonical_keys_are_distinct():
     assert "org/model-7b" in canonical_key(a)
     tagged = key(5, cfg={"lmcache.tag.user": "alice"})
     assert canonical_key(tagged) != canonical_key(key(5))
+
+
+def test_allocator_close_waits_for_queued_puts(disk):
+    """LMCache closes its CPU allocator before storage plugins; a put still
+    reading an allocator object must finish first (it read freed memory)."""
+    import threading
+
+    from slabcache.device import EngineWrapper
+
+    cfg = h.config(disk)
+    eng = h.engine(cfg)
+    b = h.backend(eng)
+    gate = threading.Event()
+
+    class Held(EngineWrapper):
+        def write(self, slot, parts, hashed=False):
+            assert gate.wait(30)
+            return super().write(slot, parts, hashed)
+
+    b.store.engine = Held(b.store.engine)  # writes wait for the gate
+    tokens, kv = h.prompt(2 * h.CHUNK)
+    eng.store(tokens, kv=kv)
+    assert b.pending_puts() == 2
+    closer = threading.Thread(target=b.local_cpu_backend.close)
+    closer.start()
+    closer.join(0.3)
+    assert closer.is_alive()  # the allocator is not freed under the queued puts
+    gate.set()
+    closer.join(30)
+    assert not closer.is_alive() and b.pending_puts() == 0 and len(b.store) == 2
+    h.destroy(cfg)

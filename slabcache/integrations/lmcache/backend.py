@@ -17,10 +17,10 @@ entry's extra bytes.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import logging
 import threading
-import warnings
 from concurrent.futures import Future
 from typing import Any, Callable, List, Optional, Sequence
 
@@ -39,9 +39,9 @@ log = logging.getLogger(__name__)
 
 
 def _bytes_of(memory_obj) -> torch.Tensor:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # memoryview over the object's own buffer
-        return torch.frombuffer(memory_obj.byte_array, dtype=torch.uint8)
+    """The object's bytes as a uint8 tensor (no copy).  The buffer is
+    writable, so torch.frombuffer has nothing to warn about."""
+    return torch.frombuffer(memory_obj.byte_array, dtype=torch.uint8)
 
 
 _EXTRAS: dict[bytes, dict] = {}
@@ -62,20 +62,35 @@ def _extra_of(raw: bytes) -> dict | None:
     return d
 
 
+_DESCS: dict[tuple, object] = {}
+
+
 def _describe(memory_obj):
     """The value description of an object: its tensors' real shapes and
-    dtypes, with what LMCache needs to rebuild it in the extra bytes."""
+    dtypes, with what LMCache needs to rebuild it in the extra bytes.
+    Chunks of one model share a few layouts: those are described once."""
     m = memory_obj.metadata
     multi = bool(m.shapes)
     shapes = m.shapes if multi else [m.shape]
     dtypes = m.dtypes if multi else [m.dtype]
     pos = m.cached_positions
+    key = None
+    if pos is None:
+        key = (multi, m.fmt, *[tuple(s) for s in shapes], *dtypes)
+        got = _DESCS.get(key)
+        if got is not None:
+            return got
     extra = json.dumps({
         "fmt": m.fmt.name if m.fmt is not None else None,
         "multi": multi,
         "cached_positions": pos.tolist() if isinstance(pos, torch.Tensor) else None,
     }).encode()
-    return describe(shapes, dtypes, is_list=multi, extra=extra)
+    desc = describe(shapes, dtypes, is_list=multi, extra=extra)
+    if key is not None:
+        if len(_DESCS) > 1024:
+            _DESCS.clear()
+        _DESCS[key] = desc
+    return desc
 
 
 class SlabCacheBackend(StoragePluginInterface):
@@ -108,8 +123,36 @@ class SlabCacheBackend(StoragePluginInterface):
         self._lookup_pins: dict[str, list[str]] = {}
         self._stats_monitor = LMCStatsMonitor.GetOrCreate()
         self._report_usage()
+        self._futures: set[Future] = set()
+        self._drain_before_allocator_closes()
         log.info("slabcache: disk tier at %s (%s, %d slots of %d bytes)", self.path,
                  self.settings.io, self.store.geometry.slot_count, self.store.geometry.slot_bytes)
+
+    def _drain_before_allocator_closes(self) -> None:
+        """LMCache 0.5.6's StorageManager.close() closes LocalCPUBackend,
+        freeing the memory objects our queued puts still read, before it
+        closes storage plugins: a put in flight then reads freed memory
+        (a segfault).  So the allocator's close first waits for our puts."""
+        cpu = self.local_cpu_backend
+        if cpu is None:
+            return
+        close = cpu.close
+
+        def close_after_our_puts():
+            self.wait_for_puts()
+            close()
+
+        cpu.close = close_after_our_puts
+
+    def wait_for_puts(self, timeout: float = 120.0) -> bool:
+        """Wait until every accepted put is on disk (or failed); False if
+        ``timeout`` seconds passed first."""
+        with self._lock:
+            futs = list(self._futures)
+        done, pending = concurrent.futures.wait(futs, timeout=timeout)
+        if pending:
+            log.error("slabcache: %d puts still running after %.0f s", len(pending), timeout)
+        return not pending
 
     def __str__(self) -> str:
         return "LocalDiskBackend"
@@ -195,6 +238,8 @@ class SlabCacheBackend(StoragePluginInterface):
             log.warning("slabcache: put of %d chunks skipped: %s", len(batch), exc)
             self._puts_done(batch, None, on_complete_callback)
             return None
+        with self._lock:
+            self._futures.add(fut)
         fut.add_done_callback(lambda f: self._puts_done(batch, f, on_complete_callback))
         return [fut]
 
@@ -211,6 +256,7 @@ class SlabCacheBackend(StoragePluginInterface):
                 obj.ref_count_down()
             with self._lock:
                 self._inflight.difference_update(k for k, _key, _obj in batch)
+                self._futures.discard(fut)
         self._report_usage()
         if callback is None:
             return
