@@ -118,21 +118,35 @@ def _check(paths: StorePaths, res, *, repair, deep, rebuild, progress) -> None:
 
 
 def _check_header(slab_path, idx, res, repair) -> tuple[Geometry | None, bytes | None]:
+    """The slab's geometry and creation id, repaired from the index's copy
+    of the header when the slab's own is damaged or disagrees with it."""
     raw = read_header_bytes(slab_path)
+    copy = None
+    if idx is not None:
+        with idx.read() as t:
+            copy = t.header_copy()
     try:
-        return unpack_header(raw, slab_path)
+        found = unpack_header(raw, slab_path)
     except CorruptStoreError as exc:
-        copy = None
-        if idx is not None:
-            with idx.read() as t:
-                copy = t.header_copy()
         fixable = copy is not None and "newer than" not in str(exc)
         if fixable and repair:
             write_header_bytes(slab_path, copy)
         _add(res, "slab header damaged", str(exc), fixed=fixable and repair)
-        if fixable:
-            return unpack_header(copy, slab_path)
-        return None, None
+        return unpack_header(copy, slab_path) if fixable else (None, None)
+    if copy is None or copy == raw[:len(copy)]:
+        return found
+    # The header's checksum holds but it disagrees with the copy the index
+    # took at creation: the entries were laid out by the copy, so trust it.
+    try:
+        expected = unpack_header(copy, slab_path)
+    except CorruptStoreError:
+        return found
+    if repair:
+        write_header_bytes(slab_path, copy)
+    _add(res, "slab header differs from the index's copy",
+         f"the header says {found[0].slot_count} slots of {found[0].slot_bytes} bytes, the "
+         f"index's copy {expected[0].slot_count} of {expected[0].slot_bytes}", fixed=repair)
+    return expected
 
 
 def _check_size(slab_path, g: Geometry, res, repair) -> int:

@@ -40,15 +40,22 @@ from .options import StoreOptions
 from .reader import Reader
 from .uses import UseTracker
 from .values import (
-    Plan, as_bytes, as_list, described, direct_parts, host_parts, match_out, on_cuda, plan_for, split,
+    Plan, as_bytes, as_list, check_disjoint, described, direct_parts, host_parts, match_out, on_cuda,
+    plan_for, split,
 )
 
 log = logging.getLogger(__name__)
 
-# Batches of at least this many bytes in all read on the worker threads and
-# write on the writer threads, several requests in flight; smaller ones cost
-# less done here than handed to threads.
+# Batches of at least PARALLEL_IO_BYTES in all, of values of at least
+# PARALLEL_VALUE_BYTES each on average, read on the worker threads and write
+# on the writer threads, several requests in flight.  Below that a thread
+# hand-off (tens of microseconds here) costs more than the I/O it overlaps.
 PARALLEL_IO_BYTES = 1 << 20
+PARALLEL_VALUE_BYTES = 256 << 10
+
+
+def _parallel(count: int, total: int) -> bool:
+    return count > 1 and total >= PARALLEL_IO_BYTES and total >= count * PARALLEL_VALUE_BYTES
 
 
 class SlabStore:
@@ -333,7 +340,7 @@ class SlabStore:
             got = alloc.reserve_many([(c, i) for c, i, *_ in items])
             todo = [(r, it) for r, it in zip(got, items) if not isinstance(r, PutStatus)]
             done, failed, error = [], [], None
-            if len(todo) > 1 and sum(it[3].length for _r, it in todo) >= PARALLEL_IO_BYTES:
+            if _parallel(len(todo), sum(it[3].length for _r, it in todo)):
                 pool = self._writer_pool()
                 futs = [pool.submit(self._write_slot, r, it[0], it[2], it[3].length, it[4])
                         for r, it in todo]
@@ -556,7 +563,10 @@ class SlabStore:
         keys, outs = list(keys), list(outs)
         if len(keys) != len(outs):
             raise ValueError(f"get_many_into got {len(keys)} keys but {len(outs)} outs; pass one out per key")
-        marks = _caller_marks([t for o in outs for t in as_list(o)[0]])
+        flat = [t for o in outs for t in as_list(o)[0]]
+        if len(flat) > 1:
+            check_disjoint(flat)
+        marks = _caller_marks(flat)
         if marks is not None:
             pool = self._workers()
             futs = [pool.submit(Priority.PREFETCH, self._get_into, k, o, marks) for k, o in zip(keys, outs)]
@@ -614,6 +624,8 @@ class SlabStore:
         found or is no longer the entry that was looked up (evicted or
         replaced since: validated after reading, as every read is)."""
         jobs, parts = [], []
+        outs = list(outs)
+        check_disjoint([as_bytes(o) for f, o in zip(found, outs) if f is not None])
         for i, (f, out) in enumerate(zip(found, outs, strict=True)):
             if f is None:
                 continue
@@ -637,7 +649,7 @@ class SlabStore:
             # Large batches go to the workers (several requests in flight for
             # the device); small ones cost less here than a thread hand-off.
             submit = None
-            if len(found) > 1 and total >= PARALLEL_IO_BYTES:
+            if _parallel(len(found), total):
                 pool = self._workers()
                 submit = lambda fn, *args: pool.submit(Priority.PREFETCH, fn, *args)  # noqa: E731
             return self._reader.read_many([f.ref for f in found], parts, submit)

@@ -31,6 +31,20 @@ def _check_tensor(t, where: str) -> None:
             f"{where} has dtype {t.dtype}, which has no fixed element size slabcache "
             f"knows; use one of {', '.join(sorted(DTYPE_CODES))}"
         )
+    if t.device.type == "meta":
+        raise UnsupportedValueError(
+            f"{where} is on the meta device and holds no data; store a tensor with data "
+            "(e.g. torch.empty_like(t, device='cpu') filled with it)"
+        )
+    if t.is_conj() or t.is_neg():
+        raise UnsupportedValueError(
+            f"{where} is a lazy {'conjugate' if t.is_conj() else 'negative'} view, whose "
+            "bytes are not its values; call .resolve_conj() / .resolve_neg() first"
+        )
+
+
+# A value's tensor count is stored in 16 bits (format/values.py).
+MAX_TENSORS = 0xFFFF
 
 
 def as_list(value) -> tuple[list[torch.Tensor], bool]:
@@ -41,6 +55,11 @@ def as_list(value) -> tuple[list[torch.Tensor], bool]:
     if isinstance(value, (list, tuple)):
         if not value:
             raise UnsupportedValueError("value is an empty list; store at least one tensor")
+        if len(value) > MAX_TENSORS:
+            raise UnsupportedValueError(
+                f"value is a list of {len(value)} tensors; at most {MAX_TENSORS} fit one "
+                "entry: concatenate them, or split the value over several keys"
+            )
         for i, t in enumerate(value):
             _check_tensor(t, f"value[{i}]")
         return list(value), True
@@ -89,6 +108,27 @@ def on_cuda(tensors: Sequence[torch.Tensor]) -> bool:
     return any(t.device.type == "cuda" for t in tensors)
 
 
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """The address range a CPU tensor's elements occupy."""
+    if t.numel() == 0:
+        return 0, 0
+    last = sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+    start = t.data_ptr()
+    return start, start + (last + 1) * t.element_size()
+
+
+def check_disjoint(tensors: Sequence[torch.Tensor], where: str = "outs") -> None:
+    """Raise UnsupportedValueError when two CPU tensors share memory: a read
+    into both would mix two values' bytes (and fail as corruption)."""
+    spans = sorted(s for s in (_span(t) for t in tensors if t.is_cpu) if s[1] > s[0])
+    for (a0, a1), (b0, b1) in zip(spans, spans[1:]):
+        if b0 < a1:
+            raise UnsupportedValueError(
+                f"{where} overlap in memory; read each value into its own tensor "
+                "(views of one buffer must not overlap)"
+            )
+
+
 def match_out(out, meta: ValueDesc) -> list[torch.Tensor]:
     """Check ``out`` against ``meta``; raises UnsupportedValueError naming the difference."""
     tensors, is_list = as_list(out)
@@ -104,6 +144,8 @@ def match_out(out, meta: ValueDesc) -> list[torch.Tensor]:
                 f"out[{i}] is {dtype_name(t.dtype)}{list(t.shape)} but the stored tensor is "
                 f"{dt}{list(shape)}; allocate out with the stored dtype and shape"
             )
+    if len(tensors) > 1:
+        check_disjoint(tensors)
     return tensors
 
 

@@ -38,16 +38,19 @@ class OpenLock:
     def __init__(self, paths: StorePaths, readonly: bool):
         self._dir_fd: int | None = os.open(paths.root, os.O_RDONLY | os.O_DIRECTORY)
         fcntl.flock(self._dir_fd, fcntl.LOCK_EX)
+        self._fd: int | None = None
         try:
             if readonly and not os.path.exists(paths.lock):
-                # A store copied without its lock file: share the directory
-                # descriptor's lock instead of creating a file.
-                fd = os.open(paths.root, os.O_RDONLY | os.O_DIRECTORY)
-            else:
-                flags = os.O_RDONLY if readonly else os.O_RDWR | os.O_CREAT
-                fd = os.open(paths.lock, flags, 0o644)
+                # A store copied or restored without its lock file: a
+                # read-only handle must not create one, and a shared lock on
+                # another descriptor of the directory would wait forever on
+                # the exclusive one held above.  It goes without a lifetime
+                # lock; it writes nothing, so repair cannot hurt it.
+                return
+            flags = os.O_RDONLY if readonly else os.O_RDWR | os.O_CREAT
+            fd = os.open(paths.lock, flags, 0o644)
             fcntl.flock(fd, fcntl.LOCK_SH)
-            self._fd: int | None = fd
+            self._fd = fd
         except BaseException:
             self.release_directory()
             raise

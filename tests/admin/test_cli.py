@@ -102,3 +102,14 @@ def test_bench_workloads_measure_real_hits(tmp_path, make):
     assert 0 < rows["churn"].hits < 32
     restart = rows["restart to first hit"]
     assert restart.hits == (0 if isinstance(make(tmp_path / "x"), FilePerChunk) else 1)
+
+
+def test_read_only_commands_work_on_a_store_copied_without_its_lock_file(store_path, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(store_path, copy, ignore=shutil.ignore_patterns("lock"))
+    for cmd in (["stats", str(copy), "--json"], ["ls", str(copy)]):
+        r = _cli(*cmd)  # it used to wait forever on its own lock
+        assert r.returncode == 0, r.stderr
+    assert not (copy / "lock").exists()

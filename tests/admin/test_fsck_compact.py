@@ -300,3 +300,19 @@ def test_compact_refuses_while_open(store_path):
         with pytest.raises(StoreBusyError):
             compact(store_path, capacity_bytes=8 * 4096, progress=False)
     _intact(store_path)
+
+
+def test_header_with_a_valid_checksum_but_wrong_geometry(store_path):
+    from slabcache.device.slabfile import read_slab_header, write_header_bytes
+    from slabcache.format.header import Geometry, pack_header
+
+    g, cid = read_slab_header(str(store_path / "slab"))
+    wrong = Geometry(g.alignment, g.record_bytes, g.slot_bytes * 2, g.slot_count // 2,
+                     g.records_offset, g.data_offset)
+    write_header_bytes(str(store_path / "slab"), pack_header(wrong, cid))
+    res = _codes(store_path)
+    assert res.exit_code == 4 and "slab header differs from the index's copy" in [f.kind for f in res.findings]
+    assert _codes(store_path, "--repair").exit_code == 1
+    assert read_slab_header(str(store_path / "slab"))[0] == g
+    assert _codes(store_path, "--deep").exit_code == 0
+    _intact(store_path)

@@ -65,6 +65,49 @@ def test_bad_call(store, case, call, error, fragment):
         call(store)
 
 
+# Values that fail only deep inside a write: each must be refused before a
+# slot is reserved, so a full store evicts nothing for them.
+DEEP_CASES = [
+    ("meta-device tensor", lambda: torch.empty(4, device="meta"), UnsupportedValueError, "meta device"),
+    ("conjugate view", lambda: torch.ones(3, dtype=torch.complex64).conj(), UnsupportedValueError,
+     "resolve_conj"),
+    ("negative view", lambda: torch.ones(3, dtype=torch.complex64).conj().imag, UnsupportedValueError,
+     "resolve_neg"),
+    ("70,000 tensors", lambda: [torch.zeros(1, dtype=torch.uint8)] * 70_000, UnsupportedValueError,
+     "at most 65535"),
+]
+
+
+@pytest.mark.parametrize("case,make,error,fragment", DEEP_CASES, ids=[c[0] for c in DEEP_CASES])
+@pytest.mark.parametrize("how", ["put", "put_async", "put_many"])
+def test_full_store_evicts_nothing_for_a_bad_value(store, case, make, error, fragment, how):
+    for i in range(7):
+        store.put(f"k{i}", GOOD)
+    before = sorted(store.keys())
+    with pytest.raises(error, match=fragment):
+        if how == "put":
+            store.put("bad", make())
+        elif how == "put_async":
+            store.put_async("bad", make()).result()
+        else:
+            store.put_many(["ok", "bad"], [GOOD, make()])
+    assert sorted(store.keys()) == before and store.stats()["evictions"] == 0
+
+
+def test_overlapping_outs_are_an_error_not_a_deletion(store):
+    pair = [torch.arange(8, dtype=torch.int32), torch.arange(8, dtype=torch.int32)]
+    store.put("pair", pair)
+    buf = torch.zeros(12, dtype=torch.int32)
+    with pytest.raises(UnsupportedValueError, match="overlap"):
+        store.get_into("pair", [buf[:8], buf[4:]])
+    big = torch.zeros(24, dtype=torch.int32)  # keep's out and pair's first out share 8 ints
+    with pytest.raises(UnsupportedValueError, match="overlap"):
+        store.get_many_into(["keep", "pair"], [big[:16], [big[8:16], big[16:24]]])
+    assert store.stats()["checksum_failures"] == 0
+    out = [torch.empty(8, dtype=torch.int32), torch.empty(8, dtype=torch.int32)]
+    assert store.get_into("pair", out) and torch.equal(out[1], pair[1])
+
+
 def test_100kb_key_is_accepted(store):
     k = b"k" * 100_000
     assert store.put(k, GOOD) and torch.equal(store.get(k), GOOD)

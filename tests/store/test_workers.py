@@ -20,7 +20,14 @@ def test_priority_order_and_fifo_within_priority():
     pool = WorkerPool(threads=1)
     gate = threading.Event()
     order = []
-    pool.submit(Priority.PUT, gate.wait)  # occupies the only thread
+    running = threading.Event()
+
+    def block():
+        running.set()
+        gate.wait()
+
+    pool.submit(Priority.PUT, block)  # occupies the only thread...
+    assert running.wait(10)  # ...once it runs: a later start would take higher priorities first
     futs = [pool.submit(Priority.PUT, order.append, f"put{i}") for i in range(3)]
     futs.append(pool.submit(Priority.DELETE, order.append, "delete"))
     futs += [pool.submit(Priority.PREFETCH, order.append, f"prefetch{i}") for i in range(2)]
