@@ -41,39 +41,15 @@ os.environ.setdefault("LMCACHE_LOG_LEVEL", "ERROR")
 import torch  # noqa: E402
 from lmcache.v1.cache_engine import LMCacheEngineBuilder  # noqa: E402
 from lmcache.v1.config import LMCacheEngineConfig  # noqa: E402
-from lmcache.v1.gpu_connector.gpu_connectors import GPUConnectorInterface  # noqa: E402
 from lmcache.v1.metadata import LMCacheMetadata  # noqa: E402
 
 from slabcache.bench.contenders import drop_file_cache  # noqa: E402
+from slabcache.integrations.lmcache.cpu_connector import CPUConnector  # noqa: E402
 
 CHUNK = 256
 PROMPT = 4 * CHUNK
 # (layers, hidden) giving 256 KiB and 8 MiB per 256-token bf16 chunk
 GEOMETRIES = {256 << 10: (4, 64), 8 << 20: (8, 1024)}
-
-
-class CPUConnector(GPUConnectorInterface):
-    """The "paged KV" is one CPU tensor ``kv[2, layers, tokens, hidden]``."""
-
-    def __init__(self, layers: int, hidden: int):
-        self.layers, self.hidden = layers, hidden
-
-    def to_gpu(self, memory_obj, start, end, **kw):
-        kw["kv"][:, :, start:end].copy_(memory_obj.tensor)
-
-    def from_gpu(self, memory_obj, start, end, **kw):
-        memory_obj.tensor.copy_(kw["kv"][:, :, start:end])
-
-    def batched_from_gpu(self, memory_objs, starts, ends, **kw):
-        for m, s, e in zip(memory_objs, starts, ends):
-            self.from_gpu(m, s, e, **kw)
-
-    def batched_to_gpu(self, memory_objs=None, starts=None, ends=None, **kw):
-        for m, s, e in zip(memory_objs, starts, ends):
-            self.to_gpu(m, s, e, **kw)
-
-    def get_shape(self, num_tokens):
-        return torch.Size([2, self.layers, num_tokens, self.hidden])
 
 
 class Engine:

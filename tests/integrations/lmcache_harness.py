@@ -15,8 +15,9 @@ os.environ.setdefault("LMCACHE_TRACK_USAGE", "false")
 
 from lmcache.v1.cache_engine import LMCacheEngineBuilder  # noqa: E402
 from lmcache.v1.config import LMCacheEngineConfig  # noqa: E402
-from lmcache.v1.gpu_connector.gpu_connectors import GPUConnectorInterface  # noqa: E402
 from lmcache.v1.metadata import LMCacheMetadata  # noqa: E402
+
+from slabcache.integrations.lmcache.cpu_connector import CPUConnector  # noqa: E402
 
 LAYERS, HEADS, HEAD_DIM, CHUNK = 2, 2, 16, 16
 HIDDEN = HEADS * HEAD_DIM
@@ -24,28 +25,6 @@ PLUGIN = {
     "storage_plugin.LocalDiskBackend.module_path": "slabcache.integrations.lmcache",
     "storage_plugin.LocalDiskBackend.class_name": "SlabCacheBackend",
 }
-
-
-class CPUConnector(GPUConnectorInterface):
-    """Stands in for the GPU connector: the "paged KV" is one CPU tensor
-    ``kv[2, layers, tokens, hidden]`` passed as the ``kv=`` keyword."""
-
-    def to_gpu(self, memory_obj, start, end, **kw):
-        kw["kv"][:, :, start:end].copy_(memory_obj.tensor)
-
-    def from_gpu(self, memory_obj, start, end, **kw):
-        memory_obj.tensor.copy_(kw["kv"][:, :, start:end])
-
-    def batched_from_gpu(self, memory_objs, starts, ends, **kw):
-        for m, s, e in zip(memory_objs, starts, ends):
-            self.from_gpu(m, s, e, **kw)
-
-    def batched_to_gpu(self, memory_objs=None, starts=None, ends=None, **kw):
-        for m, s, e in zip(memory_objs, starts, ends):
-            self.to_gpu(m, s, e, **kw)
-
-    def get_shape(self, num_tokens):
-        return torch.Size([2, LAYERS, num_tokens, HIDDEN])
 
 
 def metadata(worker_id: int = 0, world_size: int = 1) -> LMCacheMetadata:
@@ -80,7 +59,7 @@ class LookupServerStandIn:
 def engine(cfg, md=None):
     md = md or metadata()
     eng = LMCacheEngineBuilder.get_or_create(
-        cfg.lmcache_instance_id, cfg, md, CPUConnector(),
+        cfg.lmcache_instance_id, cfg, md, CPUConnector(LAYERS, HIDDEN),
         broadcast_fn=lambda t, s: None, broadcast_object_fn=lambda o, s: o,
     )
     eng.post_init()

@@ -3,6 +3,7 @@
 ``backend``   SlabCacheBackend, the plugin class LMCache loads
 ``settings``  StoreConfig from LMCache's config (its PathSharder, its extra config)
 ``keys``      CacheEngineKey -> slabcache key
+``cpu_connector``  lets the engine run with a CPU tensor as its KV cache (tests, benchmarks)
 
 This package is the only place that imports lmcache.  Point LMCache at
 ``module_path: slabcache.integrations.lmcache`` and
