@@ -93,6 +93,9 @@ class SlotAllocator:
         now = time.time()
         n, owner, policy = self.geometry.slot_count, self.owner, self.policy
         evictions = rejected = 0
+        # Writers free the reader slots of killed readers as they go, so a
+        # long-lived writer beside crashing readers keeps its index small.
+        self.index.clear_stale_readers()
         with self.index.write() as t:
             self.uses.flush(t)
             for canon, ikey in keys:

@@ -89,6 +89,7 @@ class SlabStore:
         self._active = 0
         self._closed = False
         self._guard = _OpGuard(self)
+        self._closing = False
         self._pool: WorkerPool | None = None
         self._writers: ThreadPoolExecutor | None = None
         self._staging = None
@@ -152,8 +153,11 @@ class SlabStore:
         becomes visible.  Idempotent.
         """
         with self._lock:
-            if self._closed:
+            if self._closed or self._closing:
                 return
+            # From here no new worker pool is made (see _workers): work
+            # accepted before this point is finished (or cancelled) below.
+            self._closing = True
             pool, self._pool = self._pool, None
         if pool is not None:
             # Before marking closed: queued puts still need the store.
@@ -465,7 +469,7 @@ class SlabStore:
 
     def _workers(self) -> WorkerPool:
         with self._lock:
-            if self._closed:
+            if self._closed or self._closing:
                 raise StoreClosedError(f"store at {self.path} is closed; open it again")
             if self._pool is None:
                 o = self.options

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 
 import lmdb
 
@@ -13,6 +14,8 @@ from .entry import EntryRef, ref_of, slot_gen_of
 from .txn import TABLES, IndexTxn
 
 log = logging.getLogger(__name__)
+
+READER_CHECK_SECONDS = 1.0
 
 
 class Index:
@@ -90,6 +93,9 @@ class Index:
                 f"{store_dir} --rebuild-index`"
             ) from exc
         self._wlock = threading.Lock()  # see _Write
+        self._last_reader_check = 0.0
+        if not readonly:
+            self.clear_stale_readers(force=True)
 
     def read(self) -> "_Read":
         """A read transaction: ``with index.read() as t:`` (t is an IndexTxn)."""
@@ -136,9 +142,26 @@ class Index:
     def map_full(self, exc: Exception) -> StorageFullError:
         return StorageFullError(
             f"the index at {self.path} reached its map size "
-            f"({self.env.info()['map_size']} bytes); very long keys use "
-            "index space: shorten them or reopen with a larger index_map_bytes"
+            f"({self.env.info()['map_size']} bytes). Space is held by very long keys, or by "
+            "the snapshot of a process killed inside a read (run `slabcache fsck "
+            f"{os.path.dirname(self.path)} --repair` to free it); otherwise reopen with a "
+            "larger index_map_bytes"
         )
+
+    def clear_stale_readers(self, force: bool = False) -> int:
+        """Free the reader slots of processes that died inside a read
+        transaction (killed mid-get).  Such a slot pins the snapshot it saw:
+        every page freed since stays allocated, and the index grows until
+        it is full.  Rate-limited to once a second unless ``force``.
+        Returns how many slots were freed."""
+        now = time.monotonic()
+        if not force and now - self._last_reader_check < READER_CHECK_SECONDS:
+            return 0
+        self._last_reader_check = now
+        freed = self.env.reader_check()
+        if freed:
+            log.warning("index %s: freed %d reader slot(s) left by dead processes", self.path, freed)
+        return freed
 
     def sync(self) -> None:
         """Flush every committed transaction to disk."""

@@ -250,3 +250,46 @@ class StoreVsModel(RuleBasedStateMachine):
 
 TestStoreVsModel = StoreVsModel.TestCase
 TestStoreVsModel.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
+
+
+# ------------------------------------------------------------------ stale readers
+
+_READER = """
+import sys, time
+from slabcache import SlabStore
+s = SlabStore.open(sys.argv[1])
+with s.snapshot():  # a read transaction, held until the kill
+    print("reading", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_reader_killed_mid_read_does_not_grow_the_index(tmp_path):
+    import signal
+    import time
+
+    from slabcache.format.layout import StorePaths
+    from slabcache.index import Index
+
+    p = tmp_path / "s"
+    with SlabStore.open(p, capacity_bytes=64 * 4096, slot_bytes=4096) as s:
+        child = subprocess.Popen([sys.executable, "-c", _READER, str(p)], stdout=subprocess.PIPE,
+                                 env=child_env(), text=True)
+        assert child.stdout.readline().strip() == "reading"
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        child.stdout.close()
+        idx = Index.acquire(StorePaths(p).index, map_size=1 << 30)  # this process's shared one
+        try:
+            assert str(child.pid) in idx.env.readers()  # the dead reader's slot is still taken
+            time.sleep(1.1)  # writers check for dead readers at most once a second
+            v = expected("x")
+            for i in range(200):
+                assert s.put(f"k{i}", v) and s.remove(f"k{i}")
+            assert str(child.pid) not in idx.env.readers()
+            before = idx.env.info()["last_pgno"]
+            for i in range(2000):
+                assert s.put(f"k{i}", v) and s.remove(f"k{i}")
+            assert idx.env.info()["last_pgno"] - before < 64  # pages are reused, not leaked
+        finally:
+            idx.release()

@@ -304,3 +304,30 @@ def test_failed_pinned_allocation_gives_its_slot_back(monkeypatch):
         threading.Thread(target=try_acquire, daemon=True).start()
         assert done.wait(10), "acquire blocked: a failed allocation kept its slot"
         assert "pinned" in str(errors[0])
+
+
+def test_close_racing_put_async_leaves_no_threads_and_no_late_failures(tmp_path, engine):
+    for attempt in range(5):
+        s = SlabStore.open(tmp_path / f"s{attempt}", capacity_bytes=64 * 4096, slot_bytes=4096, io=engine,
+                           queue_full="wait")
+        accepted, refused, stop = [], [], threading.Event()
+
+        def submitter():
+            i = 0
+            while not stop.is_set():
+                try:
+                    accepted.append(s.put_async(f"k{i % 40}", rand_tensor(100, i)))
+                except StoreClosedError:
+                    refused.append(i)
+                    return
+                i += 1
+
+        t = threading.Thread(target=submitter)
+        t.start()
+        time.sleep(0.05)
+        s.close()
+        stop.set()
+        t.join(10)
+        # Every put accepted before close finished; none fails later.
+        assert accepted and all(f.done() and f.result() is True for f in accepted)
+        assert not [th for th in threading.enumerate() if th.name.startswith("slabcache-io")]
