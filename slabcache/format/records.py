@@ -70,9 +70,6 @@ def record_meta(canon: bytes, meta_raw: bytes) -> bytes:
     return _KEY_LEN.pack(len(canon)) + canon + meta_raw
 
 
-def pack_record_meta(canon: bytes, meta: ValueDesc) -> bytes:
-    return record_meta(canon, meta.encode())
-
 
 def unpack_record_meta(raw: bytes) -> tuple[bytes, ValueDesc]:
     (klen,) = struct.unpack_from("<I", raw)

@@ -129,11 +129,6 @@ class IndexTxn:
             return False
         return ikey == canon or canon_of(raw) == canon
 
-    def slot_gen(self, ikey: bytes) -> tuple[int, int] | None:
-        """(slot, generation) of the entry at ``ikey``, without decoding the rest."""
-        raw = self.txn.get(ikey, db=self.db["entries"])
-        return None if raw is None else slot_gen_of(raw)
-
     def raw_entry(self, ikey: bytes):
         """The encoded entry at ``ikey`` (a buffer valid in this transaction), or None."""
         return self.txn.get(ikey, db=self.db["entries"])

@@ -7,7 +7,7 @@ from slabcache.format.checksum import CHECKSUM_BLOCK, checksum
 from slabcache.format.header import FORMAT_VERSION, pack_header, plan_geometry, unpack_header
 from slabcache.format.keys import MAX_INLINE_KEY, canonical_key, decode_key, index_key, key_hash
 from slabcache.format.layout import StorePaths
-from slabcache.format.records import SlotRecord, pack_record, pack_record_meta, unpack_record, unpack_record_meta
+from slabcache.format.records import SlotRecord, pack_record, record_meta, unpack_record, unpack_record_meta
 from slabcache.format.values import ValueDesc
 
 
@@ -35,7 +35,7 @@ def test_header_round_trip_and_damage():
 
 def test_record_round_trip_keeps_key_and_description_when_they_fit():
     desc = ValueDesc(True, ("bfloat16", "int8"), ((2, 3), (5,)), (12, 5), b"extra")
-    meta = pack_record_meta(b"skey", desc)
+    meta = record_meta(b"skey", desc.encode())
     rec = SlotRecord(7, 17, 123, key_hash(b"skey"), meta)
     assert unpack_record(pack_record(rec, 4096)) == rec
     assert unpack_record_meta(meta) == (b"skey", desc)
