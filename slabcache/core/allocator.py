@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import enum
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from typing import Sequence
 
 from ..device.slabfile import SlotRecords
+from ..errors import StorageFullError
 from ..format.header import Geometry
 from ..index import Entry, Index, IndexTxn
 from ..index.policy import Policy
@@ -72,6 +74,8 @@ class SlotAllocator:
         self.uses = uses
         self.path = path
         self._last_reap = 0.0
+        self._orphans: list[Reservation] = []  # see abandon()
+        self._orphans_lock = threading.Lock()
 
     def reserve(self, canon: bytes, ikey: bytes) -> Reservation | PutStatus:
         """A Reservation, or PRESENT (counted as a use) or REJECTED."""
@@ -98,6 +102,8 @@ class SlotAllocator:
         self.index.clear_stale_readers()
         with self.index.write() as t:
             self.uses.flush(t)
+            if self._orphans:
+                self.release_orphans(t)
             for canon, ikey in keys:
                 if canon in seen:
                     out.append(PutStatus.PRESENT)
@@ -136,6 +142,28 @@ class SlotAllocator:
         if stored:
             self.uses.count("puts", stored)
         return out
+
+    def abandon(self, reservations: Sequence[Reservation]) -> None:
+        """Give back reservations whose put failed.  If even that fails (a
+        full index map), they are kept here and given back by the next
+        write transaction that succeeds, so none stays reserved for the
+        life of the process."""
+        if not reservations:
+            return
+        try:
+            self.abort_many(reservations)
+        except StorageFullError:
+            with self._orphans_lock:
+                self._orphans.extend(reservations)
+
+    def release_orphans(self, t: IndexTxn) -> None:
+        """Give back abandoned reservations inside write transaction ``t``."""
+        with self._orphans_lock:
+            orphans, self._orphans = self._orphans, []
+        for r in orphans:
+            if t.reservation(r.slot) == (r.generation, self.owner):
+                t.unreserve(r.slot)
+                t.release_slot(r.slot, r.generation)
 
     def abort_many(self, reservations: Sequence[Reservation]) -> None:
         """Give back reservations whose writes failed (or were never made)."""

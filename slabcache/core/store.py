@@ -26,7 +26,9 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
-from ..errors import ConfigError, EntryTooLargeError, QueueFullError, SlabIOError, StoreClosedError
+from ..errors import (
+    ConfigError, EntryTooLargeError, QueueFullError, SlabIOError, StorageFullError, StoreClosedError,
+)
 from ..format.keys import canonical_key, decode_key, index_key, key_hash
 from ..format.records import SlotRecord, record_meta
 from ..format.values import ValueDesc
@@ -173,14 +175,32 @@ class SlabStore:
             writers.shutdown(wait=True)
         try:
             if not self.readonly:
-                with self._index.write() as t:
-                    self._uses.flush(t, force=True)
-                    t.release_owner(self._owner)
+                self._close_index_state()
         finally:
             self.engine.close()
             self._records.close()
             self._index.release()
             self._lock_files.close()
+
+    def _close_index_state(self) -> None:
+        """Write what this handle owes the index (uses, counters) and drop
+        its pins and handle record.  A full index map must not make close()
+        fail: the uses are dropped then, and what is left of this handle is
+        reaped as a dead process's later."""
+        try:
+            with self._index.write() as t:
+                self._uses.flush(t, force=True)
+                self._allocator.release_orphans(t)
+                t.release_owner(self._owner)
+            return
+        except StorageFullError as exc:
+            log.warning("store %s: %s; closing without recording this handle's last uses", self.path, exc)
+        try:
+            with self._index.write() as t:
+                t.release_owner(self._owner)
+        except StorageFullError:
+            log.warning("store %s: the index is full; this handle's pins lapse when the process exits",
+                        self.path)
 
     @property
     def closed(self) -> bool:
@@ -319,10 +339,10 @@ class SlabStore:
                 csum = self._write_slot(r, canon, parts, desc.length, meta_raw)
                 if self.options.strict:
                     self.engine.sync()
+                return r.commit(canon, ikey, csum, meta_raw, desc.length, durable=self.options.strict).ok
             except BaseException:
-                r.abort()
+                alloc.abandon([r])  # nothing stays reserved by a failed put
                 raise
-            return r.commit(canon, ikey, csum, meta_raw, desc.length, durable=self.options.strict).ok
 
     def _writer_pool(self) -> ThreadPoolExecutor:
         """Threads that write the slots of one large batch side by side.
@@ -376,10 +396,14 @@ class SlabStore:
                 if done and self.options.strict:
                     self.engine.sync()
             except BaseException:
-                alloc.abort_many([d[0] for d in done] + failed)
+                alloc.abandon([d[0] for d in done] + failed)
                 raise
-            alloc.abort_many(failed)
-            committed = iter(alloc.commit_many(done, durable=self.options.strict) if done else [])
+            alloc.abandon(failed)
+            try:
+                committed = iter(alloc.commit_many(done, durable=self.options.strict) if done else [])
+            except BaseException:
+                alloc.abandon([d[0] for d in done])
+                raise
             out = [r.ok if isinstance(r, PutStatus) else
                    (False if r in failed else next(committed).ok) for r in got]
         if error is not None:

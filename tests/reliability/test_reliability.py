@@ -293,3 +293,32 @@ def test_a_reader_killed_mid_read_does_not_grow_the_index(tmp_path):
             assert idx.env.info()["last_pgno"] - before < 64  # pages are reused, not leaked
         finally:
             idx.release()
+
+
+# ------------------------------------------------------------------ full index map
+
+
+def test_a_full_index_map_leaks_nothing_and_close_still_works(tmp_path):
+    from slabcache.admin.fsck import check
+
+    p = tmp_path / "s"
+    s = SlabStore.open(p, capacity_bytes=2048 * 4096, slot_bytes=4096, index_map_bytes=1 << 20)
+    stored, failures = [], 0
+    for i in range(2048):
+        key = f"{i}-" + "k" * (1000 + 37 * (i % 50))  # long keys fill the index, not the slab
+        try:
+            if s.put(key, expected(key[:40])):
+                stored.append(key)
+        except StorageFullError as exc:
+            failures += 1
+            assert "index_map_bytes" in str(exc)
+            assert s.stats()["slots_reserved"] == 0  # a failed put keeps nothing reserved
+            if failures == 20:
+                break
+    assert failures == 20 and stored
+    s.close()  # must not raise although the index is full
+    with SlabStore.open(p, index_map_bytes=64 << 20) as s2:  # a larger map: usable again
+        assert s2.stats()["slots_reserved"] == 0
+        assert all(torch.equal(s2.get(k), expected(k[:40])) for k in stored[-5:])
+        assert s2.put("after", expected("after"))
+    assert check(p, progress=False).exit_code in (0, 1)
