@@ -17,7 +17,9 @@ from typing import Callable
 
 from ..core import SlabStore
 from ..device.slabfile import SlotRecords, read_slab_header
-from ..device.storedir import ExclusiveLock, commit_switch, finish_switch, recover_interrupted
+from ..device.storedir import (
+    ExclusiveLock, commit_switch, finish_switch, keep_modes, recover_interrupted,
+)
 from ..errors import ConfigError, CorruptStoreError
 from ..format.checksum import checksum
 from ..format.keys import decode_key
@@ -92,6 +94,7 @@ def compact(path, *, capacity_bytes: int | None = None, slot_bytes: int | None =
                 dst.sync()
         finally:
             idx.release()
+        keep_modes(paths, paths.compact_new)
         on_phase("marker")
         commit_switch(paths)
         on_phase("swap")

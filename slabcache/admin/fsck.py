@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from ..device.slabfile import SlotRecords, extend_slab, read_header_bytes, write_header_bytes
-from ..device.storedir import ExclusiveLock
+from ..device.storedir import ExclusiveLock, keep_modes_of
 from ..errors import CorruptStoreError
 from ..format.checksum import checksum
 from ..format.header import Geometry, pack_header, unpack_header
@@ -350,6 +350,7 @@ def _rebuild(paths: StorePaths, g: Geometry, creation_id: bytes, res: CheckResul
         idx.release()
     res.entries = len(found)
     if os.path.exists(paths.index):
+        keep_modes_of(paths.index, tmp)
         shutil.rmtree(paths.index)
     os.rename(tmp, paths.index)
     _add(res, "index rebuilt", f"restored {len(found)} entries from the slot records", fixed=True)

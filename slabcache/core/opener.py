@@ -17,7 +17,7 @@ from ..device.slabfile import SlotRecords, check_geometry, create_slab, read_sla
 from ..device.storedir import OpenLock, recover_interrupted
 from ..errors import ConfigError, CorruptStoreError
 from ..format.header import Geometry, pack_header
-from ..format.layout import SLAB, StorePaths
+from ..format.layout import SLAB, StorePaths, modes
 from ..index import Index, default_map_size
 from ..index import owner as owners
 from ..index.policy import Policy, make_policy
@@ -48,8 +48,8 @@ def open_store(opts: StoreOptions) -> Opened:
     damaged store, StorageFullError when the slab cannot be preallocated.
     """
     paths = StorePaths(opts.path)
-    _prepare_directory(paths, opts.readonly)
-    lock = OpenLock(paths, opts.readonly)
+    _prepare_directory(paths, opts)
+    lock = OpenLock(paths, opts.readonly, modes(opts.share_group)[0])
     try:
         return _open_locked(opts, paths, lock)
     except BaseException:
@@ -59,20 +59,46 @@ def open_store(opts: StoreOptions) -> Opened:
         lock.release_directory()
 
 
-def _prepare_directory(paths: StorePaths, readonly: bool) -> None:
+def _prepare_directory(paths: StorePaths, opts: StoreOptions) -> None:
     path = paths.root
     if os.path.exists(path) and not os.path.isdir(path):
         raise ConfigError(f"{path} exists and is not a directory; give a directory for the store")
-    if readonly:
+    if opts.readonly:
         if not os.path.exists(paths.slab):
             raise ConfigError(f"no slabcache store at {path} (no {SLAB} file)")
         return
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"cannot create store directory {path}: {exc.strerror}") from exc
+    _, dir_mode = modes(opts.share_group)
+    if not os.path.exists(path):
+        try:
+            os.makedirs(path, dir_mode)
+            os.chmod(path, dir_mode)  # exactly, whatever the umask
+        except OSError as exc:
+            raise ConfigError(f"cannot create store directory {path}: {exc.strerror}") from exc
+    elif not opts.trust_directory:
+        _check_ownership(path, opts.share_group)
     if not os.access(path, os.W_OK | os.X_OK):
         raise ConfigError(f"store directory {path} is not writable; fix its permissions or choose another path")
+
+
+def _check_ownership(path: str, share_group: bool) -> None:
+    """Refuse a store directory another user owns, or one that others (or,
+    unless the store is shared with its group, the group) can write to:
+    whoever can write there can read the cache and replace the slab."""
+    st = os.stat(path)
+    if st.st_uid != os.geteuid():
+        raise ConfigError(
+            f"store directory {path} belongs to uid {st.st_uid}, not to this process (uid "
+            f"{os.geteuid()}); use a directory you own, or pass trust_directory=True if that "
+            "user is trusted"
+        )
+    writable_by = st.st_mode & (0o002 if share_group else 0o022)
+    if writable_by:
+        who = "others" if writable_by & 0o002 else "its group"
+        raise ConfigError(
+            f"store directory {path} is writable by {who} (mode {st.st_mode & 0o777:o}); "
+            f"chmod {'o-w' if who == 'others' else 'g-w'} it, or pass trust_directory=True"
+            f"{'' if share_group else ' (or share_group=True to share the store with its group)'}"
+        )
 
 
 def _open_locked(opts: StoreOptions, paths: StorePaths, lock: OpenLock) -> Opened:
@@ -95,12 +121,15 @@ def _open_locked(opts: StoreOptions, paths: StorePaths, lock: OpenLock) -> Opene
             )
         # An index without a slab is a creation that never finished.
         shutil.rmtree(paths.index, ignore_errors=True)
-        g, creation_id = create_slab(paths.slab_creating, opts.capacity_bytes, opts.slot_bytes)
+        g, creation_id = create_slab(paths.slab_creating, opts.capacity_bytes, opts.slot_bytes,
+                                     modes(opts.share_group)[0])
         created = True
 
     try:
+        file_mode, dir_mode = modes(opts.share_group)
         index = Index.acquire(paths.index, map_size=opts.index_map_bytes or default_map_size(g.slot_count),
-                              readonly=opts.readonly, create=not opts.readonly)
+                              readonly=opts.readonly, create=not opts.readonly,
+                              file_mode=file_mode, dir_mode=dir_mode)
     except BaseException:
         if created:
             os.unlink(paths.slab_creating)

@@ -47,6 +47,8 @@ class StoreOptions:
     queue_full: str = "reject"
     index_map_bytes: int | None = None
     engine_wrapper: Callable | None = None
+    share_group: bool = False
+    trust_directory: bool = False
 
     def validate(self) -> "StoreOptions":
         """A checked copy with an absolute path.  Raises ConfigError naming
@@ -63,8 +65,9 @@ class StoreOptions:
             raise ConfigError(f"unknown durability {self.durability!r}; use 'fast' or 'strict'")
         if not isinstance(self.checksum, bool):
             raise ConfigError(f"checksum must be True or False, got {self.checksum!r}")
-        if not isinstance(self.readonly, bool):
-            raise ConfigError(f"readonly must be True or False, got {self.readonly!r}")
+        for name in ("readonly", "share_group", "trust_directory"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.engine_wrapper is not None and not callable(self.engine_wrapper):
             raise ConfigError("engine_wrapper must be a callable taking the engine and returning its wrapper")
         WorkerPool.check_settings(self.io_threads, self.max_pending_puts, self.queue_full)

@@ -107,7 +107,8 @@ class SlabStore:
              slot_bytes: int | None = None, policy: str | None = None, io: str = "mmap",
              durability: str = "fast", checksum: bool = True, *, readonly: bool = False,
              io_threads: int = 4, max_pending_puts: int = 64, queue_full: str = "reject",
-             index_map_bytes: int | None = None, engine_wrapper=None) -> "SlabStore":
+             index_map_bytes: int | None = None, engine_wrapper=None, share_group: bool = False,
+             trust_directory: bool = False) -> "SlabStore":
         """Open the store at directory ``path``, creating it if needed.
 
         Creating needs ``capacity_bytes`` and ``slot_bytes``; reopening reads
@@ -117,7 +118,11 @@ class SlabStore:
         at most ``max_pending_puts`` asynchronous puts are queued, and when
         full ``queue_full`` ('reject' or 'wait') decides what put_async does.
         ``engine_wrapper`` wraps the I/O engine (monitoring, fault injection;
-        see StoreOptions).  Raises ConfigError for bad arguments or paths,
+        see StoreOptions).  Files are created 0600 and directories 0700
+        (0660 / 0770 with ``share_group``); an existing directory owned by
+        another user, or writable by others (or by its group, unless
+        ``share_group``), is refused unless ``trust_directory``.  Raises
+        ConfigError for bad arguments or paths,
         CorruptStoreError for a damaged store, StorageFullError when the slab
         cannot be preallocated.
         """
@@ -125,7 +130,8 @@ class SlabStore:
             path=path, capacity_bytes=capacity_bytes, slot_bytes=slot_bytes, policy=policy,
             io=io, durability=durability, checksum=checksum, readonly=readonly,
             io_threads=io_threads, max_pending_puts=max_pending_puts, queue_full=queue_full,
-            index_map_bytes=index_map_bytes, engine_wrapper=engine_wrapper))
+            index_map_bytes=index_map_bytes, engine_wrapper=engine_wrapper,
+            share_group=share_group, trust_directory=trust_directory))
 
     # ------------------------------------------------------------------ life
 

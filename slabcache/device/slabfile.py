@@ -18,6 +18,17 @@ from ..format.records import EMPTY_RECORD, SlotRecord, pack_record, unpack_recor
 log = logging.getLogger(__name__)
 
 
+def copy_mode_and_owner(src: str, dst: str) -> None:
+    """Give ``dst`` the permission bits (and, where allowed, the owner and
+    group) of ``src``: a rewritten file keeps what the operator set."""
+    st = os.stat(src)
+    os.chmod(dst, st.st_mode & 0o7777)
+    try:
+        os.chown(dst, st.st_uid, st.st_gid)
+    except PermissionError:
+        pass  # not root: the files stay ours, which they already were
+
+
 def alignment_for(directory: str) -> int:
     """4 KiB or the filesystem block size, whichever is larger."""
     try:
@@ -35,7 +46,8 @@ def fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def create_slab(path: str, capacity_bytes: int, slot_bytes: int) -> tuple[Geometry, bytes]:
+def create_slab(path: str, capacity_bytes: int, slot_bytes: int,
+                file_mode: int = 0o600) -> tuple[Geometry, bytes]:
     """Create and preallocate a slab at ``path`` atomically (temp file + rename).
 
     Raises StorageFullError (nothing left behind) when the blocks cannot be
@@ -50,7 +62,8 @@ def create_slab(path: str, capacity_bytes: int, slot_bytes: int) -> tuple[Geomet
         )
     creation_id = uuid.uuid4().bytes
     tmp = f"{path}.creating.{os.getpid()}"
-    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, file_mode)
+    os.fchmod(fd, file_mode)  # exactly this mode, whatever the umask
     try:
         try:
             os.posix_fallocate(fd, 0, g.file_bytes)

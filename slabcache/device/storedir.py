@@ -25,7 +25,7 @@ import time
 
 from ..errors import StoreBusyError
 from ..format.layout import SWAPPED, StorePaths
-from .slabfile import fsync_dir
+from .slabfile import copy_mode_and_owner, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ class OpenLock:
     exclusively, which ``release_directory`` ends once the open is done; the
     ``lock`` file stays locked shared until ``close``."""
 
-    def __init__(self, paths: StorePaths, readonly: bool):
+    def __init__(self, paths: StorePaths, readonly: bool, file_mode: int = 0o600):
         self._dir_fd: int | None = os.open(paths.root, os.O_RDONLY | os.O_DIRECTORY)
         fcntl.flock(self._dir_fd, fcntl.LOCK_EX)
         self._fd: int | None = None
@@ -48,7 +48,7 @@ class OpenLock:
                 # lock; it writes nothing, so repair cannot hurt it.
                 return
             flags = os.O_RDONLY if readonly else os.O_RDWR | os.O_CREAT
-            fd = os.open(paths.lock, flags, 0o644)
+            fd = os.open(paths.lock, flags, file_mode)
             fcntl.flock(fd, fcntl.LOCK_SH)
             self._fd = fd
         except BaseException:
@@ -76,7 +76,7 @@ class ExclusiveLock:
     def __init__(self, paths: StorePaths, users=lambda: []):
         self._dir_fd = os.open(paths.root, os.O_RDONLY | os.O_DIRECTORY)
         fcntl.flock(self._dir_fd, fcntl.LOCK_EX)
-        self._fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT, 0o644)
+        self._fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -111,6 +111,25 @@ def commit_switch(paths: StorePaths) -> None:
         f.flush()
         os.fsync(f.fileno())
     fsync_dir(paths.root)
+
+
+def keep_modes(paths: StorePaths, new_root: str) -> None:
+    """Before a switch: the new slab and index get the current ones' modes
+    and owners (an operator's choices survive compaction)."""
+    for part in SWAPPED:
+        keep_modes_of(os.path.join(paths.root, part), os.path.join(new_root, part))
+
+
+def keep_modes_of(cur: str, new: str) -> None:
+    """``new`` (a file, or a directory and the files in it) takes the modes
+    and owners of ``cur``'s counterparts, where they exist."""
+    if not (os.path.exists(cur) and os.path.exists(new)):
+        return
+    copy_mode_and_owner(cur, new)
+    if os.path.isdir(new):
+        for name in os.listdir(new):
+            if os.path.exists(os.path.join(cur, name)):
+                copy_mode_and_owner(os.path.join(cur, name), os.path.join(new, name))
 
 
 def finish_switch(paths: StorePaths) -> bool:

@@ -31,6 +31,17 @@ SWAPPED = (SLAB, INDEX)
 CREATING_SUFFIX = ".new"
 
 
+# A KV cache holds enough to reconstruct users' prompts: by default only the
+# owner may read it.  ``share_group`` stores give their group the same access.
+FILE_MODE, DIR_MODE = 0o600, 0o700
+GROUP_FILE_MODE, GROUP_DIR_MODE = 0o660, 0o770
+
+
+def modes(share_group: bool) -> tuple[int, int]:
+    """(file mode, directory mode) for a store's files."""
+    return (GROUP_FILE_MODE, GROUP_DIR_MODE) if share_group else (FILE_MODE, DIR_MODE)
+
+
 class StorePaths:
     """The absolute paths of one store's files."""
 

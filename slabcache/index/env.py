@@ -32,7 +32,7 @@ class Index:
 
     @classmethod
     def acquire(cls, path: str, *, map_size: int, readonly: bool = False,
-                create: bool = False) -> "Index":
+                create: bool = False, file_mode: int = 0o600, dir_mode: int = 0o700) -> "Index":
         """The shared environment at ``path``.  Raises CorruptStoreError when
         it cannot be opened, ConfigError when this process has it read-only
         and a writer asks for it."""
@@ -47,7 +47,8 @@ class Index:
                     )
                 idx._refs += 1
                 return idx
-            idx = cls(path, map_size=map_size, readonly=readonly, create=create)
+            idx = cls(path, map_size=map_size, readonly=readonly, create=create,
+                      file_mode=file_mode, dir_mode=dir_mode)
             cls._registry[key] = idx
             return idx
 
@@ -61,16 +62,21 @@ class Index:
             self.env = None
 
     def __init__(self, path: str, *, map_size: int, readonly: bool = False,
-                 create: bool = False):
+                 create: bool = False, file_mode: int = 0o600, dir_mode: int = 0o700):
         self.path = path
         self.readonly = readonly
         self._refs = 1
         store_dir = os.path.dirname(path)
+        made = create and not os.path.exists(path)
+        if made:
+            # Made here rather than by LMDB, with exactly these modes.
+            os.mkdir(path, dir_mode)
+            os.chmod(path, dir_mode)
         try:
             # No sync at commit: strict handles call sync() after their
             # commits, so fast and strict handles can share one environment.
             self.env = lmdb.open(
-                path, map_size=map_size, max_dbs=len(TABLES) + 1, subdir=True,
+                path, map_size=map_size, max_dbs=len(TABLES) + 1, subdir=True, mode=file_mode,
                 sync=False, metasync=False, readahead=False, max_readers=1024,
                 writemap=not readonly, map_async=True,
                 readonly=readonly, create=create, lock=True, meminit=False,
@@ -80,6 +86,9 @@ class Index:
                 f"cannot open the index at {path}: {exc}; run `slabcache fsck "
                 f"{store_dir} --rebuild-index` to rebuild it from the slab"
             ) from exc
+        if made:
+            for name in os.listdir(path):  # LMDB's files, less the umask: exactly file_mode
+                os.chmod(os.path.join(path, name), file_mode)
         self.dbs = {}
         try:
             for name in TABLES:

@@ -108,6 +108,7 @@ class SlabCacheBackend(StoragePluginInterface):
                 slot_bytes=self.settings.slot_bytes, policy=self.settings.policy,
                 io=self.settings.io, io_threads=self.settings.io_threads,
                 durability=self.settings.durability, checksum=self.settings.checksum,
+                share_group=self.settings.share_group, trust_directory=self.settings.trust_directory,
                 queue_full="wait",
             )
         except Exception as exc:

@@ -78,6 +78,8 @@ class StoreConfig:
     path_sharding: str = "by_gpu"
     durability: str = "fast"
     checksum: bool = True
+    share_group: bool = False
+    trust_directory: bool = False
 
     @property
     def bytes_per_path(self) -> int:
@@ -160,6 +162,8 @@ def from_lmcache(config, metadata, dst_device: str = "cpu") -> StoreConfig:
     odirect = parse_bool("use_odirect", setting("use_odirect", False))
     durability = setting("slabcache.durability", "fast")
     checksum = parse_bool("slabcache.checksum", setting("slabcache.checksum", True))
+    share_group = parse_bool("slabcache.share_group", setting("slabcache.share_group", False))
+    trust_directory = parse_bool("slabcache.trust_directory", setting("slabcache.trust_directory", False))
     policy = str(getattr(config, "cache_policy", "LRU") or "LRU").lower()
     per_path = total // len(paths)
     if per_path < slot:
@@ -170,4 +174,4 @@ def from_lmcache(config, metadata, dst_device: str = "cpu") -> StoreConfig:
     return StoreConfig(path=sharder.selected, all_paths=tuple(sharder.all_paths), total_bytes=total,
                        slot_bytes=slot, policy=policy, io="direct" if odirect else "mmap",
                        io_threads=threads, path_sharding=sharder.strategy, durability=durability,
-                       checksum=checksum)
+                       checksum=checksum, share_group=share_group, trust_directory=trust_directory)
