@@ -322,3 +322,19 @@ def test_a_full_index_map_leaks_nothing_and_close_still_works(tmp_path):
         assert all(torch.equal(s2.get(k), expected(k[:40])) for k in stored[-5:])
         assert s2.put("after", expected("after"))
     assert check(p, progress=False).exit_code in (0, 1)
+
+
+def test_an_index_map_grown_by_another_process_is_followed(tmp_path):
+    from slabcache.format.layout import StorePaths
+
+    p = tmp_path / "s"
+    with SlabStore.open(p, capacity_bytes=64 * 4096, slot_bytes=4096, index_map_bytes=1 << 24) as s:
+        assert s.put("before", expected("before"))
+        grow = (f"import lmdb\nenv = lmdb.open({StorePaths(p).index!r}, map_size=3 << 30, max_dbs=8)\n"
+                "db = env.open_db(b'meta')\nwith env.begin(write=True) as t:\n    t.put(b'grown', b'1', db=db)\n")
+        subprocess.run([sys.executable, "-c", grow], check=True, env=child_env())
+        # This handle's map is smaller than the one now recorded in the file.
+        assert torch.equal(s.get("before"), expected("before"))
+        assert s.put("after", expected("after")) and torch.equal(s.get("after"), expected("after"))
+    with SlabStore.open(p) as s:
+        assert len(s) == 2
