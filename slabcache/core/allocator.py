@@ -60,7 +60,7 @@ class Reservation:
         return self.allocator.commit_many([(self, canon, ikey, checksum, meta_raw, length)], durable)[0]
 
     def abort(self) -> None:
-        self.allocator.abort_many([self])
+        self.allocator.abandon([self])
 
 
 class SlotAllocator:
@@ -144,14 +144,15 @@ class SlotAllocator:
         return out
 
     def abandon(self, reservations: Sequence[Reservation]) -> None:
-        """Give back reservations whose put failed.  If even that fails (a
-        full index map), they are kept here and given back by the next
-        write transaction that succeeds, so none stays reserved for the
-        life of the process."""
+        """Give back reservations whose put failed (or was never written).
+        If even that fails (a full index map), they are kept here and given
+        back by the next write transaction that succeeds, so none stays
+        reserved for the life of the process."""
         if not reservations:
             return
         try:
-            self.abort_many(reservations)
+            with self.index.write() as t:
+                self._give_back(t, reservations)
         except StorageFullError:
             with self._orphans_lock:
                 self._orphans.extend(reservations)
@@ -160,20 +161,13 @@ class SlotAllocator:
         """Give back abandoned reservations inside write transaction ``t``."""
         with self._orphans_lock:
             orphans, self._orphans = self._orphans, []
-        for r in orphans:
-            if t.reservation(r.slot) == (r.generation, self.owner):
+        self._give_back(t, orphans)
+
+    def _give_back(self, t: IndexTxn, reservations: Sequence[Reservation]) -> None:
+        for r in reservations:
+            if t.reservation(r.slot) == (r.generation, self.owner):  # not taken by a repair
                 t.unreserve(r.slot)
                 t.release_slot(r.slot, r.generation)
-
-    def abort_many(self, reservations: Sequence[Reservation]) -> None:
-        """Give back reservations whose writes failed (or were never made)."""
-        if not reservations:
-            return
-        with self.index.write() as t:
-            for r in reservations:
-                if t.reservation(r.slot) == (r.generation, self.owner):
-                    t.unreserve(r.slot)
-                    t.release_slot(r.slot, r.generation)
 
     def free(self, t: IndexTxn, e: Entry) -> None:
         """Remove ``e`` inside write transaction ``t`` and free its slot.

@@ -24,6 +24,8 @@ from .uses import UseTracker
 
 log = logging.getLogger(__name__)
 
+_IO_FAILED = object()  # what _copy returns when the engine failed
+
 
 class Reader:
     def __init__(self, engine: Engine, index: Index, allocator: SlotAllocator | None,
@@ -38,25 +40,11 @@ class Reader:
     def read(self, e: Entry | EntryRef, parts: list[torch.Tensor]) -> bool:
         """Fill ``parts`` with ``e``'s bytes; False (a miss) unless they are
         verified to be the entry's."""
-        try:
-            digest = self.engine.read_into(e.slot, parts, hashed=self.checksum)
-        except OSError as exc:  # SlabIOError, or an OSError from a wrapper
-            log.error("%s; serving a miss", exc)
-            self.uses.count("misses")
-            self.uses.count("io_errors")
-            return False
-        # A checksum of 0 marks an entry written with checksum=False.
-        bad = self.checksum and e.checksum != 0 and digest != e.checksum
-        if self.index.slot_gen(e.ikey) != (e.slot, e.generation):
-            self.uses.count("misses")  # evicted or replaced while we read
-            return False
-        if bad:
-            self._drop_corrupt(e)
-            return False
-        if self.uses.hit(e) and self.allocator is not None:
-            with self.index.write() as t:
-                self.uses.flush(t)
-        return True
+        digest = self._copy(e, parts)
+        now_at = None if digest is _IO_FAILED else self.index.slot_gen(e.ikey)
+        ok, due = self._judge(e, digest, now_at)
+        self._flush_if(due)
+        return ok
 
     def read_many(self, refs: Sequence[EntryRef], parts_list: Sequence[list[torch.Tensor]],
                   submit: Callable | None = None) -> list[bool]:
@@ -65,45 +53,44 @@ class Reader:
         ``submit(fn, *args) -> Future`` runs the reads in parallel (worker
         threads); without it they run here, one after another.
         """
-        digests: list = [None] * len(refs)
-        failed = [False] * len(refs)
         if submit is None:
-            for i, (e, parts) in enumerate(zip(refs, parts_list)):
-                try:
-                    digests[i] = self.engine.read_into(e.slot, parts, self.checksum)
-                except OSError as exc:
-                    log.error("%s; serving a miss", exc)
-                    failed[i] = True
+            digests = [self._copy(e, parts) for e, parts in zip(refs, parts_list)]
         else:
-            futs = [submit(self.engine.read_into, e.slot, parts, self.checksum)
-                    for e, parts in zip(refs, parts_list)]
-            for i, f in enumerate(futs):
-                try:
-                    digests[i] = f.result()
-                except OSError as exc:
-                    log.error("%s; serving a miss", exc)
-                    failed[i] = True
+            futs = [submit(self._copy, e, parts) for e, parts in zip(refs, parts_list)]
+            digests = [f.result() for f in futs]
         now_at = self.index.slot_gens([e.ikey for e in refs])
-        ok = []
-        due = False
-        for e, digest, bad_io, cur in zip(refs, digests, failed, now_at):
-            if bad_io:
-                self.uses.count("misses")
-                self.uses.count("io_errors")
-                ok.append(False)
-            elif cur != (e.slot, e.generation):
-                self.uses.count("misses")
-                ok.append(False)
-            elif self.checksum and e.checksum != 0 and digest != e.checksum:
-                self._drop_corrupt(e)
-                ok.append(False)
-            else:
-                due = self.uses.hit(e) or due
-                ok.append(True)
+        verdicts = [self._judge(e, d, cur) for e, d, cur in zip(refs, digests, now_at)]
+        self._flush_if(any(due for _ok, due in verdicts))
+        return [ok for ok, _due in verdicts]
+
+    def _copy(self, e, parts):
+        """The bytes' checksum (None unchecked), or _IO_FAILED."""
+        try:
+            return self.engine.read_into(e.slot, parts, hashed=self.checksum)
+        except OSError as exc:  # SlabIOError, or an OSError from a wrapper
+            log.error("%s; serving a miss", exc)
+            return _IO_FAILED
+
+    def _judge(self, e, digest, now_at) -> tuple[bool, bool]:
+        """(served, uses due for a flush) for bytes copied from ``e``'s slot,
+        given where the index says ``e`` is now."""
+        if digest is _IO_FAILED:
+            self.uses.count("misses")
+            self.uses.count("io_errors")
+            return False, False
+        if now_at != (e.slot, e.generation):
+            self.uses.count("misses")  # evicted or replaced while we read
+            return False, False
+        # A checksum of 0 marks an entry written with checksum=False.
+        if self.checksum and e.checksum != 0 and digest != e.checksum:
+            self._drop_corrupt(e)
+            return False, False
+        return True, self.uses.hit(e)
+
+    def _flush_if(self, due: bool) -> None:
         if due and self.allocator is not None:
             with self.index.write() as t:
                 self.uses.flush(t)
-        return ok
 
     def _drop_corrupt(self, e: Entry | EntryRef) -> None:
         log.warning("checksum mismatch in slot %d of %s (key %r); %s",

@@ -90,6 +90,8 @@ class SlabStore:
         self._idle = threading.Condition(self._lock)
         self._active = 0
         self._closed = False
+        # ``with self._guard:`` marks an operation in flight (close waits
+        # for it) and refuses to start one on a closed store.
         self._guard = _OpGuard(self)
         self._closing = False
         self._pool: WorkerPool | None = None
@@ -142,11 +144,6 @@ class SlabStore:
     @property
     def checksum(self) -> bool:
         return self.options.checksum
-
-    def _op(self) -> "_OpGuard":
-        """``with self._op():`` marks an operation in flight (close waits for
-        it) and refuses to start one on a closed store."""
-        return self._guard
 
     def _writable(self) -> SlotAllocator:
         if self._allocator is None:
@@ -224,7 +221,7 @@ class SlabStore:
 
     def sync(self) -> None:
         """Make everything written so far durable: payloads, records, index."""
-        with self._op():
+        with self._guard:
             self.engine.sync()
             self._records.sync()
             self._index.sync()
@@ -257,8 +254,9 @@ class SlabStore:
         to reserve every slot and one to commit every entry.
 
         Every key and value is checked before anything is reserved.  If a
-        write fails, the entries written before it are still committed, the
-        rest are not written, and the SlabIOError is raised.
+        write fails, the entries written without error are still committed
+        (a small batch stops writing at the failure; a large one, written
+        side by side, has written the rest too) and the SlabIOError is raised.
         """
         keys, values = list(keys), list(values)
         if len(keys) != len(values):
@@ -347,7 +345,7 @@ class SlabStore:
                     self.engine.sync()
                 return r.commit(canon, ikey, csum, meta_raw, desc.length, durable=self.options.strict).ok
             except BaseException:
-                alloc.abandon([r])  # nothing stays reserved by a failed put
+                r.abort()  # nothing stays reserved by a failed put
                 raise
 
     def _writer_pool(self) -> ThreadPoolExecutor:
@@ -363,6 +361,32 @@ class SlabStore:
                                                    thread_name_prefix="slabcache-writer")
             return self._writers
 
+    def _write_slots(self, todo) -> list:
+        """Write each (reservation, item) of a batch.  Returns, per item, its
+        checksum, the exception its write raised, or None when it was not
+        tried: written one after another, a batch stops at its first
+        failure; a large batch is written side by side, all of it."""
+        if _parallel(len(todo), sum(it[3].length for _r, it in todo)):
+            pool = self._writer_pool()
+            futs = [pool.submit(self._write_slot, r, it[0], it[2], it[3].length, it[4]) for r, it in todo]
+            out = []
+            for f in futs:
+                try:
+                    out.append(f.result())
+                except BaseException as exc:  # every write is waited for first
+                    out.append(exc)
+            return out
+        out = []
+        for r, it in todo:
+            if out and isinstance(out[-1], BaseException):
+                out.append(None)
+                continue
+            try:
+                out.append(self._write_slot(r, it[0], it[2], it[3].length, it[4]))
+            except BaseException as exc:
+                out.append(exc)
+        return out
+
     def _put_batch(self, items) -> list[bool]:
         """items: (canon, ikey, parts, desc, meta_raw), already checked."""
         alloc = self._writable()
@@ -370,48 +394,25 @@ class SlabStore:
             got = alloc.reserve_many([(c, i) for c, i, *_ in items])
             todo = [(r, it) for r, it in zip(got, items) if not isinstance(r, PutStatus)]
             done, failed, error = [], [], None
-            if _parallel(len(todo), sum(it[3].length for _r, it in todo)):
-                pool = self._writer_pool()
-                futs = [pool.submit(self._write_slot, r, it[0], it[2], it[3].length, it[4])
-                        for r, it in todo]
-                results = []
-                for f in futs:
-                    try:
-                        results.append(f.result())
-                    except BaseException as exc:  # every write is waited for first
-                        results.append(exc)
-            else:
-                results = None
-            try:
-                for n, (r, (canon, ikey, parts, desc, meta_raw)) in enumerate(todo):
-                    if error is not None and results is None:
-                        failed.append(r)
-                        continue
-                    try:
-                        if results is None:
-                            csum = self._write_slot(r, canon, parts, desc.length, meta_raw)
-                        elif isinstance(results[n], BaseException):
-                            raise results[n]
-                        else:
-                            csum = results[n]
-                    except SlabIOError as exc:
-                        error = error or exc
-                        failed.append(r)
-                        continue
-                    done.append((r, canon, ikey, csum, meta_raw, desc.length))
-                if done and self.options.strict:
-                    self.engine.sync()
-            except BaseException:
+            for (r, (canon, ikey, _parts, desc, meta_raw)), res in zip(todo, self._write_slots(todo)):
+                if isinstance(res, int):
+                    done.append((r, canon, ikey, res, meta_raw, desc.length))
+                else:
+                    failed.append(r)
+                    error = error or res
+            if error is not None and not isinstance(error, SlabIOError):
                 alloc.abandon([d[0] for d in done] + failed)
-                raise
+                raise error
             alloc.abandon(failed)
             try:
-                committed = iter(alloc.commit_many(done, durable=self.options.strict) if done else [])
+                if done and self.options.strict:
+                    self.engine.sync()
+                statuses = alloc.commit_many(done, durable=self.options.strict) if done else []
             except BaseException:
                 alloc.abandon([d[0] for d in done])
                 raise
-            out = [r.ok if isinstance(r, PutStatus) else
-                   (False if r in failed else next(committed).ok) for r in got]
+        by_slot = {d[0].slot: st for d, st in zip(done, statuses)}
+        out = [r.ok if isinstance(r, PutStatus) else by_slot.get(r.slot, PutStatus.LOST).ok for r in got]
         if error is not None:
             raise error
         return out
@@ -465,21 +466,31 @@ class SlabStore:
                 self._uses.count("misses")
                 return False
             plan = plan_for(e.meta_raw)
-            parts = plan.direct_parts(out)
-            if parts is not None:
-                return self._reader.read(e, parts)
-            outs = match_out(out, plan.desc)
-            parts = direct_parts(outs)
-            if parts is not None:
-                return self._reader.read(e, parts)
-            if on_cuda(outs):
+            parts, copy, outs = self._target(plan, out)
+            if parts is None:
                 return self._read_to_cuda(e, plan, outs, marks)
-            value, parts = plan.allocate(self.engine.empty)
-            if not self._reader.read(e, parts):
-                return False
-            for dst, src in zip(outs, value if plan.desc.is_list else [value]):
-                dst.copy_(src)
-            return True
+            ok = self._reader.read(e, parts)
+            if ok and copy is not None:
+                _copy_back(copy)
+            return ok
+
+    def _target(self, plan: Plan, out):
+        """Where a read into ``out`` lands: (parts, copy, outs).  ``parts``
+        are out's own bytes when it is dense CPU memory; otherwise fresh
+        buffers, and ``copy`` says what to copy into out after the read.
+        ``parts`` is None when out is on CUDA (``outs`` are its tensors).
+        Raises UnsupportedValueError when out does not match the value."""
+        parts = plan.direct_parts(out)
+        if parts is not None:
+            return parts, None, None
+        outs = match_out(out, plan.desc)
+        parts = direct_parts(outs)
+        if parts is not None:
+            return parts, None, outs
+        if on_cuda(outs):
+            return None, None, outs
+        value, parts = plan.allocate(self.engine.empty)
+        return parts, (outs, value if plan.desc.is_list else [value]), outs
 
     def _read_to_cuda(self, e: EntryRef, plan: Plan, outs: list[torch.Tensor], marks: dict | None) -> bool:
         from ..runtime.transfer import from_host
@@ -608,23 +619,15 @@ class SlabStore:
         found = self.lookup_many(keys)
         jobs, parts, copies = [], [], {}
         for i, (f, out) in enumerate(zip(found, outs)):
-            if f is None:
-                continue
-            p = f.plan.direct_parts(out)
-            if p is None:
-                tensors = match_out(out, f.desc)
-                p = direct_parts(tensors)
-                if p is None:  # non-contiguous: read into fresh tensors, then copy
-                    value, p = f.plan.allocate(self.engine.empty)
-                    copies[i] = (tensors, value if f.desc.is_list else [value])
-            jobs.append(i)
-            parts.append(p)
+            if f is not None:
+                p, copies[i], _outs = self._target(f.plan, out)  # host outs only: CUDA went above
+                jobs.append(i)
+                parts.append(p)
         oks = self._read_found([found[i] for i in jobs], parts)
         out = [False] * len(keys)
         for i, ok in zip(jobs, oks):
-            if ok and i in copies:
-                for dst, src in zip(*copies[i]):
-                    dst.copy_(src)
+            if ok and copies[i] is not None:
+                _copy_back(copies[i])
             out[i] = ok
         return out
 
@@ -658,12 +661,11 @@ class SlabStore:
         found or is no longer the entry that was looked up (evicted or
         replaced since: validated after reading, as every read is)."""
         jobs, parts = [], []
-        outs = list(outs)
-        check_disjoint([as_bytes(o) for f, o in zip(found, outs) if f is not None])
-        for i, (f, out) in enumerate(zip(found, outs, strict=True)):
+        bufs = [None if f is None else as_bytes(o) for f, o in zip(found, outs, strict=True)]
+        check_disjoint([b for b in bufs if b is not None])
+        for i, (f, buf) in enumerate(zip(found, bufs)):
             if f is None:
                 continue
-            buf = as_bytes(out)
             if buf.numel() < f.length:
                 raise ValueError(f"outs[{i}] holds {buf.numel()} bytes, the value {f.length}; pass a larger out")
             jobs.append(i)
@@ -698,7 +700,7 @@ class SlabStore:
     def contains(self, key: str | bytes) -> bool:
         """True if ``key`` is stored.  Does not count as a use."""
         canon, ikey = self._keys(key)
-        with self._op(), self._index.read() as t:
+        with self._guard, self._index.read() as t:
             return t.has(ikey, canon)
 
     __contains__ = contains
@@ -727,7 +729,7 @@ class SlabStore:
     def batched_contains(self, keys: Iterable[str | bytes]) -> int:
         """How many leading keys are stored (stops at the first miss)."""
         n = 0
-        with self._op(), self._index.read() as t:
+        with self._guard, self._index.read() as t:
             for key in keys:
                 canon, ikey = self._keys(key)
                 if not t.has(ikey, canon):
@@ -742,12 +744,15 @@ class SlabStore:
         pairs = [self._keys(k) for k in keys]
         self._writable()
         now = time.time()
-        with self._op(), self._index.write() as t:
+        with self._guard, self._index.write() as t:
             self._uses.flush(t)
+            uses: dict[bytes, tuple] = {}
             for canon, ikey in pairs:
-                e = t.get_entry(ikey, canon)
-                if e is not None:
-                    t.record_use(e, self.policy, now)
+                e = t.ref(ikey, canon)
+                if e is not None:  # a repeated key counts twice and ends up latest, as in order
+                    count = uses.pop(ikey, (0,))[0] + 1
+                    uses[ikey] = (count, now, e.slot, e.generation)
+            t.record_uses(uses, self.policy)
 
     def describe(self, key: str | bytes) -> ValueDesc | None:
         """Dtypes, shapes and sizes of a stored value, without reading it."""
@@ -770,7 +775,7 @@ class SlabStore:
         """
         canon, ikey = self._keys(key)
         self._writable()
-        with self._op(), self._index.write() as t:
+        with self._guard, self._index.write() as t:
             if not t.has(ikey, canon):
                 return False
             t.pin(ikey, self._owner)
@@ -780,7 +785,7 @@ class SlabStore:
         """Release one pin this handle took.  False if it held none."""
         canon, ikey = self._keys(key)
         self._writable()
-        with self._op(), self._index.write() as t:
+        with self._guard, self._index.write() as t:
             return t.unpin(ikey, self._owner)
 
     def unpin_many(self, keys: Iterable[str | bytes]) -> int:
@@ -794,7 +799,7 @@ class SlabStore:
     def pin_count(self, key: str | bytes) -> int:
         """Pins held on ``key`` by live processes."""
         canon, ikey = self._keys(key)
-        with self._op(), self._index.read() as t:
+        with self._guard, self._index.read() as t:
             return t.pin_count(ikey) if t.has(ikey, canon) else 0
 
     # ------------------------------------------------------------------ remove
@@ -806,7 +811,7 @@ class SlabStore:
         """
         canon, ikey = self._keys(key)
         alloc = self._writable()
-        with self._op(), self._index.write() as t:
+        with self._guard, self._index.write() as t:
             e = t.get_entry(ikey, canon)
             if e is None:
                 return False
@@ -818,7 +823,7 @@ class SlabStore:
     def clear(self) -> int:
         """Remove every entry, pinned or not.  Returns how many were removed."""
         alloc = self._writable()
-        with self._op(), self._index.write() as t:
+        with self._guard, self._index.write() as t:
             entries = list(t.entries())
             for e in entries:
                 alloc.free(t, e)
@@ -827,11 +832,11 @@ class SlabStore:
     # ------------------------------------------------------------------ listing
 
     def keys(self) -> list[str | bytes]:
-        with self._op(), self._index.read() as t:
+        with self._guard, self._index.read() as t:
             return [decode_key(e.canon) for e in t.entries()]
 
     def __len__(self) -> int:
-        with self._op(), self._index.read() as t:
+        with self._guard, self._index.read() as t:
             return t.entry_count()
 
     def __iter__(self):
@@ -841,13 +846,13 @@ class SlabStore:
     def snapshot(self) -> Iterator["Snapshot"]:
         """A consistent read-only view of the index (for reports): nothing is
         recorded as a use."""
-        with self._op(), self._index.read() as t:
+        with self._guard, self._index.read() as t:
             yield Snapshot(t)
 
     def stats(self) -> dict:
         """Geometry, occupancy and counters (totals over every process)."""
         g = self.geometry
-        with self._op(), self._index.read() as t:
+        with self._guard, self._index.read() as t:
             counters = t.counters()
             used = t.entry_count()
             free = t.free_count(g.slot_count)
@@ -878,6 +883,13 @@ class SlabStore:
         }
 
 
+def _copy_back(copy) -> None:
+    """After a read into fresh buffers: copy them into the caller's outs."""
+    outs, values = copy
+    for dst, src in zip(outs, values):
+        dst.copy_(src)
+
+
 class Found:
     """What :meth:`SlabStore.lookup_many` found for one key."""
 
@@ -897,7 +909,7 @@ class Found:
 
 
 class _OpGuard:
-    """The in-flight marker behind ``SlabStore._op`` (one per store,
+    """The in-flight marker behind ``SlabStore._guard`` (one per store,
     re-entrant across threads: it only counts)."""
 
     __slots__ = ("_store",)

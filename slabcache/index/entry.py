@@ -37,10 +37,6 @@ class Entry:
     def meta(self) -> ValueDesc:
         return ValueDesc.decode(self.meta_raw)
 
-    def with_use(self, use: UseStats, now: float) -> "Entry":
-        return Entry(self.ikey, self.canon, self.slot, self.generation, self.length,
-                     self.checksum, use, self.created, now, self.meta_raw)
-
     def encode(self) -> bytes:
         meta = self.meta_raw
         head = _ENTRY.pack(self.slot, self.generation, self.length, self.checksum,

@@ -168,12 +168,9 @@ class IndexTxn:
         self._unlink_entry(e, policy)
         return e.slot, e.generation
 
-    def record_use(self, e: Entry, policy: Policy, now: float, count: int = 1) -> Entry:
-        tick = self.next_tick()
-        self.txn.delete(policy.order_key(e.slot, e.use), db=self.db["order"])
-        new = e.with_use(UseStats(tick, e.use.hits + count, e.use.inserted), now)
-        self.put_entry(new, policy)
-        return new
+    def record_use(self, e: Entry | EntryRef, policy: Policy, now: float, count: int = 1) -> None:
+        """Record ``count`` uses of ``e`` at wall time ``now``."""
+        self.record_uses({e.ikey: (count, now, e.slot, e.generation)}, policy)
 
     def record_uses(self, uses, policy: Policy) -> None:
         """Record batched uses: ``uses`` maps index key -> (count, wall time,
@@ -390,7 +387,8 @@ class IndexTxn:
         entries = self.db["entries"]
         raw = self.txn.get(ikey, db=entries)
         if raw is not None and (ikey == canon or canon_of(raw) == canon):
-            self.record_use(Entry.decode(ikey, raw), policy, now)
+            slot, gen = slot_gen_of(raw)
+            self.record_uses({ikey: (1, now, slot, gen)}, policy)
             return True
         got = self.take_free_slot(slot_count)
         if got is None and reap_due():
