@@ -12,7 +12,7 @@ from .core import PutStatus, SlabStore, StoreOptions
 from .errors import (
     ConfigError, CorruptStoreError, EntryTooLargeError, InvalidKeyError, LayoutMismatchError,
     QueueFullError, SlabcacheError, SlabIOError, StorageFullError, StoreBusyError,
-    StoreClosedError, UnsupportedValueError,
+    StoreClosedError, StoreForkedError, UnsupportedValueError,
 )
 from .format import FORMAT_VERSION
 from .format.values import ValueDesc
@@ -23,5 +23,5 @@ __all__ = [
     "SlabStore", "StoreOptions", "PutStatus", "ValueDesc", "FORMAT_VERSION", "__version__",
     "SlabcacheError", "ConfigError", "LayoutMismatchError", "EntryTooLargeError",
     "InvalidKeyError", "UnsupportedValueError", "CorruptStoreError", "StoreClosedError",
-    "StoreBusyError", "StorageFullError", "QueueFullError", "SlabIOError",
+    "StoreForkedError", "StoreBusyError", "StorageFullError", "QueueFullError", "SlabIOError",
 ]

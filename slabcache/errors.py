@@ -40,6 +40,11 @@ class StoreClosedError(SlabcacheError, RuntimeError):
     """The store was closed; open it again to keep using it."""
 
 
+class StoreForkedError(StoreClosedError):
+    """A handle opened before ``fork()`` was used in the child: LMDB handles
+    cannot cross a fork, so the child must open the store itself."""
+
+
 class StoreBusyError(SlabcacheError, RuntimeError):
     """Another process holds the store in a way that forbids this operation."""
 

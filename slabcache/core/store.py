@@ -20,6 +20,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Iterable, Iterator, Sequence
@@ -27,9 +28,10 @@ from typing import Iterable, Iterator, Sequence
 import torch
 
 from ..errors import (
-    ConfigError, EntryTooLargeError, QueueFullError, SlabIOError, StorageFullError, StoreClosedError,
+    ConfigError, CorruptStoreError, EntryTooLargeError, QueueFullError, SlabIOError, StorageFullError, StoreClosedError,
+    StoreForkedError,
 )
-from ..format.keys import canonical_key, decode_key, index_key, key_hash
+from ..format.keys import canonical_key, decode_key, display_key, index_key, key_hash
 from ..format.records import SlotRecord, record_meta
 from ..format.values import ValueDesc
 from ..index import Entry, IndexTxn
@@ -94,6 +96,7 @@ class SlabStore:
         # for it) and refuses to start one on a closed store.
         self._guard = _OpGuard(self)
         self._closing = False
+        self._forked_from: int | None = None
         self._pool: WorkerPool | None = None
         self._writers: ThreadPoolExecutor | None = None
         self._staging = None
@@ -103,6 +106,7 @@ class SlabStore:
                 t.register_owner(self._owner, writable=True)
             if any(reaped.values()):
                 log.info("released what dead processes left in %s: %s", self.path, reaped)
+        _OPEN.add(self)
 
     @classmethod
     def open(cls, path: str | os.PathLike, capacity_bytes: int | None = None,
@@ -160,6 +164,7 @@ class SlabStore:
         with self._lock:
             if self._closed or self._closing:
                 return
+            _OPEN.discard(self)
             # From here no new worker pool is made (see _workers): work
             # accepted before this point is finished (or cancelled) below.
             self._closing = True
@@ -201,9 +206,30 @@ class SlabStore:
         try:
             with self._index.write() as t:
                 t.release_owner(self._owner)
-        except StorageFullError:
-            log.warning("store %s: the index is full; this handle's pins lapse when the process exits",
-                        self.path)
+        except StorageFullError as exc:
+            log.warning("store %s: %s; this handle's pins lapse when the process exits", self.path, exc)
+
+    def _forget_after_fork(self, parent: int) -> None:
+        """In a forked child: this handle is the parent's.  Its worker
+        threads do not exist here and its locks may be held by them, its
+        index environment is the parent's (see Index), so it is marked
+        closed without touching anything shared; each use raises
+        StoreForkedError, and close() is a no-op."""
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._active = 0
+        self._closed = True
+        self._forked_from = parent
+        self._pool = self._writers = None
+        self._lock_files.forget_after_fork()
+
+    def _closed_error(self) -> StoreClosedError:
+        if self._forked_from is not None:
+            return StoreForkedError(
+                f"this handle on {self.path} was opened by process {self._forked_from} before it "
+                f"forked this one ({os.getpid()}); a handle cannot cross a fork: open the store "
+                "again in this process (SlabStore.open after the fork)")
+        return StoreClosedError(f"store at {self.path} is closed; open it again")
 
     @property
     def closed(self) -> bool:
@@ -355,7 +381,7 @@ class SlabStore:
         ever waits on its own pool."""
         with self._lock:
             if self._closed:
-                raise StoreClosedError(f"store at {self.path} is closed; open it again")
+                raise self._closed_error()
             if self._writers is None:
                 self._writers = ThreadPoolExecutor(max_workers=self.options.io_threads,
                                                    thread_name_prefix="slabcache-writer")
@@ -423,6 +449,19 @@ class SlabStore:
         canon = canonical_key(key)
         return self._index.ref(index_key(canon), canon)
 
+    def _plan(self, e: EntryRef) -> Plan:
+        """The entry's Plan, once what the index says is bounded by the
+        slab: a damaged entry must never make a read allocate or copy more
+        than its slot.  Raises CorruptStoreError."""
+        plan = plan_for(e.meta_raw)
+        g = self.geometry
+        if plan.length != e.length or e.length > g.slot_bytes or e.slot >= g.slot_count:
+            raise CorruptStoreError(
+                f"the index entry of {display_key(e.canon)!r} in {self.path} is damaged (slot "
+                f"{e.slot} of {g.slot_count}, {e.length} bytes, slots of {g.slot_bytes}); run "
+                f"`slabcache fsck {self.path} --repair`")
+        return plan
+
     def get(self, key: str | bytes):
         """The stored value (same dtypes, shapes, bytes), or None on a miss.
 
@@ -434,7 +473,7 @@ class SlabStore:
             if e is None:
                 self._uses.count("misses")
                 return None
-            value, parts = plan_for(e.meta_raw).allocate(self.engine.empty)
+            value, parts = self._plan(e).allocate(self.engine.empty)
             return value if self._reader.read(e, parts) else None
 
     def get_into(self, key: str | bytes, out) -> bool:
@@ -457,7 +496,8 @@ class SlabStore:
             buf = as_bytes(out)
             if buf.numel() < e.length:
                 raise ValueError(f"out holds {buf.numel()} bytes, the value {e.length}; pass a larger out")
-            return plan_for(e.meta_raw).desc if self._reader.read(e, [buf[:e.length]]) else None
+            desc = self._plan(e).desc
+            return desc if self._reader.read(e, [buf[:e.length]]) else None
 
     def _get_into(self, key: str | bytes, out, marks: dict | None) -> bool:
         with self._guard:
@@ -465,7 +505,7 @@ class SlabStore:
             if e is None:
                 self._uses.count("misses")
                 return False
-            plan = plan_for(e.meta_raw)
+            plan = self._plan(e)
             parts, copy, outs = self._target(plan, out)
             if parts is None:
                 return self._read_to_cuda(e, plan, outs, marks)
@@ -511,7 +551,7 @@ class SlabStore:
     def _workers(self) -> WorkerPool:
         with self._lock:
             if self._closed or self._closing:
-                raise StoreClosedError(f"store at {self.path} is closed; open it again")
+                raise self._closed_error()
             if self._pool is None:
                 o = self.options
                 self._pool = WorkerPool(o.io_threads, o.max_pending_puts, o.queue_full)
@@ -648,7 +688,7 @@ class SlabStore:
         pairs = [self._keys(k) for k in keys]
         with self._guard:
             refs = self._index.refs([(ikey, canon) for canon, ikey in pairs])
-        found = [None if r is None else Found(r, plan_for(r.meta_raw)) for r in refs]
+        found = [None if r is None else Found(r, self._plan(r)) for r in refs]
         misses = sum(1 for f in found if f is None)
         if misses:
             self._uses.count("misses", misses)
@@ -758,7 +798,7 @@ class SlabStore:
         """Dtypes, shapes and sizes of a stored value, without reading it."""
         with self._guard:
             e = self._ref(key)
-        return None if e is None else plan_for(e.meta_raw).desc
+        return None if e is None else self._plan(e).desc
 
     def entry(self, key: str | bytes) -> Entry | None:
         """The index entry for ``key`` (slot, generation, use stats); a peek."""
@@ -908,6 +948,20 @@ class Found:
         return self.ref.length
 
 
+# Every open handle of this process, for the fork hook below.
+_OPEN: "weakref.WeakSet[SlabStore]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    parent = os.getppid()
+    for store in list(_OPEN):
+        store._forget_after_fork(parent)
+    _OPEN.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class _OpGuard:
     """The in-flight marker behind ``SlabStore._guard`` (one per store,
     re-entrant across threads: it only counts)."""
@@ -921,7 +975,7 @@ class _OpGuard:
         s = self._store
         with s._lock:
             if s._closed:
-                raise StoreClosedError(f"store at {s.path} is closed; open it again")
+                raise s._closed_error()
             s._active += 1
 
     def __exit__(self, *exc) -> None:

@@ -66,6 +66,12 @@ class OpenLock:
             os.close(self._fd)
             self._fd = None
 
+    # A forked child shares the parent's open file descriptions, and so its
+    # flock: closing the child's copies leaves the parent's locks held,
+    # while keeping them would hold the store "open" after the parent
+    # closed it (repair and compaction would wait for the child).
+    forget_after_fork = close
+
 
 class ExclusiveLock:
     """The store locked against every other user (repair, compaction).
