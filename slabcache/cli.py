@@ -194,6 +194,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"slabcache {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # never a traceback, never exit 1 ("all corrected" for fsck)
+        logging.getLogger("slabcache").info("%s failed", args.command, exc_info=True)
+        print(f"slabcache {args.command}: {type(exc).__name__}: {exc} (the store may be damaged: "
+              f"run `slabcache fsck {getattr(args, 'path', '') or 'PATH'}`; -v shows where it "
+              "failed)", file=sys.stderr)
+        return 8
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """One run of every reliability exercise, with the figures README quotes.
 
-    python tools/reliability.py [--kills 50] [--corruptions 80] [--json FILE]
+    python tools/reliability.py [--kills 50] [--corruptions 80] [--only NAME,...] [--json FILE]
 """
 
 import argparse
@@ -19,6 +19,9 @@ from slabcache import SlabIOError, SlabStore  # noqa: E402
 from slabcache.testing import (  # noqa: E402
     FaultyEngine, child_env, corruption_trials, crash_loop, expected, hammer, inject, verify,
 )
+from slabcache.testing.damage import index_damage_trials  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def faults(work: str) -> dict:
@@ -75,33 +78,75 @@ def concurrency(work: str) -> dict:
 
 
 def bad_inputs() -> int:
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "--co", "tests/test_bad_input.py"],
-                       capture_output=True, text=True,
-                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "--co", "tests/store/test_bad_input.py"],
+                       capture_output=True, text=True, cwd=ROOT)
     return sum(1 for line in r.stdout.splitlines() if "::" in line)
+
+
+def forks(work: str, rounds: int) -> dict:
+    """fork_trials in a process of its own (it forks its caller)."""
+    code = ("import json,sys,torch\ntorch.set_num_threads(1)\n"
+            "from slabcache.testing.forks import fork_trials\n"
+            "print(json.dumps(fork_trials(sys.argv[1], sys.argv[2], rounds=int(sys.argv[3]), "
+            "children=4).to_dict()))\n")
+    r = subprocess.run([sys.executable, "-c", code, os.path.join(work, "fork"),
+                        os.path.join(work, "fork-out"), str(rounds)],
+                       capture_output=True, text=True, env=child_env(), timeout=1800)
+    if r.returncode != 0:
+        return {"failed": r.returncode, "stderr": r.stderr[-2000:]}
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    out["errors"] = len(out["errors"])
+    return out
+
+
+def full_filesystem(work: str) -> dict:
+    """slabcache.testing.fullfs on a private 16 MiB tmpfs (needs `unshare`)."""
+    mnt = os.path.join(work, "fullfs")
+    os.makedirs(mnt)
+    script = (f"mount -t tmpfs -o size=16m slabfull {mnt} && "
+              f"exec {sys.executable} -m slabcache.testing.fullfs {mnt}")
+    try:
+        r = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
+                           capture_output=True, text=True, env=child_env(), cwd=ROOT, timeout=600)
+    except FileNotFoundError:
+        return {"skipped": "needs util-linux unshare"}
+    if r.returncode != 0:
+        return {"exit": r.returncode, "stderr": r.stderr[-500:]}
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kills", type=int, default=50)
     ap.add_argument("--corruptions", type=int, default=80)
+    ap.add_argument("--forks", type=int, default=10, help="fork rounds (4 children each)")
+    ap.add_argument("--damage", type=int, default=40, help="index damage trials")
+    ap.add_argument("--only", help="comma list of exercises to run (default: all)")
     ap.add_argument("--json")
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="slabcache-rel-", dir=os.environ.get("TMPDIR"))
     t0 = time.time()
-    report = {
-        "crash_fast_mmap": crash_loop(os.path.join(work, "c1"), kills=args.kills).to_dict(),
-        "crash_strict_direct": crash_loop(os.path.join(work, "c2"), kills=args.kills // 2,
-                                          durability="strict", io="direct").to_dict(),
-        "faults": faults(work),
-        "corruption": corruption_trials(work, trials=args.corruptions).to_dict(),
-        "concurrency": concurrency(work),
-        "bad_inputs": bad_inputs(),
+    exercises = {
+        "crash_fast_mmap": lambda: crash_loop(os.path.join(work, "c1"), kills=args.kills).to_dict(),
+        "crash_strict_direct": lambda: crash_loop(os.path.join(work, "c2"), kills=args.kills // 2,
+                                                  durability="strict", io="direct").to_dict(),
+        "faults": lambda: faults(work),
+        "corruption": lambda: corruption_trials(work, trials=args.corruptions).to_dict(),
+        "concurrency": lambda: concurrency(work),
+        "bad_inputs": bad_inputs,
+        "forks": lambda: forks(work, args.forks),
+        "full_filesystem": lambda: full_filesystem(work),
+        "index_damage": lambda: index_damage_trials(work, trials=args.damage, flips=12).to_dict(),
     }
+    chosen = args.only.split(",") if args.only else list(exercises)
+    unknown = set(chosen) - set(exercises)
+    if unknown:
+        ap.error(f"unknown exercise(s) {sorted(unknown)}; choose from {sorted(exercises)}")
+    report = {name: exercises[name]() for name in chosen}
     report["seconds"] = time.time() - t0
     shutil.rmtree(work, ignore_errors=True)
-    wrong = (report["crash_fast_mmap"]["wrong"] + report["crash_strict_direct"]["wrong"]
-             + report["faults"]["wrong"] + report["corruption"]["wrong"] + report["concurrency"]["wrong"])
+    wrong = sum(r.get("wrong", 0) + r.get("wrong_after_repair", 0)
+                for r in report.values() if isinstance(r, dict))
     report["wrong_bytes_served"] = wrong
     text = json.dumps(report, indent=1)
     print(text)

@@ -33,7 +33,7 @@ def open_index(paths: StorePaths, writable: bool) -> Index | None:
             t.creation_id()
             t.entry_count()
         return idx
-    except lmdb.Error:
+    except (CorruptStoreError, lmdb.Error):
         idx.release()
         return None
 

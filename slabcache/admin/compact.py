@@ -22,7 +22,8 @@ from ..device.storedir import (
 )
 from ..errors import ConfigError, CorruptStoreError
 from ..format.checksum import checksum
-from ..format.keys import decode_key
+from ..format.keys import decode_key, display_key
+from ..index import Entry
 from .common import existing_store, open_index, store_users
 from .progress import Progress
 
@@ -82,9 +83,17 @@ def compact(path, *, capacity_bytes: int | None = None, slot_bytes: int | None =
             with idx.read() as t:
                 policy = t.policy()
                 ordered = [ikey for _o, ikey in t.order_keys(reverse=policy.from_end)]
-                entries = {e.ikey: e for e in t.entries()}
+                raw = t.raw_entries()
+            entries = {}
+            for k, v in raw:
+                e = _sound(k, v, g)
+                if e is None:
+                    res.dropped.append({"key": repr(display_key(k)), "bytes": 0,
+                                        "why": "damaged index entry"})
+                else:
+                    entries[k] = e
             res.before = {"slots_total": g.slot_count, "slot_bytes": g.slot_bytes,
-                          "capacity_bytes": g.capacity_bytes, "slots_used": len(entries)}
+                          "capacity_bytes": g.capacity_bytes, "slots_used": len(raw)}
             with SlabStore.open(paths.compact_new, capacity_bytes=new_cap, slot_bytes=new_slot,
                                 policy=policy.name) as dst, \
                     SlotRecords(paths.slab, g, writable=False) as src:
@@ -103,6 +112,19 @@ def compact(path, *, capacity_bytes: int | None = None, slot_bytes: int | None =
     return res
 
 
+def _sound(ikey: bytes, raw: bytes, g) -> Entry | None:
+    """The entry, or None when what the index holds cannot be right (it
+    does not decode, or names bytes its slot cannot hold)."""
+    try:
+        e = Entry.decode(ikey, raw)
+        decode_key(e.canon)
+        if e.length != e.meta.length or e.length > g.slot_bytes or not 0 <= e.slot < g.slot_count:
+            return None
+    except (CorruptStoreError, UnicodeDecodeError):
+        return None
+    return e
+
+
 def _copy(src: SlotRecords, ordered, entries, dst: SlabStore, res: CompactResult, progress: bool,
           on_phase) -> None:
     # Eviction order runs least to most valuable: keep from the valuable end.
@@ -111,7 +133,7 @@ def _copy(src: SlotRecords, ordered, entries, dst: SlabStore, res: CompactResult
     fits = [e for e in ranked if e.length <= dst.geometry.slot_bytes]
     keep = fits[:dst.geometry.slot_count]
     kept_ids = {e.ikey for e in keep}
-    res.dropped = [{"key": repr(decode_key(e.canon)), "bytes": e.length,
+    res.dropped += [{"key": repr(decode_key(e.canon)), "bytes": e.length,
                     "why": "larger than the new slot" if e.length > dst.geometry.slot_bytes
                     else "no room: the policy ranked it lowest"}
                    for e in ranked if e.ikey not in kept_ids]

@@ -110,8 +110,20 @@ def _check(paths: StorePaths, res, *, repair, deep, rebuild, progress) -> None:
                 idx = None
             _rebuild(paths, g, creation_id, res, progress)
             return
-        with SlotRecords(paths.slab, g, writable=repair) as records:
-            _check_index(records, g, creation_id, idx, res, repair, deep, progress, found_size)
+        before = len(res.findings)
+        try:
+            with SlotRecords(paths.slab, g, writable=repair) as records:
+                _check_index(records, g, creation_id, idx, res, repair, deep, progress, found_size)
+        except CorruptStoreError as exc:
+            # The B-tree itself is damaged (LMDB cannot walk it): what was
+            # found in it so far is moot; the slot records still name every
+            # entry, so a repair rebuilds the index from them.
+            del res.findings[before:]
+            _add(res, "index damaged", str(exc).split("; run")[0], fixed=repair)
+            if repair:
+                idx.release()
+                idx = None
+                _rebuild(paths, g, creation_id, res, progress)
     finally:
         if idx is not None:
             idx.release()
@@ -123,8 +135,12 @@ def _check_header(slab_path, idx, res, repair) -> tuple[Geometry | None, bytes |
     raw = read_header_bytes(slab_path)
     copy = None
     if idx is not None:
-        with idx.read() as t:
-            copy = t.header_copy()
+        try:
+            with idx.read() as t:
+                copy = t.header_copy()
+        except CorruptStoreError:
+            pass  # the index check reports it
+
     try:
         found = unpack_header(raw, slab_path)
     except CorruptStoreError as exc:

@@ -9,7 +9,7 @@ import time
 from collections import Counter
 
 from ..core import SlabStore
-from ..format.keys import decode_key
+from ..format.keys import display_key
 
 
 def _when(ts: float) -> str:
@@ -25,9 +25,9 @@ def store_stats(s: SlabStore) -> dict:
             kind = ", ".join(f"{d}{list(sh)}" for d, sh in zip(e.meta.dtypes, e.meta.shapes))
             by_kind[kind] += e.length
             if oldest is None or e.created < oldest[1]:
-                oldest = (decode_key(e.canon), e.created)
+                oldest = (display_key(e.canon), e.created)
             if newest is None or e.created > newest[1]:
-                newest = (decode_key(e.canon), e.created)
+                newest = (display_key(e.canon), e.created)
         open_by = snap.open_pids()
     st["open_by_pids"] = open_by
     st["oldest_entry"] = f"{oldest[0]!r} at {_when(oldest[1])}" if oldest else "-"
@@ -42,7 +42,7 @@ def list_entries(s: SlabStore) -> list[dict]:
         pinned = snap.pinned()
         for e in snap.entries():
             rows.append({
-                "key": decode_key(e.canon),
+                "key": display_key(e.canon),
                 "bytes": e.length,
                 "shapes": [list(sh) for sh in e.meta.shapes],
                 "dtypes": list(e.meta.dtypes),

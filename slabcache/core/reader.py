@@ -11,12 +11,14 @@ are never served.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Callable, Sequence
 
 import torch
 
 from ..device import Engine
-from ..format.keys import decode_key
+from ..errors import StorageFullError
+from ..format.keys import display_key
 from ..index import Entry, Index
 from ..index.entry import EntryRef
 from .allocator import SlotAllocator
@@ -36,6 +38,7 @@ class Reader:
         self.uses = uses
         self.checksum = checksum
         self.path = path
+        self._last_full_warning = -1e9
 
     def read(self, e: Entry | EntryRef, parts: list[torch.Tensor]) -> bool:
         """Fill ``parts`` with ``e``'s bytes; False (a miss) unless they are
@@ -89,12 +92,19 @@ class Reader:
 
     def _flush_if(self, due: bool) -> None:
         if due and self.allocator is not None:
-            with self.index.write() as t:
-                self.uses.flush(t)
+            try:
+                with self.index.write() as t:
+                    self.uses.flush(t)
+            except StorageFullError as exc:
+                # The read itself succeeded; only its use statistics are lost.
+                now = time.monotonic()
+                if now - self._last_full_warning > 60:
+                    self._last_full_warning = now
+                    log.warning("%s; reads go on without recording their uses", exc)
 
     def _drop_corrupt(self, e: Entry | EntryRef) -> None:
         log.warning("checksum mismatch in slot %d of %s (key %r); %s",
-                    e.slot, self.path, decode_key(e.canon),
+                    e.slot, self.path, display_key(e.canon),
                     "dropping the entry" if self.allocator else "serving a miss")
         self.uses.count("misses")
         self.uses.count("checksum_failures")

@@ -34,6 +34,15 @@ def decode_key(canon: bytes) -> str | bytes:
     return canon[1:]
 
 
+def display_key(canon: bytes) -> str | bytes:
+    """:func:`decode_key` for reports and logs: a key whose bytes were
+    damaged is shown escaped rather than failing."""
+    try:
+        return decode_key(canon)
+    except UnicodeDecodeError:
+        return canon[1:].decode("utf-8", "backslashreplace")
+
+
 def index_key(canon: bytes) -> bytes:
     if len(canon) <= MAX_INLINE_KEY:
         return canon

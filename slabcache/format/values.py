@@ -20,6 +20,8 @@ DTYPE_NAMES = (
     "uint16", "uint32", "uint64", "float8_e8m0fnu",
 )
 DTYPE_CODES = {n: i for i, n in enumerate(DTYPE_NAMES)}
+# Bytes per element, in DTYPE_NAMES order (checked against torch by the tests).
+DTYPE_SIZES = (4, 8, 2, 2, 1, 2, 4, 8, 1, 1, 8, 16, 4, 1, 1, 1, 1, 2, 4, 8, 1)
 
 _META_HEAD = struct.Struct("<BBHI")  # version, is_list, tensor count, extra length
 _TENSOR_HEAD = struct.Struct("<BB")  # dtype code, ndim
@@ -69,8 +71,16 @@ class ValueDesc:
             nbytes = struct.unpack_from(f"<{n}Q", raw, pos)
             pos += 8 * n
             extra = bytes(raw[pos:pos + elen])
-            if ver != 1 or len(extra) != elen:
+            if ver != 1 or is_list > 1 or (n != 1 and not is_list) or pos + elen != len(raw):
                 raise ValueError("bad meta")
+            # Sizes must follow from shapes: a damaged shape or size must
+            # never make a reader allocate or copy what the slot cannot hold.
+            for dt, shape, nb in zip(dtypes, shapes, nbytes):
+                count = 1
+                for d in shape:
+                    count *= d
+                if count * DTYPE_SIZES[DTYPE_CODES[dt]] != nb:
+                    raise ValueError("sizes disagree with shapes")
         except (struct.error, IndexError, ValueError) as exc:
             raise CorruptStoreError(
                 "an index entry's value description is unreadable; run `slabcache fsck --repair`"

@@ -77,8 +77,14 @@ _MLEN_AT = _ENTRY.size - 4
 
 def ref_of(ikey: bytes, raw, canon: bytes | None = None) -> EntryRef | None:
     """An EntryRef from an encoded entry; None when ``canon`` is given and
-    the entry holds another key (a hash collision of long keys)."""
-    mlen = _U32.unpack_from(raw, _MLEN_AT)[0]
+    the entry holds another key (a hash collision of long keys).  Raises
+    CorruptStoreError when it is too short to be an entry."""
+    try:
+        mlen = _U32.unpack_from(raw, _MLEN_AT)[0]
+    except struct.error as exc:
+        raise CorruptStoreError(
+            "an index entry is truncated; run `slabcache fsck --repair`"
+        ) from exc
     start = _ENTRY.size + mlen
     stored = bytes(raw[start:])
     if canon is not None and stored != canon:
@@ -114,6 +120,10 @@ def canon_of(raw: bytes) -> bytes:
     return bytes(raw[_ENTRY.size + mlen:])
 
 
-def slot_gen_of(raw: bytes) -> tuple[int, int]:
-    """(slot, generation) of an encoded entry, without decoding the rest."""
-    return _SLOT_GEN.unpack_from(raw)
+def slot_gen_of(raw: bytes) -> tuple[int, int] | None:
+    """(slot, generation) of an encoded entry, without decoding the rest;
+    None for one too short to be an entry (no read validates against it)."""
+    try:
+        return _SLOT_GEN.unpack_from(raw)
+    except struct.error:
+        return None

@@ -1,6 +1,7 @@
 """On-disk formats on their own: no slab, no index, no store."""
 
 import pytest
+import torch
 
 from slabcache import CorruptStoreError, InvalidKeyError
 from slabcache.format.checksum import CHECKSUM_BLOCK, checksum
@@ -79,3 +80,26 @@ def test_store_paths_name_every_file():
     p = StorePaths("/x/store")
     assert p.slab == "/x/store/slab" and p.lmdb_data == "/x/store/index/data.mdb"
     assert p.lock == "/x/store/lock" and p.compact_marker.startswith("/x/store/")
+
+
+def test_dtype_sizes_match_torch():
+    from slabcache.format.values import DTYPE_NAMES, DTYPE_SIZES
+
+    assert len(DTYPE_SIZES) == len(DTYPE_NAMES)
+    for name, size in zip(DTYPE_NAMES, DTYPE_SIZES):
+        assert getattr(torch, name).itemsize == size, name
+
+
+def test_a_description_whose_sizes_disagree_with_its_shapes_is_corrupt():
+    from slabcache.errors import CorruptStoreError
+    from slabcache.format.values import ValueDesc
+
+    good = ValueDesc(False, ("float32",), ((2, 3),), (24,))
+    assert ValueDesc.decode(good.encode()) == good
+    for bad in (ValueDesc(False, ("float32",), ((2, 3),), (25,)),
+                ValueDesc(False, ("float32",), ((1 << 40, 3),), (24,)),
+                ValueDesc(False, ("float32", "int8"), ((2, 3), (1,)), (24, 1))):
+        with pytest.raises(CorruptStoreError, match="slabcache fsck"):
+            ValueDesc.decode(bad.encode())
+    with pytest.raises(CorruptStoreError):
+        ValueDesc.decode(good.encode() + b"\0")  # trailing bytes

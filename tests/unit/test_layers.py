@@ -25,7 +25,7 @@ ALLOWED = {
     "core": {"errors", "format", "device", "index", "runtime"},
     "admin": {"errors", "format", "device", "index", "core"},
     "bench": {"errors", "format", "device", "core", "admin"},
-    "testing": {"errors", "format", "device", "core", "admin"},
+    "testing": {"errors", "format", "device", "index", "core", "admin"},
     "integrations": {"errors", "format", "core"},
     "cli": {"errors", "admin", "bench", "core"},
     "__init__": {"errors", "format", "core"},

@@ -1,0 +1,121 @@
+"""A store on a filesystem that fills up: run as
+``python -m slabcache.testing.fullfs DIR`` with DIR a small filesystem of
+its own (a tmpfs mounted for the run); prints a JSON report.
+
+The store is made, the filesystem is filled with another file, then puts
+and gets go on until puts fail; the handle is closed and reopened
+(read-only and writable) while full; then the filler is removed and
+writing must work again.  A SIGBUS anywhere kills the process, which is
+what the caller checks first.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import sys
+
+from ..admin.fsck import check
+from ..core import SlabStore
+from ..errors import StorageFullError
+from ..index import env as index_env
+from .values import expected
+
+
+def _fill(path: str) -> int:
+    """Write ``path`` until the filesystem has no room left; its size."""
+    chunk = b"\xa5" * (1 << 20)
+    size = 0
+    with open(path, "wb", buffering=0) as f:
+        while True:
+            try:
+                size += f.write(chunk)
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                break
+        for n in (65536, 4096, 512):  # the last blocks too
+            try:
+                while True:
+                    size += f.write(chunk[:n])
+            except OSError:
+                pass
+    return size
+
+
+def _check_all(s: SlabStore, keys) -> tuple[int, int, int]:
+    right = miss = wrong = 0
+    for k in keys:
+        v = s.get(k)
+        if v is None:
+            miss += 1
+        elif v.shape == expected(k).shape and bool((v == expected(k)).all()):
+            right += 1
+        else:
+            wrong += 1
+    return right, miss, wrong
+
+
+def run(root: str) -> dict:
+    # A small headroom, so the index runs out of room within the run.
+    index_env.INDEX_HEADROOM = 256 << 10
+    rep = {"acked_before": 0, "acked_full": 0, "refused_full": 0, "other_errors": [],
+           "wrong": 0, "gets_full": 0, "reopen_full": None, "readonly_full": None,
+           "acked_after": 0, "right_end": 0, "fsck_exit": None}
+    path = os.path.join(root, "s")
+    acked = []
+    s = SlabStore.open(path, capacity_bytes=64 * 4096, slot_bytes=4096)
+    for i in range(40):
+        if s.put(f"k{i}", expected(f"k{i}")):
+            acked.append(f"k{i}")
+    rep["acked_before"] = len(acked)
+    _fill(os.path.join(root, "filler"))
+    for i in range(40, 4000):
+        k = f"k{i}"
+        try:
+            if s.put(k, expected(k)):
+                acked.append(k)
+                rep["acked_full"] += 1
+        except StorageFullError:
+            rep["refused_full"] += 1
+        except Exception as exc:  # anything else is a defect
+            rep["other_errors"].append(f"{type(exc).__name__}: {exc}")
+        if rep["refused_full"] >= 50:
+            break
+        if i % 10 == 0:
+            _r, _m, w = _check_all(s, acked[-20:])
+            rep["wrong"] += w
+            rep["gets_full"] += 20
+    for _ in range(8):  # enough hits for their uses to be due for recording
+        _r, _m, w = _check_all(s, acked)
+        rep["wrong"] += w
+        rep["gets_full"] += len(acked)
+    s.close()
+    try:
+        with SlabStore.open(path) as s:
+            rep["reopen_full"] = "opened"
+            rep["wrong"] += _check_all(s, acked)[2]
+    except StorageFullError as exc:
+        rep["reopen_full"] = f"StorageFullError: {exc}"
+    with SlabStore.open(path, readonly=True) as s:
+        r, _m, w = _check_all(s, acked)
+        rep["readonly_full"] = r
+        rep["wrong"] += w
+    os.unlink(os.path.join(root, "filler"))
+    with SlabStore.open(path) as s:
+        for i in range(4000, 4100):
+            if s.put(f"k{i}", expected(f"k{i}")):
+                acked.append(f"k{i}")
+                rep["acked_after"] += 1
+        r, _m, w = _check_all(s, acked)
+        rep["right_end"] = r
+        rep["wrong"] += w
+    rep["fsck_exit"] = check(path, progress=False).exit_code
+    return rep
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(sys.argv[1])))
+    sys.stdout.flush()
+    sys.exit(0)
