@@ -114,6 +114,15 @@ def _check(paths: StorePaths, res, *, repair, deep, rebuild, progress) -> None:
         try:
             with SlotRecords(paths.slab, g, writable=repair) as records:
                 _check_index(records, g, creation_id, idx, res, repair, deep, progress, found_size)
+                if repair and len(res.findings) > before:
+                    # A repair must leave a clean index: when damage keeps
+                    # what was fixed from sticking, rebuild from the records.
+                    again = CheckResult(paths.root)
+                    _check_index(records, g, creation_id, idx, again, False, False, False,
+                                 os.path.getsize(paths.slab))
+                    if again.findings:
+                        raise CorruptStoreError(
+                            f"repairs did not hold: {again.findings[0].kind}")
         except CorruptStoreError as exc:
             # The B-tree itself is damaged (LMDB cannot walk it): what was
             # found in it so far is moot; the slot records still name every
@@ -348,6 +357,7 @@ def _rebuild(paths: StorePaths, g: Geometry, creation_id: bytes, res: CheckResul
                 found[canon] = (slot, rec, canon, meta)
     idx = Index.acquire(tmp, map_size=default_map_size(g.slot_count), create=True)
     try:
+        idx.ensure_room(len(found) * 512)  # one large transaction follows
         used = set()
         with idx.write(durable=True) as t:
             pol = make_policy("lru")

@@ -166,14 +166,7 @@ class Index:
                 f"the index at {path} is incomplete ({exc}); run `slabcache fsck "
                 f"{store_dir} --rebuild-index`"
             ) from exc
-        self._wlock = threading.Lock()  # see _Write
-        # Transactions in flight, so a fork can wait for none (see
-        # _before_fork); a fork in progress holds new ones back.
-        self._entered = itertools.count()
-        self._left = itertools.count()
-        self._forking = False
-        self._fork_done = threading.Event()
-        self._fork_done.set()
+        self._new_locks()
         self._fork_safe = True
         self._last_reader_check = 0.0
         self._data_fd: int | None = None
@@ -212,6 +205,15 @@ class Index:
     # atomic, and a thread counts itself in before it looks at _forking,
     # while a fork sets _forking before it looks at the counts, so either
     # the fork sees the thread in flight or the thread sees the fork.
+
+    def _new_locks(self) -> None:
+        self._wlock = threading.Lock()  # see _Write
+        # Transactions in flight, so a fork can wait for none (see
+        # _before_fork); a fork in progress holds new ones back.
+        self._entered, self._left = itertools.count(), itertools.count()
+        self._forking = False
+        self._fork_done = threading.Event()
+        self._fork_done.set()
 
     def _enter(self) -> None:
         next(self._entered)
@@ -253,11 +255,7 @@ class Index:
         env = self.env
         self.env = _ForkedEnv(self.path, parent)
         self._forked_from = parent
-        self._wlock = threading.Lock()
-        self._entered, self._left = itertools.count(), itertools.count()
-        self._forking = False
-        self._fork_done = threading.Event()
-        self._fork_done.set()
+        self._new_locks()  # threads of the parent may have held them
         if self._fork_safe:
             env.close()  # nothing was in flight: frees nothing of the parent's
             self._close_fds()

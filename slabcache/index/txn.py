@@ -437,7 +437,15 @@ class IndexTxn:
     def drop_entry_key(self, ikey: bytes) -> None:
         """Remove whatever is stored at ``ikey`` and its pins, without
         decoding it (entries too damaged to free normally)."""
-        self.txn.delete(ikey, db=self.db["entries"])
+        entries = self.db["entries"]
+        if not self.txn.delete(ikey, db=entries):
+            # A damaged page can hold a key out of order, where a search
+            # cannot find it: delete it where a walk finds it.
+            with self.txn.cursor(db=entries) as cur:
+                for k in cur.iternext(values=False):
+                    if k == ikey:
+                        cur.delete()
+                        break
         self.drop_pins(ikey)
 
     def forget_free(self, slot: int) -> None:
