@@ -98,10 +98,11 @@ class Index:
         INDEX_HEADROOM, plus ``extra`` for a large transaction to come).
         Raises StorageFullError when not even INDEX_MIN_HEADROOM can be had."""
         info = self.env.info()
-        used = (info["last_pgno"] + 1) * self.env.stat()["psize"]
+        used = (info["last_pgno"] + 1) * self._page_bytes
         end = min(info["map_size"], used + INDEX_HEADROOM + extra)
         self._writes_to_check = SPACE_CHECK_WRITES
-        if end <= self._reserved_to:
+        # Allocated in steps: only once half the headroom is used.
+        if min(info["map_size"], used + INDEX_HEADROOM // 2 + extra) <= self._reserved_to:
             return
         try:
             _fallocate(self._data_fd, used, end - used)
@@ -183,6 +184,7 @@ class Index:
             if self._lock_fd is not None:
                 _back_whole_file(self._lock_fd, lock_file)
             if not readonly:
+                self._page_bytes = self.env.stat()["psize"]
                 self._data_fd = os.open(os.path.join(path, "data.mdb"), os.O_RDWR | os.O_CLOEXEC)
                 self.ensure_room()
         except BaseException:
