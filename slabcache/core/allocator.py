@@ -130,15 +130,17 @@ class SlotAllocator:
         out = []
         now = time.time()
         owner, policy = self.owner, self.policy
+        stored = 0
         with self.index.write(durable=durable) as t:
             for r, canon, ikey, csum, meta_raw, length in items:
                 got = _SETTLED[t.settle(r.slot, r.generation, owner, ikey, canon, length, csum,
                                         meta_raw, policy, now)]
-                if got is PutStatus.LOST:
+                if got is PutStatus.STORED:
+                    stored += 1
+                elif got is PutStatus.LOST:
                     log.warning("slot %d of %s was taken from this put (repair?); dropping it",
                                 r.slot, self.path)
                 out.append(got)
-        stored = sum(1 for s in out if s is PutStatus.STORED)
         if stored:
             self.uses.count("puts", stored)
         return out

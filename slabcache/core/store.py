@@ -32,7 +32,7 @@ from ..errors import (
     StoreForkedError,
 )
 from ..format.keys import canonical_key, decode_key, display_key, index_key, key_hash
-from ..format.records import SlotRecord, record_meta
+from ..format.records import record_meta
 from ..format.values import ValueDesc
 from ..index import Entry, IndexTxn
 from ..index.entry import EntryRef
@@ -353,8 +353,8 @@ class SlabStore:
                     meta_raw: bytes) -> int:
         """Payload, then the slot's record; returns the payload checksum."""
         csum = self.engine.write(r.slot, parts, hashed=self.checksum) or 0
-        self._records.write(r.slot, SlotRecord(r.generation, length, csum, key_hash(canon),
-                                               record_meta(canon, meta_raw)))
+        self._records.write_fields(r.slot, r.generation, length, csum, key_hash(canon),
+                                   record_meta(canon, meta_raw))
         return csum
 
     def _put_parts(self, canon: bytes, ikey: bytes, parts: list[torch.Tensor],
@@ -367,9 +367,10 @@ class SlabStore:
                 return r.ok
             try:
                 csum = self._write_slot(r, canon, parts, desc.length, meta_raw)
-                if self.options.strict:
+                strict = self.options.strict
+                if strict:
                     self.engine.sync()
-                return r.commit(canon, ikey, csum, meta_raw, desc.length, durable=self.options.strict).ok
+                return r.commit(canon, ikey, csum, meta_raw, desc.length, durable=strict).ok
             except BaseException:
                 r.abort()  # nothing stays reserved by a failed put
                 raise

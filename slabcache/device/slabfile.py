@@ -13,7 +13,7 @@ import uuid
 
 from ..errors import ConfigError, CorruptStoreError, LayoutMismatchError, StorageFullError
 from ..format.header import SLAB_HEADER, Geometry, pack_header, plan_geometry, round_up, unpack_header
-from ..format.records import EMPTY_RECORD, SlotRecord, pack_record, unpack_record
+from ..format.records import EMPTY_RECORD, SlotRecord, pack_record, pack_record_fields, unpack_record
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +149,12 @@ class SlotRecords:
 
     def write(self, slot: int, rec: SlotRecord) -> None:
         raw = pack_record(rec, self.g.record_bytes)
+        os.pwrite(self._fd, raw, self.g.record_offset(slot))
+
+    def write_fields(self, slot: int, generation: int, length: int, checksum: int,
+                     key_hash: bytes, meta: bytes) -> None:
+        """:meth:`write` of a record with these fields."""
+        raw = pack_record_fields(generation, length, checksum, key_hash, meta, self.g.record_bytes)
         os.pwrite(self._fd, raw, self.g.record_offset(slot))
 
     def read(self, slot: int) -> SlotRecord | None:

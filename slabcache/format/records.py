@@ -37,13 +37,22 @@ class SlotRecord:
 
 
 def pack_record(rec: SlotRecord, record_bytes: int) -> bytes:
-    meta = rec.meta if SLOT_RECORD.size + len(rec.meta) <= record_bytes else b""
+    return pack_record_fields(rec.generation, rec.length, rec.checksum, rec.key_hash, rec.meta,
+                              record_bytes)
+
+
+def pack_record_fields(generation: int, length: int, checksum: int, key_hash: bytes, meta: bytes,
+                       record_bytes: int) -> bytes:
+    """:func:`pack_record` of a record with these fields (the put path
+    builds no SlotRecord)."""
+    if SLOT_RECORD.size + len(meta) > record_bytes:
+        meta = b""
     flags = RECORD_FLAG_META if meta else 0
-    head = SLOT_RECORD.pack(RECORD_MAGIC, flags, rec.generation, rec.length,
-                            rec.checksum, rec.key_hash, len(meta), 0)
+    head = SLOT_RECORD.pack(RECORD_MAGIC, flags, generation, length, checksum, key_hash,
+                            len(meta), 0)
     crc = zlib.crc32(meta, zlib.crc32(head))
-    head = SLOT_RECORD.pack(RECORD_MAGIC, flags, rec.generation, rec.length,
-                            rec.checksum, rec.key_hash, len(meta), crc)
+    head = SLOT_RECORD.pack(RECORD_MAGIC, flags, generation, length, checksum, key_hash,
+                            len(meta), crc)
     return head + meta
 
 

@@ -38,11 +38,8 @@ class Entry:
         return ValueDesc.decode(self.meta_raw)
 
     def encode(self) -> bytes:
-        meta = self.meta_raw
-        head = _ENTRY.pack(self.slot, self.generation, self.length, self.checksum,
-                           self.use.tick, self.use.hits, self.use.inserted,
-                           self.created, self.used, len(meta))
-        return head + meta + self.canon
+        return encode_entry(self.slot, self.generation, self.length, self.checksum, self.use,
+                            self.created, self.used, self.meta_raw, self.canon)
 
     @classmethod
     def decode(cls, ikey: bytes, raw: bytes) -> "Entry":
@@ -56,6 +53,14 @@ class Entry:
         canon = bytes(raw[_ENTRY.size + mlen:])
         return cls(ikey, canon, slot, gen, length, csum, UseStats(tick, hits, ins),
                    created, used, bytes(meta_raw))
+
+
+def encode_entry(slot: int, generation: int, length: int, checksum: int, use: UseStats,
+                 created: float, used: float, meta_raw: bytes, canon: bytes) -> bytes:
+    """The encoding of an entry with these fields."""
+    head = _ENTRY.pack(slot, generation, length, checksum, use.tick, use.hits, use.inserted,
+                       created, used, len(meta_raw))
+    return head + meta_raw + canon
 
 
 class EntryRef(NamedTuple):

@@ -27,7 +27,7 @@ from typing import Iterator
 import lmdb
 
 from . import owner as owners
-from .entry import Entry, EntryRef, canon_of, ref_of, slot_gen_of, use_of, with_use
+from .entry import Entry, EntryRef, canon_of, encode_entry, ref_of, slot_gen_of, use_of, with_use
 from .policy import Policy, UseStats, make_policy
 
 _U64 = struct.Struct(">Q")
@@ -144,11 +144,18 @@ class IndexTxn:
     def insert(self, ikey: bytes, canon: bytes, slot: int, generation: int, length: int,
                checksum: int, meta_raw: bytes, policy: Policy, now: float) -> Entry:
         """A new entry, first in its use order."""
+        use = self._add(ikey, canon, slot, generation, length, checksum, meta_raw, policy, now)
+        return Entry(ikey, canon, slot, generation, length, checksum, use, now, now, meta_raw)
+
+    def _add(self, ikey: bytes, canon: bytes, slot: int, generation: int, length: int,
+             checksum: int, meta_raw: bytes, policy: Policy, now: float) -> UseStats:
+        """:meth:`insert` without building the Entry (every put runs this)."""
         tick = self.next_tick()
-        e = Entry(ikey, canon, slot, generation, length, checksum, UseStats(tick, 0, tick),
-                  now, now, meta_raw)
-        self.put_entry(e, policy)
-        return e
+        use = UseStats(tick, 0, tick)
+        self.txn.put(ikey, encode_entry(slot, generation, length, checksum, use, now, now,
+                                        meta_raw, canon), db=self.db["entries"])
+        self.txn.put(policy.order_key(slot, use), ikey, db=self.db["order"])
+        return use
 
     def _unlink_entry(self, e: Entry, policy: Policy) -> None:
         self.txn.delete(e.ikey, db=self.db["entries"])
@@ -424,7 +431,7 @@ class IndexTxn:
                 self.release_slot(slot, generation)
                 return "present"
             self.free_entry(Entry.decode(ikey, old), policy)  # a long key's hash collided
-        self.insert(ikey, canon, slot, generation, length, checksum, meta_raw, policy, now)
+        self._add(ikey, canon, slot, generation, length, checksum, meta_raw, policy, now)
         return "stored"
 
     # -- repair (fsck) ---------------------------------------------------
