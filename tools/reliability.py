@@ -100,10 +100,10 @@ def forks(work: str, rounds: int) -> dict:
 
 
 def full_filesystem(work: str) -> dict:
-    """slabcache.testing.fullfs on a private 16 MiB tmpfs (needs `unshare`)."""
+    """slabcache.testing.fullfs on a private 24 MiB tmpfs (needs `unshare`)."""
     mnt = os.path.join(work, "fullfs")
     os.makedirs(mnt)
-    script = (f"mount -t tmpfs -o size=16m slabfull {mnt} && "
+    script = (f"mount -t tmpfs -o size=24m slabfull {mnt} && "
               f"exec {sys.executable} -m slabcache.testing.fullfs {mnt}")
     try:
         r = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],

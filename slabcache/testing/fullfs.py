@@ -65,7 +65,8 @@ def run(root: str) -> dict:
            "acked_after": 0, "right_end": 0, "fsck_exit": None}
     path = os.path.join(root, "s")
     acked = []
-    s = SlabStore.open(path, capacity_bytes=64 * 4096, slot_bytes=4096)
+    # Room for more entries than the index has headroom for, so it must grow.
+    s = SlabStore.open(path, capacity_bytes=2048 * 4096, slot_bytes=4096)
     for i in range(40):
         if s.put(f"k{i}", expected(f"k{i}")):
             acked.append(f"k{i}")

@@ -120,7 +120,7 @@ def test_a_full_filesystem_is_an_error_never_a_signal_and_loses_nothing(tmp_path
         pytest.skip(why)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    script = (f"mount -t tmpfs -o size=16m slabfull {mnt} && "
+    script = (f"mount -t tmpfs -o size=24m slabfull {mnt} && "
               f"exec {sys.executable} -m slabcache.testing.fullfs {mnt}")
     r = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
                        capture_output=True, text=True, env=child_env(), timeout=300)
