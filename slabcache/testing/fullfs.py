@@ -39,8 +39,9 @@ def _fill(path: str) -> int:
             try:
                 while True:
                     size += f.write(chunk[:n])
-            except OSError:
-                pass
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
     return size
 
 
