@@ -28,8 +28,8 @@ from typing import Iterable, Iterator, Sequence
 import torch
 
 from ..errors import (
-    ConfigError, CorruptStoreError, EntryTooLargeError, QueueFullError, SlabIOError, StorageFullError, StoreClosedError,
-    StoreForkedError,
+    ConfigError, CorruptStoreError, EntryTooLargeError, QueueFullError, SlabIOError, StorageFullError,
+    StoreClosedError, StoreForkedError,
 )
 from ..format.keys import canonical_key, decode_key, display_key, index_key, key_hash
 from ..format.records import record_meta
