@@ -55,6 +55,13 @@ class Index:
         it cannot be opened, ConfigError when this process has it read-only
         and a writer asks for it."""
         key = os.path.realpath(path)
+        if key in _INHERITED:
+            raise StoreForkedError(
+                f"this process was forked while a thread of its parent was inside a transaction "
+                f"on the index at {path} (for over {FORK_WAIT_SECONDS:.0f} s), so it cannot open "
+                "that store; fork when no store operation is running, or start workers with "
+                "multiprocessing's 'spawn' or 'forkserver'"
+            )
         with cls._registry_lock:
             idx = cls._registry.get(key)
             if idx is not None:
@@ -262,7 +269,8 @@ class Index:
             env.close()  # nothing was in flight: frees nothing of the parent's
             self._close_fds()
         else:
-            _INHERITED.append((env, self._data_fd, self._lock_fd))  # never closed here
+            # Never closed here; and this process cannot open the index again.
+            _INHERITED[os.path.realpath(self.path)] = (env, self._data_fd, self._lock_fd)
 
     def read(self) -> "_Read":
         """A read transaction: ``with index.read() as t:`` (t is an IndexTxn)."""
@@ -410,7 +418,7 @@ class _ForkedEnv:
 
 # Environments a child inherited while a transaction was in flight: kept
 # referenced so they are never closed or collected there.
-_INHERITED: list = []
+_INHERITED: dict[str, tuple] = {}
 
 FORK_WAIT_SECONDS = 5.0  # for transactions in flight when a process forks
 

@@ -218,3 +218,49 @@ def test_a_crashing_cli_command_prints_one_line_and_exits_8(tmp_path, capsys, mo
     assert cli_main(["stats", str(p)]) == 8
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "KeyError" in err[0] and "slabcache fsck" in err[0]
+
+
+def test_a_fork_during_a_long_transaction_refuses_the_child_clearly(tmp_path):
+    """A thread of the parent inside a transaction past the fork's wait: the
+    child cannot close its copy safely, so it cannot open the store, and
+    says so; the parent is unaffected."""
+    out = run_py("""
+        import json, os, sys, threading, time
+        import slabcache.index.env as index_env
+        from slabcache import SlabStore, StoreForkedError
+        from slabcache.testing import expected
+        index_env.FORK_WAIT_SECONDS = 0.2
+        s = SlabStore.open(sys.argv[1], capacity_bytes=64 * 4096, slot_bytes=4096)
+        s.put("a", expected("a"))
+        inside = threading.Event()
+
+        def hold():
+            with s.snapshot():
+                inside.set()
+                time.sleep(1.0)
+
+        t = threading.Thread(target=hold)
+        t.start()
+        inside.wait()
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                SlabStore.open(sys.argv[1])
+                msg = "opened"
+            except StoreForkedError as exc:
+                msg = str(exc)
+            os.write(w, msg.encode())
+            os._exit(0)
+        os.close(w)
+        os.waitpid(pid, 0)
+        msg = os.read(r, 1 << 16).decode()
+        t.join()
+        v = s.get("a")
+        s.put("b", expected("b"))
+        print(json.dumps({"msg": msg, "parent_ok": bool((v == expected("a")).all()), "len": len(s)}))
+        s.close()
+    """, str(tmp_path / "s")).stdout
+    rep = json.loads(out.strip().splitlines()[-1])
+    assert "forked while a thread of its parent was inside a transaction" in rep["msg"]
+    assert rep["parent_ok"] and rep["len"] == 2
