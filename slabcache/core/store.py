@@ -88,9 +88,7 @@ class SlabStore:
         self._allocator = None if opts.readonly else SlotAllocator(
             o.index, o.records, o.geometry, o.policy, self._owner, self._uses, self.path)
         self._reader = Reader(o.engine, o.index, self._allocator, self._uses, opts.checksum, self.path)
-        self._lock = threading.Lock()
-        self._idle = threading.Condition(self._lock)
-        self._active = 0
+        self._new_locks()
         self._closed = False
         # ``with self._guard:`` marks an operation in flight (close waits
         # for it) and refuses to start one on a closed store.
@@ -215,13 +213,16 @@ class SlabStore:
         index environment is the parent's (see Index), so it is marked
         closed without touching anything shared; each use raises
         StoreForkedError, and close() is a no-op."""
-        self._lock = threading.Lock()
-        self._idle = threading.Condition(self._lock)
-        self._active = 0
+        self._new_locks()  # threads of the parent may have held them
         self._closed = True
         self._forked_from = parent
         self._pool = self._writers = None
         self._lock_files.forget_after_fork()
+
+    def _new_locks(self) -> None:
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._active = 0  # operations in flight (see _OpGuard)
 
     def _closed_error(self) -> StoreClosedError:
         if self._forked_from is not None:

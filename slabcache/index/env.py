@@ -287,56 +287,32 @@ class Index:
     # IndexTxn wrapper.
 
     def ref(self, ikey: bytes, canon: bytes) -> EntryRef | None:
-        self._enter()
-        try:
-            with self.env.begin(db=self.dbs["entries"]) as txn:
-                raw = txn.get(ikey)
-                return None if raw is None else ref_of(ikey, raw, canon)
-        except lmdb.Error as exc:
-            self.fail(exc)
-        finally:
-            self._leave()
+        with _Lookup(self) as txn:
+            raw = txn.get(ikey)
+            return None if raw is None else ref_of(ikey, raw, canon)
 
     def slot_gen(self, ikey: bytes) -> tuple[int, int] | None:
-        self._enter()
-        try:
-            with self.env.begin(db=self.dbs["entries"]) as txn:
-                raw = txn.get(ikey)
-                return None if raw is None else slot_gen_of(raw)
-        except lmdb.Error as exc:
-            self.fail(exc)
-        finally:
-            self._leave()
+        with _Lookup(self) as txn:
+            raw = txn.get(ikey)
+            return None if raw is None else slot_gen_of(raw)
 
     def refs(self, keys) -> list[EntryRef | None]:
         """:meth:`ref` for each (index key, canonical key), in one transaction."""
-        self._enter()
-        try:
-            with self.env.begin(db=self.dbs["entries"]) as txn:
-                out = []
-                for ikey, canon in keys:
-                    raw = txn.get(ikey)
-                    out.append(None if raw is None else ref_of(ikey, raw, canon))
-                return out
-        except lmdb.Error as exc:
-            self.fail(exc)
-        finally:
-            self._leave()
+        with _Lookup(self) as txn:
+            out = []
+            for ikey, canon in keys:
+                raw = txn.get(ikey)
+                out.append(None if raw is None else ref_of(ikey, raw, canon))
+            return out
 
     def slot_gens(self, ikeys) -> list[tuple[int, int] | None]:
         """:meth:`slot_gen` for each index key, in one transaction."""
-        self._enter()
-        try:
-            with self.env.begin(db=self.dbs["entries"]) as txn:
-                out = []
-                for ikey in ikeys:
-                    raw = txn.get(ikey)
-                    out.append(None if raw is None else slot_gen_of(raw))
-                return out
-        except lmdb.Error as exc:
-            self.fail(exc)
-        finally:
-            self._leave()
+        with _Lookup(self) as txn:
+            out = []
+            for ikey in ikeys:
+                raw = txn.get(ikey)
+                out.append(None if raw is None else slot_gen_of(raw))
+            return out
 
     def failure(self, exc: lmdb.Error) -> Exception:
         """The slabcache error for what LMDB raised (``exc`` itself when it
@@ -459,16 +435,19 @@ class _Read:
         self._index = index
 
     def __enter__(self) -> IndexTxn:
+        self._txn = self._begin(None)
+        return IndexTxn(self._txn, self._index.dbs)
+
+    def _begin(self, db):
         idx = self._index
         idx._enter()
         try:
-            self._txn = idx.env.begin(write=False)
+            return idx.env.begin(db=db, write=False)
         except BaseException as exc:
             idx._leave()
             if isinstance(exc, lmdb.Error):
                 idx.fail(exc)
             raise
-        return IndexTxn(self._txn, idx.dbs)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
@@ -477,6 +456,17 @@ class _Read:
             self._index._leave()
         if exc_type is not None and issubclass(exc_type, lmdb.Error):
             self._index.fail(exc)
+
+
+class _Lookup(_Read):
+    """``with _Lookup(index) as txn``: the bare LMDB read transaction on the
+    entries table (the hot path's lookups, without the IndexTxn wrapper)."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> lmdb.Transaction:
+        self._txn = self._begin(self._index.dbs["entries"])
+        return self._txn
 
 
 class _Write:
