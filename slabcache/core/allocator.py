@@ -100,7 +100,7 @@ class SlotAllocator:
         # Writers free the reader slots of killed readers as they go, so a
         # long-lived writer beside crashing readers keeps its index small.
         self.index.clear_stale_readers()
-        with self.index.write() as t:
+        with self.index.write(keys=len(keys)) as t:
             self.uses.flush(t)
             if self._orphans:
                 self.release_orphans(t)
@@ -131,7 +131,7 @@ class SlotAllocator:
         now = time.time()
         owner, policy = self.owner, self.policy
         stored = 0
-        with self.index.write(durable=durable) as t:
+        with self.index.write(durable=durable, keys=len(items)) as t:
             for r, canon, ikey, csum, meta_raw, length in items:
                 got = _SETTLED[t.settle(r.slot, r.generation, owner, ikey, canon, length, csum,
                                         meta_raw, policy, now)]

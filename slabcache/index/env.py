@@ -26,8 +26,13 @@ READER_CHECK_SECONDS = 1.0
 # touching it, and on a full filesystem that touch is a SIGBUS, not an
 # error.  So the file is allocated ahead of the index's last page, and a
 # write that cannot get room fails with StorageFullError first.
-INDEX_HEADROOM = 64 << 20  # allocated past the last page in use
-INDEX_MIN_HEADROOM = 1 << 20  # what a write needs when no more can be had
+# Room allocated past the last page in use: as much again as the index
+# holds, at least INDEX_MIN_HEADROOM (what a write needs when no more can
+# be had) and at most INDEX_HEADROOM, so a small store takes a megabyte or
+# two and a large one 64 MiB.
+INDEX_HEADROOM = 64 << 20
+INDEX_MIN_HEADROOM = 1 << 20
+ROOM_PER_KEY = 8192  # what a batch may need per key: a few copied pages
 SPACE_CHECK_WRITES = 16  # write transactions between checks of the headroom
 
 # What LMDB raises on a damaged file (a transaction that hit one of these
@@ -101,15 +106,16 @@ class Index:
                 setattr(self, name, None)
 
     def ensure_room(self, extra: int = 0) -> None:
-        """Allocate the index's file ahead of its last page in use (by
-        INDEX_HEADROOM, plus ``extra`` for a large transaction to come).
+        """Allocate the index's file ahead of its last page in use (see
+        INDEX_HEADROOM; ``extra`` more for a large transaction to come).
         Raises StorageFullError when not even INDEX_MIN_HEADROOM can be had."""
         info = self.env.info()
         used = (info["last_pgno"] + 1) * self._page_bytes
-        end = min(info["map_size"], used + INDEX_HEADROOM + extra)
+        ahead = max(INDEX_MIN_HEADROOM, min(used, INDEX_HEADROOM)) + extra
+        end = min(info["map_size"], used + ahead)
         self._writes_to_check = SPACE_CHECK_WRITES
-        # Allocated in steps: only once half the headroom is used.
-        if min(info["map_size"], used + INDEX_HEADROOM // 2 + extra) <= self._reserved_to:
+        # Allocated in steps: only once half the room ahead is used.
+        if min(info["map_size"], used + ahead // 2) <= self._reserved_to:
             return
         try:
             _fallocate(self._data_fd, used, end - used)
@@ -276,12 +282,15 @@ class Index:
         """A read transaction: ``with index.read() as t:`` (t is an IndexTxn)."""
         return _Read(self)
 
-    def write(self, durable: bool = False) -> "_Write":
+    def write(self, durable: bool = False, keys: int = 0) -> "_Write":
         """A write transaction; ``durable`` syncs it to disk before returning.
+        ``keys``: how many keys it will change, when a batch (room is made
+        for them first).
 
-        Raises StorageFullError when the index's map is full.
+        Raises StorageFullError when the index's map is full or its
+        filesystem has no room.
         """
-        return _Write(self, durable)
+        return _Write(self, durable, keys * ROOM_PER_KEY if keys > 16 else 0)
 
     # The hot path: one lookup in its own read transaction, without the
     # IndexTxn wrapper.
@@ -472,11 +481,12 @@ class _Lookup(_Read):
 class _Write:
     """``with index.write() as t``: commit on success, abort on error."""
 
-    __slots__ = ("_index", "_durable", "_txn")
+    __slots__ = ("_index", "_durable", "_room", "_txn")
 
-    def __init__(self, index: Index, durable: bool):
+    def __init__(self, index: Index, durable: bool, room: int):
         self._index = index
         self._durable = durable
+        self._room = room
 
     def __enter__(self) -> IndexTxn:
         # One writer per process at a time: LMDB serialises writers across
@@ -486,8 +496,8 @@ class _Write:
         idx._wlock.acquire()
         try:
             idx._writes_to_check -= 1
-            if idx._writes_to_check < 0:
-                idx.ensure_room()
+            if idx._writes_to_check < 0 or self._room:
+                idx.ensure_room(self._room)
             self._txn = idx.env.begin(write=True)
         except BaseException as exc:
             idx._wlock.release()

@@ -61,6 +61,7 @@ def _check_all(s: SlabStore, keys) -> tuple[int, int, int]:
 def run(root: str) -> dict:
     # A small headroom, so the index runs out of room within the run.
     index_env.INDEX_HEADROOM = 256 << 10
+    index_env.INDEX_MIN_HEADROOM = 64 << 10
     rep = {"acked_before": 0, "acked_full": 0, "refused_full": 0, "other_errors": [],
            "wrong": 0, "gets_full": 0, "reopen_full": None, "readonly_full": None,
            "acked_after": 0, "right_end": 0, "fsck_exit": None}
