@@ -16,27 +16,9 @@ import torch
 from lmcache.v1.storage_backend.path_sharder import PathSharder
 
 from ...errors import ConfigError
+from ..flags import parse_bool
 
 GB = 1024 ** 3
-# The spellings LMCache itself accepts for booleans given as strings.
-TRUE_WORDS = ("true", "1")
-FALSE_WORDS = ("false", "0")
-
-
-def parse_bool(name: str, value) -> bool:
-    """``True``/``False``, or LMCache's strings ``"true"``/``"false"``/``"1"``/``"0"``
-    (any case).  Raises ConfigError for anything else."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str):
-        word = value.strip().lower()
-        if word in TRUE_WORDS:
-            return True
-        if word in FALSE_WORDS:
-            return False
-    raise ConfigError(f"{name} must be true or false, got {value!r}")
 
 
 def parse_paths(csv) -> list[str]:

@@ -1,0 +1,28 @@
+"""vLLM ``OffloadKey`` -> slabcache key, in the engine's namespace.
+
+An ``OffloadKey`` is a 32-byte block hash and a 4-byte group index: it says
+nothing of the model, dtype or layout, so two models sharing a path would
+read each other's blocks.  The namespace is the base path vLLM's own tiers
+derive with ``FileMapper`` (a hash of model, dtype, tokens per block, KV
+groups and, unless the layout is parallelism-agnostic, the parallel sizes),
+so an engine reads exactly the blocks its file-system tier would.
+"""
+
+from __future__ import annotations
+
+PREFIX = "vllm"
+
+
+def namespace(offloading_spec) -> str:
+    """``vllm/<model>_<hash of the run config>`` for this engine."""
+    from vllm.v1.kv_offload.file_mapper import FileMapper
+
+    mapper = FileMapper.from_offloading_spec(
+        root_dir=PREFIX, offloading_spec=offloading_spec,
+        blocks_per_file=offloading_spec.blocks_per_chunk, parallel_agnostic=True)
+    return mapper.base_path
+
+
+def store_key(ns: str, key: bytes) -> str:
+    """``<ns>/<block hash hex>/g<group>``: readable in ``slabcache ls``."""
+    return f"{ns}/{key[:-4].hex()}/g{int.from_bytes(key[-4:], 'big')}"

@@ -1,0 +1,144 @@
+"""Tier settings from the keys of a vLLM ``secondary_tiers`` entry.
+
+vLLM passes every key of the tier's dict other than ``type``,
+``module_path`` and ``backpressure`` to the tier's constructor.  A bad or
+missing key must stop vLLM's start-up with a message that names the key and
+the fix: a tier that silently came up without a disk would look like a
+working cache that never hits.  Nothing here imports vLLM.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from ...admin.sizes import parse_size
+from ...errors import ConfigError
+from ..flags import parse_bool
+
+# Every key the tier takes, with what it means (for the error that lists them).
+KEYS = {
+    "path": "directory of the store, or a list / comma list of directories",
+    "capacity": "disk budget over all paths, e.g. '20G'",
+    "slot_bytes": "slot size (default: one block of the CPU tier, block_size_bytes)",
+    "policy": "lru, lfu, fifo or mru",
+    "io": "mmap (buffered) or direct (O_DIRECT)",
+    "durability": "fast or strict",
+    "io_threads": "store I/O threads per path",
+    "checksum": "verify every load (true/false)",
+    "path_sharding": "by_key (blocks spread over paths) or by_engine (one path per data-parallel rank)",
+    "share_group": "files 0660 / directories 0770 (true/false)",
+    "trust_directory": "use a directory another user owns or others can write (true/false)",
+    "locality": "LOCAL or REMOTE, as vLLM's own tiers take it",
+}
+SHARDINGS = ("by_key", "by_engine")
+EXAMPLE = ('{"type": "SlabCacheTier", "module_path": "slabcache.integrations.vllm", '
+           '"path": "/mnt/nvme0/kvcache", "capacity": "20G"}')
+
+
+@dataclass(frozen=True)
+class TierConfig:
+    """What one tier needs to open its stores."""
+
+    paths: tuple[str, ...]  # the ones this engine uses, in shard order
+    bytes_per_path: int
+    slot_bytes: int | None  # None: one block, or an existing store's own (at least a block)
+    policy: str | None = None
+    io: str = "mmap"
+    durability: str = "fast"
+    io_threads: int = 4
+    checksum: bool = True
+    path_sharding: str = "by_key"
+    share_group: bool = False
+    trust_directory: bool = False
+
+
+def _paths(value) -> list[str]:
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",") if isinstance(value, str) else None
+    if items is None:
+        raise ConfigError(f"tier key 'path' must be a directory or a list of directories, got {value!r}; "
+                          f"e.g. {EXAMPLE}")
+    out = []
+    for raw in items:
+        p = str(raw).strip().removeprefix("file://")
+        if p:
+            out.append(os.path.abspath(p))
+    if not out:
+        raise ConfigError(f"tier key 'path' names no directory; e.g. {EXAMPLE}")
+    if len(set(out)) != len(out):
+        raise ConfigError(f"tier key 'path' names a directory twice: {out}; list each once")
+    return out
+
+
+def _size(name: str, value) -> int:
+    if isinstance(value, bool):
+        raise ConfigError(f"tier key '{name}' must be a size such as '20G' or a number of bytes, got {value!r}")
+    if isinstance(value, int):
+        n = value
+    else:
+        try:
+            n = parse_size(str(value))
+        except ValueError as exc:
+            raise ConfigError(f"tier key '{name}': {exc}") from None
+    if n <= 0:
+        raise ConfigError(f"tier key '{name}' must be positive, got {value!r}")
+    return n
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"tier key '{name}' must be a positive whole number, got {value!r}")
+    return value
+
+
+def _choice(name: str, value, choices) -> str:
+    word = str(value).strip().lower() if isinstance(value, str) else None
+    if word not in choices:
+        raise ConfigError(f"tier key '{name}' must be one of {', '.join(choices)}, got {value!r}")
+    return word
+
+
+def tier_config(keys: dict, *, block_size_bytes: int, data_parallel_index: int = 0) -> TierConfig:
+    """Check the tier's keys (as vLLM passes them) and build its settings.
+
+    Raises ConfigError naming the key and the fix.
+    """
+    unknown = sorted(set(keys) - set(KEYS))
+    if unknown:
+        known = "; ".join(f"{k}: {v}" for k, v in KEYS.items())
+        raise ConfigError(f"unknown slabcache tier key(s) {unknown}; the tier takes {known}")
+    if keys.get("path") in (None, ""):
+        raise ConfigError(f"slabcache tier needs 'path', the directory of its store; e.g. {EXAMPLE}")
+    if keys.get("capacity") in (None, ""):
+        raise ConfigError(f"slabcache tier needs 'capacity', its disk budget over all paths; e.g. {EXAMPLE}")
+    paths = _paths(keys["path"])
+    total = _size("capacity", keys["capacity"])
+    slot = _size("slot_bytes", keys["slot_bytes"]) if keys.get("slot_bytes") is not None else None
+    if slot is not None and slot < block_size_bytes:
+        raise ConfigError(
+            f"tier key 'slot_bytes' is {slot}, smaller than one block of the CPU tier "
+            f"({block_size_bytes} bytes); remove it or set it to at least {block_size_bytes}")
+    sharding = _choice("path_sharding", keys.get("path_sharding", "by_key"), SHARDINGS)
+    # by_engine: each data-parallel engine uses one path, as LMCache's by_gpu
+    # gives each GPU worker one; either way the budget is split evenly.
+    use = [paths[data_parallel_index % len(paths)]] if sharding == "by_engine" else paths
+    per_path = total // len(paths)
+    if per_path < (slot or block_size_bytes):
+        raise ConfigError(
+            f"tier key 'capacity' gives each of {len(paths)} path(s) {per_path} bytes, less than "
+            f"one slot of {slot or block_size_bytes} bytes; raise 'capacity' (e.g. '20G')")
+    policy = keys.get("policy")
+    if policy is not None:
+        policy = _choice("policy", policy, ("lru", "lfu", "fifo", "mru"))
+    io = _choice("io", keys.get("io", "mmap"), ("mmap", "direct"))
+    durability = _choice("durability", keys.get("durability", "fast"), ("fast", "strict"))
+    threads = _positive_int("io_threads", keys.get("io_threads", 4))
+
+    def flag(name, default):
+        return parse_bool(f"tier key '{name}'", keys.get(name, default))
+
+    return TierConfig(paths=tuple(use), bytes_per_path=per_path, slot_bytes=slot, policy=policy,
+                      io=io, durability=durability, io_threads=threads,
+                      checksum=flag("checksum", True), path_sharding=sharding,
+                      share_group=flag("share_group", False),
+                      trust_directory=flag("trust_directory", False))

@@ -1,0 +1,264 @@
+"""SlabCacheTier: a slabcache store as a secondary tier of vLLM's OffloadingConnector.
+
+vLLM calls every method here on its scheduler thread, so none of them may
+wait for the disk: ``submit_store`` / ``submit_load`` / ``touch`` queue a
+task on the tier's own threads (loads first, then touches, then stores: a
+request waits on a load, nobody waits on a store) and return.  Each task is
+one batch call on the store: ``put_many_raw`` (one reserve and one commit
+transaction for the job's blocks) or ``lookup_many`` + ``read_many_raw_into``
+(one lookup, one validation), copying straight between the slab and the CPU
+tier's shared buffer.  ``lookup`` is a single LMDB read (microseconds).
+
+A store job is reported finished only after its entries are committed, so
+a block vLLM counts as stored survives a killed engine (vLLM may kill the
+engine core at exit without calling ``shutdown``).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+import time
+from collections.abc import Collection, Iterable
+from typing import ClassVar
+
+import numpy as np
+import torch
+from vllm.v1.kv_offload.base import (
+    Locality,
+    LookupResult,
+    Medium,
+    OffloadKey,
+    ReqContext,
+    RequestOffloadingContext,
+)
+from vllm.v1.kv_offload.tiering.base import JobResult, SecondaryTierManager, TransferJob
+
+from ...core.store import SlabStore
+from ...core.values import describe
+from ...errors import ConfigError, LayoutMismatchError, SlabcacheError
+from ...runtime.workers import Priority, WorkerPool
+from .keys import namespace, store_key
+from .settings import tier_config
+
+log = logging.getLogger(__name__)
+
+# The tier's own threads only dispatch batches (the store's threads do the
+# parallel I/O of a large batch): two let a load start while a store runs.
+TIER_THREADS = 2
+# vLLM bounds what is in flight (stores pin CPU-tier blocks until finished,
+# and its back-pressure detector drops stores); the tier does not drop any.
+UNBOUNDED = 1 << 40
+
+
+class SlabCacheTier(SecondaryTierManager):
+    """Blocks of vLLM's CPU tier stored in slabcache stores (one per path)."""
+
+    medium: ClassVar[Medium] = Medium.STORAGE
+
+    def __init__(self, offloading_spec, primary_kv_view: memoryview, tier_type: str,
+                 backpressure_detector=None, **tier_keys):
+        super().__init__(offloading_spec, primary_kv_view, tier_type, backpressure_detector)
+        locality = tier_keys.get("locality")
+        self.locality = Locality(locality) if locality is not None else None
+        parallel = offloading_spec.config.parallel
+        self.settings = tier_config(tier_keys, block_size_bytes=self.block_size_bytes,
+                                    data_parallel_index=getattr(parallel, "data_parallel_index", 0))
+        self._ns = namespace(offloading_spec)
+        # One description for every block: raw bytes of one CPU-tier block.
+        self._desc = describe([(self.block_size_bytes,)], [torch.uint8], is_list=False, extra=b"vllm")
+        self._stores: list[SlabStore] = []
+        try:
+            for path in self.settings.paths:
+                self._stores.append(self._open(path))
+        except BaseException:
+            for s in self._stores:
+                s.close()
+            raise
+        # Zero-copy rows of the CPU tier's buffer; released in shutdown()
+        # (vLLM cannot unmap its region while a view of it is exported).
+        self._rows = torch.from_numpy(np.asarray(primary_kv_view).view(np.uint8))
+        self._pool = WorkerPool(TIER_THREADS, max_pending_puts=UNBOUNDED, on_full="wait",
+                                name="slabcache-vllm")
+        self._finished: collections.deque[JobResult] = collections.deque()
+        self._cv = threading.Condition()
+        self._in_flight = 0
+        self._shut = False
+        self._counts: collections.Counter = collections.Counter()
+        self._counts_lock = threading.Lock()
+        log.info("slabcache tier %s: %d path(s) %s, %d slots of %d bytes each, namespace %s",
+                 tier_type, len(self._stores), list(self.settings.paths),
+                 sum(s.geometry.slot_count for s in self._stores), self.block_size_bytes, self._ns)
+
+    def _open(self, path: str) -> SlabStore:
+        s = self.settings
+        slot = s.slot_bytes
+        if slot is None and not os.path.exists(os.path.join(path, "slab")):
+            slot = self.block_size_bytes  # new store: one block a slot
+        try:
+            store = SlabStore.open(path, capacity_bytes=s.bytes_per_path, slot_bytes=slot,
+                                   policy=s.policy, io=s.io, durability=s.durability,
+                                   checksum=s.checksum, io_threads=s.io_threads,
+                                   share_group=s.share_group, trust_directory=s.trust_directory)
+        except LayoutMismatchError as exc:
+            raise LayoutMismatchError(
+                f"slabcache tier {self.tier_type!r} at {path}: {exc}. The tier keys 'capacity' "
+                f"(split over the paths) and 'slot_bytes' must match the store: change them, or "
+                f"resize the store with 'slabcache compact {path} --capacity SIZE'") from exc
+        except SlabcacheError as exc:
+            # Keep the class (callers match on it) but say which tier and path.
+            raise type(exc)(f"slabcache tier {self.tier_type!r} at {path}: {exc}") from exc
+        if store.geometry.slot_bytes < self.block_size_bytes:  # a store made for another model
+            store.close()
+            raise ConfigError(
+                f"slabcache tier {self.tier_type!r}: the store at {path} has slots of "
+                f"{store.geometry.slot_bytes} bytes, smaller than one CPU-tier block "
+                f"({self.block_size_bytes}); point 'path' at another directory or rebuild it with "
+                f"'slabcache compact {path} --slot-bytes {self.block_size_bytes}'")
+        return store
+
+    # ---------------------------------------------------------------- keys
+
+    def _shard(self, key: OffloadKey) -> int:
+        # Block hashes are sha256 output: their first bytes spread evenly.
+        return int.from_bytes(key[:4], "big") % len(self._stores)
+
+    def _by_store(self, keys: list[OffloadKey]) -> dict[int, list[int]]:
+        if len(self._stores) == 1:
+            return {0: list(range(len(keys)))}
+        groups: dict[int, list[int]] = {}
+        for i, k in enumerate(keys):
+            groups.setdefault(self._shard(k), []).append(i)
+        return groups
+
+    # ---------------------------------------------------------------- scheduler-side API
+
+    def lookup(self, key: OffloadKey, req_context: ReqContext) -> LookupResult:
+        store = self._stores[self._shard(key)] if len(self._stores) > 1 else self._stores[0]
+        try:
+            hit = store.contains(store_key(self._ns, key))
+        except SlabcacheError as exc:
+            log.warning("slabcache tier: lookup failed, answering miss: %s", exc)
+            hit = False
+        self._count(lookups=1, lookup_hits=int(hit))
+        return LookupResult.HIT if hit else LookupResult.MISS
+
+    def submit_store(self, job_metadata: TransferJob) -> None:
+        self._submit(Priority.PUT, self._store_job, job_metadata)
+
+    def submit_load(self, job_metadata: TransferJob) -> None:
+        self._submit(Priority.PREFETCH, self._load_job, job_metadata)
+
+    def touch(self, keys: Collection[OffloadKey], req_context: ReqContext) -> None:
+        keys = list(keys)
+        if keys and not self._shut:
+            self._pool.submit(Priority.DELETE, self._touch, keys)
+
+    def get_finished_jobs(self) -> Iterable[JobResult]:
+        out = []
+        while self._finished:
+            out.append(self._finished.popleft())
+        return out
+
+    def has_pending_work(self) -> bool:
+        return self._in_flight > 0 or bool(self._finished)
+
+    def on_new_request(self, req_context: ReqContext) -> RequestOffloadingContext:
+        return RequestOffloadingContext()
+
+    def drain_jobs(self) -> None:
+        with self._cv:
+            while self._in_flight:
+                self._cv.wait()
+
+    def shutdown(self) -> None:
+        """Finish queued jobs, close the stores, release every view of vLLM's buffer."""
+        if self._shut:
+            return
+        self._shut = True
+        self._pool.shutdown()
+        for s in self._stores:
+            s.close()
+        self._rows = None
+
+    def stats(self) -> dict:
+        """The tier's counters: lookups, lookup_hits, stored_blocks,
+        store_refused (every slot pinned), loaded_blocks, load_misses, failed_jobs."""
+        with self._counts_lock:
+            return dict(self._counts)
+
+    def _count(self, **deltas: int) -> None:
+        with self._counts_lock:
+            self._counts.update(deltas)
+
+    # ---------------------------------------------------------------- jobs (tier threads)
+
+    def _submit(self, priority: Priority, fn, job: TransferJob) -> None:
+        keys = list(job.keys)
+        chunk_ids = [int(c) for c in job.chunk_ids]
+        if len(keys) != len(chunk_ids):
+            raise ValueError(f"job {job.job_id} has {len(keys)} keys but {len(chunk_ids)} chunk ids")
+        with self._cv:
+            self._in_flight += 1
+        try:
+            self._pool.submit(priority, self._run, fn, job.job_id, keys, chunk_ids)
+        except BaseException:
+            self._done(JobResult(job_id=job.job_id, success=False))
+            raise
+
+    def _run(self, fn, job_id: int, keys: list, chunk_ids: list[int]) -> None:
+        t0 = time.perf_counter()
+        try:
+            result = fn(job_id, keys, chunk_ids)
+        except Exception as exc:  # reported as a failed job, never lost
+            log.warning("slabcache tier: job %d of %d blocks failed: %s", job_id, len(keys), exc)
+            self._count(failed_jobs=1)
+            result = JobResult(job_id=job_id, success=False)
+        result.transfer_time = time.perf_counter() - t0
+        self._done(result)
+
+    def _done(self, result: JobResult) -> None:
+        self._finished.append(result)
+        with self._cv:
+            self._in_flight -= 1
+            self._cv.notify_all()
+
+    def _store_job(self, job_id: int, keys: list, chunk_ids: list[int]) -> JobResult:
+        rows, desc, ok = self._rows, self._desc, True
+        for si, idx in self._by_store(keys).items():
+            stored = self._stores[si].put_many_raw(
+                [store_key(self._ns, keys[i]) for i in idx], [rows[chunk_ids[i]] for i in idx],
+                [desc] * len(idx))
+            n = sum(stored)
+            self._count(stored_blocks=n, store_refused=len(idx) - n)
+            ok = ok and n == len(idx)
+        return JobResult(job_id=job_id, success=ok, transfer_bytes=len(keys) * self.block_size_bytes)
+
+    def _load_job(self, job_id: int, keys: list, chunk_ids: list[int]) -> JobResult:
+        rows, bs = self._rows, self.block_size_bytes
+        loaded = [False] * len(keys)
+        for si, idx in self._by_store(keys).items():
+            store = self._stores[si]
+            found = store.lookup_many([store_key(self._ns, keys[i]) for i in idx])
+            # A block of another size under this key (a store shared with a
+            # differently sized engine) is a miss, not a partial copy.
+            found = [f if f is not None and f.length == bs else None for f in found]
+            got = store.read_many_raw_into(found, [rows[chunk_ids[i]] for i in idx])
+            for i, d in zip(idx, got):
+                loaded[i] = d is not None
+        n = sum(loaded)
+        self._count(loaded_blocks=n, load_misses=len(keys) - n)
+        if n == len(keys):
+            return JobResult(job_id=job_id, success=True, transfer_bytes=n * bs)
+        # vLLM keeps the blocks that did load and recomputes the rest.
+        return JobResult(job_id=job_id, success=False, transfer_bytes=n * bs,
+                         successful_keys=tuple(k for k, ok in zip(keys, loaded) if ok) or None)
+
+    def _touch(self, keys: list) -> None:
+        for si, idx in self._by_store(keys).items():
+            try:
+                self._stores[si].touch([store_key(self._ns, keys[i]) for i in idx])
+            except SlabcacheError as exc:  # a use not counted is harmless
+                log.debug("slabcache tier: touch skipped: %s", exc)

@@ -1,0 +1,286 @@
+"""SlabCacheTier against vLLM's SecondaryTierManager contract (vLLM 0.32)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+from vllm.v1.kv_offload.base import LookupResult, Medium
+
+from slabcache import ConfigError, LayoutMismatchError, SlabStore
+
+from .conftest import BLOCK, Primary, job, key, offloading_spec, wait_jobs
+
+
+def test_store_then_load_copies_the_exact_bytes(primary, make_tier):
+    tier = make_tier(primary)
+    assert tier.medium is Medium.STORAGE
+    data = primary.fill(range(8), seed=1)
+    keys = [key(i) for i in range(8)]
+    assert all(tier.lookup(k, None) is LookupResult.MISS for k in keys)
+    store = job(keys, range(8))
+    tier.submit_store(store)
+    res = wait_jobs(tier, [store.job_id])[store.job_id]
+    assert res.success and res.transfer_bytes == 8 * BLOCK and res.transfer_time > 0
+    assert all(tier.lookup(k, None) is LookupResult.HIT for k in keys)
+
+    primary.array[:] = 0
+    load = job(keys[::-1], range(20, 28))  # into other slots, in another order
+    tier.submit_load(load)
+    res = wait_jobs(tier, [load.job_id])[load.job_id]
+    assert res.success and res.successful_keys is None and res.transfer_bytes == 8 * BLOCK
+    for k, c in zip(keys[::-1], range(20, 28)):
+        assert primary.array[c].tobytes() == data[keys.index(k)]
+    st = tier.stats()
+    assert st["stored_blocks"] == 8 and st["loaded_blocks"] == 8 and st["lookup_hits"] == 8
+
+
+def test_blocks_already_held_are_not_rewritten(primary, make_tier):
+    tier = make_tier(primary)
+    primary.fill([0], seed=2)
+    tier.submit_store(first := job([key(1)], [0]))
+    wait_jobs(tier, [first.job_id])
+    before = tier._stores[0].stats()["puts"]
+    primary.fill([0], seed=3)  # different bytes offered under the same key
+    tier.submit_store(again := job([key(1)], [0]))
+    assert wait_jobs(tier, [again.job_id])[again.job_id].success
+    assert tier._stores[0].stats()["puts"] == before
+    primary.array[5] = 0
+    tier.submit_load(load := job([key(1)], [5]))
+    wait_jobs(tier, [load.job_id])
+    rng = np.random.default_rng(2)
+    assert primary.array[5].tobytes() == rng.integers(0, 256, BLOCK, dtype=np.uint8).tobytes()
+
+
+def test_partial_load_names_the_blocks_that_loaded(primary, make_tier):
+    tier = make_tier(primary)
+    data = primary.fill(range(3), seed=4)
+    tier.submit_store(s := job([key(i) for i in range(3)], range(3)))
+    wait_jobs(tier, [s.job_id])
+    tier._stores[0].remove(tier_key(tier, key(1)))  # evicted by someone else meanwhile
+    primary.array[:] = 0
+    tier.submit_load(ld := job([key(0), key(1), key(2)], [10, 11, 12]))
+    res = wait_jobs(tier, [ld.job_id])[ld.job_id]
+    assert not res.success
+    assert set(res.successful_keys) == {key(0), key(2)}
+    assert primary.array[10].tobytes() == data[0] and primary.array[12].tobytes() == data[2]
+    assert tier.stats()["load_misses"] == 1
+
+
+def tier_key(tier, k: bytes) -> str:
+    from slabcache.integrations.vllm.keys import store_key
+
+    return store_key(tier._ns, k)
+
+
+def test_a_damaged_block_is_a_failed_load_never_wrong_bytes(primary, make_tier, tmp_path):
+    tier = make_tier(primary)
+    data = primary.fill(range(2), seed=5)
+    tier.submit_store(s := job([key(0), key(1)], [0, 1]))
+    wait_jobs(tier, [s.job_id])
+    store = tier._stores[0]
+    e = store.entry(tier_key(tier, key(1)))
+    off = store.geometry.slot_offset(e.slot) + 100
+    with open(os.path.join(store.path, "slab"), "r+b") as f:
+        f.seek(off)
+        b = f.read(1)
+        f.seek(off)
+        f.write(bytes([b[0] ^ 0xFF]))
+    primary.array[:] = 7
+    tier.submit_load(ld := job([key(0), key(1)], [4, 5]))
+    res = wait_jobs(tier, [ld.job_id])[ld.job_id]
+    assert not res.success and list(res.successful_keys) == [key(0)]
+    assert primary.array[4].tobytes() == data[0]
+    # vLLM recomputes key(1) into slot 5; what the tier left there is never
+    # reported as loaded.
+
+
+def test_keys_are_namespaced_by_model_and_dtype(primary, make_tier, tmp_path):
+    a = make_tier(primary, spec=offloading_spec(model="org/a"))
+    primary.fill([0], seed=6)
+    a.submit_store(s := job([key(0)], [0]))
+    wait_jobs(a, [s.job_id])
+    assert a.lookup(key(0), None) is LookupResult.HIT
+    b = make_tier(primary, spec=offloading_spec(model="org/b"))
+    c = make_tier(primary, spec=offloading_spec(model="org/a", dtype="float16"))
+    assert b.lookup(key(0), None) is LookupResult.MISS
+    assert c.lookup(key(0), None) is LookupResult.MISS
+    names = SlabStore.open(tmp_path / "store", readonly=True)
+    try:
+        (k,) = names.keys()
+    finally:
+        names.close()
+    assert k.startswith("vllm/org_a_") and k.endswith(f"/{key(0)[:-4].hex()}/g0")
+
+
+def test_a_new_engine_finds_what_the_last_one_stored(primary, make_tier, tmp_path):
+    first = make_tier(primary)
+    data = primary.fill(range(4), seed=7)
+    first.submit_store(s := job([key(i) for i in range(4)], range(4)))
+    wait_jobs(first, [s.job_id])
+    first.shutdown()
+    other = Primary()
+    try:
+        second = make_tier(other)
+        assert [second.lookup(key(i), None) for i in range(4)] == [LookupResult.HIT] * 4
+        second.submit_load(ld := job([key(i) for i in range(4)], range(4)))
+        assert wait_jobs(second, [ld.job_id])[ld.job_id].success
+        for i in range(4):
+            assert other.array[i].tobytes() == data[i]
+        second.shutdown()
+    finally:
+        other.close()
+
+
+def test_eviction_at_capacity_keeps_the_tier_working(primary, make_tier):
+    tier = make_tier(primary, capacity=str(8 * BLOCK))
+    for rnd in range(4):
+        primary.fill(range(8), seed=10 + rnd)
+        tier.submit_store(s := job([key(100 * rnd + i) for i in range(8)], range(8)))
+        assert wait_jobs(tier, [s.job_id])[s.job_id].success
+    hits = [tier.lookup(key(300 + i), None) for i in range(8)]
+    assert hits == [LookupResult.HIT] * 8
+    assert tier.lookup(key(0), None) is LookupResult.MISS
+
+
+def test_submit_returns_before_the_io_and_drain_waits_for_it(primary, make_tier):
+    tier = make_tier(primary)
+    gate = threading.Event()
+    store = tier._stores[0]
+    real = store.put_many_raw
+
+    def slow(*args):
+        gate.wait(10)
+        return real(*args)
+
+    store.put_many_raw = slow
+    primary.fill([0], seed=8)
+    t0 = time.perf_counter()
+    tier.submit_store(s := job([key(0)], [0]))
+    assert time.perf_counter() - t0 < 5  # did not wait for the gate
+    assert tier.has_pending_work()
+    assert list(tier.get_finished_jobs()) == []
+    threading.Timer(0.2, gate.set).start()
+    tier.drain_jobs()
+    assert [r.job_id for r in tier.get_finished_jobs()] == [s.job_id]
+    assert not tier.has_pending_work()
+
+
+def test_loads_run_before_queued_stores(primary, make_tier):
+    tier = make_tier(primary)
+    primary.fill(range(2), seed=9)
+    tier.submit_store(s := job([key(0)], [0]))
+    wait_jobs(tier, [s.job_id])
+    gate, order = threading.Event(), []
+    store = tier._stores[0]
+    put, read = store.put_many_raw, store.read_many_raw_into
+
+    def slow_put(keys, *a):
+        order.append("store")
+        gate.wait(10)
+        return put(keys, *a)
+
+    def logged_read(*a):
+        order.append("load")
+        return read(*a)
+
+    store.put_many_raw, store.read_many_raw_into = slow_put, logged_read
+    # Two tier threads: both stuck in stores, then more stores and one load queued.
+    jobs = [job([key(10 + i)], [1]) for i in range(4)]
+    for j in jobs:
+        tier.submit_store(j)
+    time.sleep(0.2)
+    tier.submit_load(ld := job([key(0)], [5]))
+    gate.set()
+    wait_jobs(tier, [j.job_id for j in jobs] + [ld.job_id])
+    assert order[:3] == ["store", "store", "load"]
+
+
+def test_shutdown_releases_every_view_of_the_primary_buffer(make_tier):
+    p = Primary()
+    tier = make_tier(p)
+    p.fill(range(4), seed=11)
+    tier.submit_store(s := job([key(i) for i in range(4)], range(4)))
+    tier.submit_load(job([key(0)], [9]))
+    tier.shutdown()  # finishes both jobs first
+    p.close()  # BufferError if the tier still held a view
+    tier.shutdown()  # idempotent
+
+
+def _store_then_die(path: str, q) -> None:
+    p = Primary()
+    from slabcache.integrations.vllm import SlabCacheTier
+
+    tier = SlabCacheTier(offloading_spec(), p.view, "SlabCacheTier", path=path,
+                         capacity=str(64 * BLOCK))
+    data = p.fill(range(6), seed=12)
+    tier.submit_store(s := job([key(i) for i in range(6)], range(6)))
+    assert wait_jobs(tier, [s.job_id])[s.job_id].success
+    q.put([data[i] for i in range(6)])
+    time.sleep(60)  # killed here, without shutdown(), as vLLM may kill its engine
+
+
+def test_a_finished_store_survives_a_killed_engine(primary, make_tier, tmp_path):
+    path = str(tmp_path / "store")
+    ctx = multiprocessing.get_context("spawn")
+    q = ctx.Queue()
+    proc = ctx.Process(target=_store_then_die, args=(path, q))
+    proc.start()
+    data = q.get(timeout=120)
+    proc.kill()
+    proc.join()
+    tier = make_tier(primary, path=path, capacity=str(64 * BLOCK))
+    tier.submit_load(ld := job([key(i) for i in range(6)], range(10, 16)))
+    assert wait_jobs(tier, [ld.job_id])[ld.job_id].success
+    for i in range(6):
+        assert primary.array[10 + i].tobytes() == data[i]
+
+
+def test_settings_errors_stop_start_up_naming_the_key(primary, make_tier, tmp_path):
+    with pytest.raises(ConfigError, match="capacity"):
+        make_tier(primary, capacity=None)
+    with pytest.raises(ConfigError, match=r"unknown slabcache tier key\(s\) \['pathh'\]"):
+        make_tier(primary, pathh="/x")
+    with pytest.raises(ConfigError, match="slot_bytes"):
+        make_tier(primary, slot_bytes=BLOCK // 2)
+
+
+def test_a_store_made_for_other_blocks_is_a_start_up_error(primary, make_tier, tmp_path):
+    path = tmp_path / "other"
+    SlabStore.open(path, capacity_bytes=64 * (4 << 10), slot_bytes=4 << 10).close()
+    with pytest.raises(ConfigError, match="smaller than one CPU-tier block"):
+        make_tier(primary, path=str(path), capacity=str(64 * (4 << 10)))
+    with pytest.raises(LayoutMismatchError, match=f"tier 'SlabCacheTier' at {path}.*slot_bytes"):
+        make_tier(primary, path=str(path), slot_bytes=BLOCK, capacity=str(64 * (4 << 10)))
+    with pytest.raises(LayoutMismatchError, match="'capacity'"):
+        make_tier(primary, path=str(path), capacity=str(32 * (4 << 10)))
+
+
+def test_an_existing_store_with_larger_slots_is_used_as_it_is(primary, make_tier, tmp_path):
+    path = tmp_path / "big"
+    SlabStore.open(path, capacity_bytes=16 * 2 * BLOCK, slot_bytes=2 * BLOCK).close()
+    tier = make_tier(primary, path=str(path), capacity=str(16 * 2 * BLOCK))
+    data = primary.fill([0], seed=14)
+    tier.submit_store(s := job([key(0)], [0]))
+    assert wait_jobs(tier, [s.job_id])[s.job_id].success
+    tier.submit_load(ld := job([key(0)], [1]))
+    assert wait_jobs(tier, [ld.job_id])[ld.job_id].success
+    assert primary.array[1].tobytes() == data[0]
+
+
+def test_several_paths_share_the_blocks(primary, make_tier, tmp_path):
+    paths = [str(tmp_path / "a"), str(tmp_path / "b")]
+    tier = make_tier(primary, path=",".join(paths), capacity=str(64 * BLOCK))
+    data = primary.fill(range(32), seed=13)
+    tier.submit_store(s := job([key(i) for i in range(32)], range(32)))
+    assert wait_jobs(tier, [s.job_id])[s.job_id].success
+    counts = [len(st.keys()) for st in tier._stores]
+    assert sum(counts) == 32 and min(counts) > 0
+    primary.array[:] = 0
+    tier.submit_load(ld := job([key(i) for i in range(32)], range(32, 64)))
+    assert wait_jobs(tier, [ld.job_id])[ld.job_id].success
+    assert all(primary.array[32 + i].tobytes() == data[i] for i in range(32))
