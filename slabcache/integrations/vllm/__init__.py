@@ -10,6 +10,14 @@ vLLM loads the tier with no patch: in ``kv_connector_extra_config``,
 package is the only place that imports vLLM.
 """
 
-from .tier import SlabCacheTier
-
 __all__ = ["SlabCacheTier"]
+
+
+def __getattr__(name: str):
+    # Imported on first use (vLLM's getattr(module, "SlabCacheTier")), so the
+    # settings can be checked and tested without vLLM installed.
+    if name == "SlabCacheTier":
+        from .tier import SlabCacheTier
+
+        return SlabCacheTier
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

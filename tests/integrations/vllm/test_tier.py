@@ -9,11 +9,15 @@ import time
 
 import numpy as np
 import pytest
-from vllm.v1.kv_offload.base import LookupResult, Medium
 
-from slabcache import ConfigError, LayoutMismatchError, SlabStore
+from .conftest import VLLM_MISSING
 
-from .conftest import BLOCK, Primary, job, key, offloading_spec, wait_jobs
+pytest.importorskip("vllm", reason=VLLM_MISSING)
+from vllm.v1.kv_offload.base import LookupResult, Medium  # noqa: E402
+
+from slabcache import ConfigError, LayoutMismatchError, SlabStore  # noqa: E402
+
+from .kit import BLOCK, Primary, job, key, offloading_spec, wait_jobs  # noqa: E402
 
 
 def test_store_then_load_copies_the_exact_bytes(primary, make_tier):
