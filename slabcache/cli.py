@@ -19,7 +19,7 @@ FULL_SIZES = "16K,64K,256K,1M,4M,32M"
 
 
 def _sizes(text: str) -> list[int]:
-    from .admin.sizes import parse_size
+    from .format.sizes import parse_size
 
     try:
         return [parse_size(s) for s in text.split(",") if s.strip()]
@@ -126,7 +126,7 @@ def cmd_compact(args) -> int:
 
 
 def _size(text: str) -> int:
-    from .admin.sizes import parse_size
+    from .format.sizes import parse_size
 
     try:
         return parse_size(text)

@@ -4,5 +4,5 @@
 ``compact``   shrink, grow, re-slot
 ``reports``   stats and listings (read-only peeks)
 ``common``    opening a possibly damaged index; who has a store open
-``progress``  the one progress bar;  ``sizes``: "20G" -> bytes
+``progress``  the one progress bar
 """

@@ -6,6 +6,7 @@
 ``values``    value descriptions: dtypes, shapes, sizes, caller's extra bytes
 ``keys``      canonical keys, LMDB keys, key hashes
 ``checksum``  payload checksums
+``sizes``     sizes as people write them: "20G" -> bytes (settings, the CLI)
 """
 
 from .header import FORMAT_VERSION

@@ -84,7 +84,7 @@ def generate(args) -> int:
     del llm
     report = {"results": results}
     if not args.no_tier:
-        from slabcache import SlabStore
+        from ..core import SlabStore
 
         with SlabStore.open(args.store, readonly=True) as s:
             st = s.stats()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from slabcache import SlabStore
-from slabcache.admin.sizes import parse_size
+from slabcache.format.sizes import parse_size
 from slabcache.bench.contenders import FilePerChunk, SlabContender
 from slabcache.bench.suite import run_size
 from slabcache.cli import main

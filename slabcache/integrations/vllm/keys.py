@@ -13,16 +13,17 @@ from __future__ import annotations
 PREFIX = "vllm"
 
 
-def namespace(offloading_spec) -> str:
-    """``vllm/<model>_<hash of the run config>`` for this engine."""
+def namespace(offloading_spec) -> bytes:
+    """``b"vllm/<model>_<hash of the run config>/"`` for this engine."""
     from vllm.v1.kv_offload.file_mapper import FileMapper
 
     mapper = FileMapper.from_offloading_spec(
         root_dir=PREFIX, offloading_spec=offloading_spec,
         blocks_per_file=offloading_spec.blocks_per_chunk, parallel_agnostic=True)
-    return mapper.base_path
+    return f"{mapper.base_path}/".encode()
 
 
-def store_key(ns: str, key: bytes) -> str:
-    """``<ns>/<block hash hex>/g<group>``: readable in ``slabcache ls``."""
-    return f"{ns}/{key[:-4].hex()}/g{int.from_bytes(key[-4:], 'big')}"
+def store_key(ns: bytes, key: bytes) -> bytes:
+    """The namespace, then vLLM's 36 bytes as they are: a lookup of a whole
+    request's keys spends more on building keys than on LMDB, so no hex."""
+    return ns + key

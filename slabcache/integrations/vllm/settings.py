@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from ...admin.sizes import parse_size
+from ...format.sizes import parse_size
 from ...errors import ConfigError
 from ..flags import parse_bool
 

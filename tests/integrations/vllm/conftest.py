@@ -12,7 +12,7 @@ VLLM_MISSING = ("vLLM is not installed here: run ./tools/bootstrap.sh --with-vll
 
 @pytest.fixture
 def primary():
-    from .kit import Primary
+    from slabcache.testing.vllm_tier import Primary
 
     p = Primary()
     yield p
@@ -27,7 +27,7 @@ def primary():
 def make_tier(tmp_path):
     from slabcache.integrations.vllm import SlabCacheTier
 
-    from .kit import BLOCK, CHUNKS, offloading_spec
+    from slabcache.testing.vllm_tier import BLOCK, CHUNKS, offloading_spec
 
     made = []
 

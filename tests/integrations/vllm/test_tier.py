@@ -17,7 +17,7 @@ from vllm.v1.kv_offload.base import LookupResult, Medium  # noqa: E402
 
 from slabcache import ConfigError, LayoutMismatchError, SlabStore  # noqa: E402
 
-from .kit import BLOCK, Primary, job, key, offloading_spec, wait_jobs  # noqa: E402
+from slabcache.testing.vllm_tier import BLOCK, Primary, job, key, offloading_spec, wait_jobs  # noqa: E402
 
 
 def test_store_then_load_copies_the_exact_bytes(primary, make_tier):
@@ -118,7 +118,7 @@ def test_keys_are_namespaced_by_model_and_dtype(primary, make_tier, tmp_path):
         (k,) = names.keys()
     finally:
         names.close()
-    assert k.startswith("vllm/org_a_") and k.endswith(f"/{key(0)[:-4].hex()}/g0")
+    assert k.startswith(b"vllm/org_a_") and k.endswith(b"/" + key(0))
 
 
 def test_a_new_engine_finds_what_the_last_one_stored(primary, make_tier, tmp_path):
@@ -288,3 +288,32 @@ def test_several_paths_share_the_blocks(primary, make_tier, tmp_path):
     tier.submit_load(ld := job([key(i) for i in range(32)], range(32, 64)))
     assert wait_jobs(tier, [ld.job_id])[ld.job_id].success
     assert all(primary.array[32 + i].tobytes() == data[i] for i in range(32))
+
+
+def test_a_request_is_looked_up_in_one_transaction_per_step(primary, make_tier):
+    from vllm.v1.kv_offload.base import ReqContext
+
+    tier = make_tier(primary)
+    primary.fill(range(5), seed=15)
+    tier.submit_store(s := job([key(i) for i in range(5)], range(5)))
+    wait_jobs(tier, [s.job_id])
+    store, calls = tier._stores[0], []
+    real = store.contains_many
+    store.contains_many = lambda keys: calls.append(len(keys)) or real(keys)
+    ctx = ReqContext(req_id="r1")
+    for i in range(10):  # vLLM's scheduler records the request's keys first
+        ctx.set_offload_key_position(key(i), (i + 1) * 16)
+    answers = [tier.lookup(key(i), ctx) for i in range(10)]
+    assert answers == [LookupResult.HIT] * 5 + [LookupResult.MISS] * 5
+    assert calls == [10]
+    # Stored by someone else meanwhile: seen from the next scheduler step on.
+    tier.submit_store(s := job([key(5)], [0]))
+    wait_jobs(tier, [s.job_id])
+    assert tier.lookup(key(5), ctx) is LookupResult.MISS
+    tier.on_schedule_end(None)
+    assert tier.lookup(key(5), ctx) is LookupResult.HIT
+    assert calls == [10, 10]
+    # Without the scheduler's key positions, one key at a time.
+    assert tier.lookup(key(6), ReqContext(req_id="r2")) is LookupResult.MISS
+    assert calls[-1] == 1
+    assert tier.stats()["lookups"] == 13 and tier.stats()["lookup_hits"] == 6

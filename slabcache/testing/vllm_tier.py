@@ -1,7 +1,13 @@
-"""Helpers for the vLLM tier tests: what a tier gets from vLLM, built by hand."""
+"""Drive a vLLM secondary tier without a vLLM engine (tests, benchmarks).
+
+What a tier gets from vLLM, built by hand: the offloading spec it reads its
+namespace from, the CPU tier's shared buffer as a memoryview, transfer jobs,
+and the scheduler's polling of finished jobs.  Needs vLLM installed.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import mmap
 import time
 from types import SimpleNamespace
@@ -16,15 +22,16 @@ from vllm.v1.kv_offload.config import (
 )
 from vllm.v1.kv_offload.tiering.base import TransferJob
 
-BLOCK = 16 << 10  # bytes of one CPU-tier block in these tests
+BLOCK = 16 << 10  # bytes of one CPU-tier block, unless a caller says otherwise
 CHUNKS = 64
 
 
-def offloading_spec(model: str = "org/tiny", dtype: str = "bfloat16", dp_index: int = 0):
+def offloading_spec(model: str = "org/tiny", dtype: str = "bfloat16", dp_index: int = 0,
+                    block: int = BLOCK):
     """What a tier reads of vLLM's OffloadingSpec: its config and blocks_per_chunk."""
     config = OffloadingConfig(
         groups=(OffloadingGroupConfig(tokens_per_block=16, layer_names=("l0", "l1"), group_id=0),),
-        worker_kv_bytes_per_block=BLOCK, enable_kv_cache_events=False, extra_config={},
+        worker_kv_bytes_per_block=block, enable_kv_cache_events=False, extra_config={},
         engine_id="test", model=OffloadingModelConfig(name=model, dtype=dtype),
         cache=OffloadingCacheConfig(tokens_per_hash=16, blocks_per_chunk=1),
         parallel=OffloadingParallelConfig(rank=0, world_size=1, tp_size=1, pp_size=1, pcp_size=1,
@@ -59,7 +66,8 @@ class Primary:
 
 
 def key(i: int, group: int = 0) -> bytes:
-    return i.to_bytes(4, "big") * 8 + group.to_bytes(4, "big")
+    """An OffloadKey as vLLM makes them: a sha256 block hash and a group index."""
+    return hashlib.sha256(i.to_bytes(8, "big")).digest() + group.to_bytes(4, "big")
 
 
 _JOB = iter(range(1, 1 << 30))

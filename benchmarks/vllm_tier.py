@@ -1,0 +1,216 @@
+"""slabcache's vLLM tier against vLLM's own file-system tier, through the tier API.
+
+Both tiers are driven exactly as vLLM's TieringOffloadingManager drives a
+secondary tier: store jobs and load jobs of ``JOB_BLOCKS`` blocks each
+(a request's worth) between the CPU tier's shared buffer and the tier,
+all submitted at once, then ``get_finished_jobs`` polled until every job
+has reported.  No vLLM engine runs; vLLM 0.32 must be installed
+(``./tools/bootstrap.sh --with-vllm`` builds .venv-vllm).
+
+Contenders, one directory each on the same filesystem, in one process,
+taking turns within each round:
+
+- ``fs``: vLLM's ``FileSystemTierManager`` (one file per block, temp file +
+  rename, its 16 + 16 threads).  It opens files with O_DIRECT when the
+  filesystem allows it (it does here) and never deletes a block: it has no
+  capacity and no eviction.
+- ``slabcache-direct`` (``io: direct``, O_DIRECT: matched with ``fs``) and
+  ``slabcache-mmap`` (``io: mmap``, buffered, the default).
+
+Workloads, blocks per second (ratio slabcache / fs):
+
+- store: every block of the working set stored once;
+- warm load: every block loaded back, page cache as the store left it;
+- cold load: the same after writing back and dropping the files' pages;
+- churn: a skewed stream of requests over twice as many blocks as the
+  slabcache tier holds: a request whose blocks all hit is loaded, anything
+  else stored (slabcache evicts; fs keeps growing);
+- lookup: 1,000 keys, each asked until answered (fs answers RETRY first and
+  resolves the batch on a background thread at the step's end).
+
+Run:  .venv-vllm/bin/python benchmarks/vllm_tier.py [--dir DIR] [--json FILE] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import time
+
+from slabcache.bench.contenders import drop_file_cache
+from slabcache.testing.vllm_tier import Primary, key, offloading_spec
+
+SIZES = {"64K": 64 << 10, "1M": 1 << 20, "8M": 8 << 20}
+WORKING_SET = 64 << 20  # bytes of blocks per size (at least 32 blocks)
+JOB_BLOCKS = 8
+CONTENDERS = ("fs", "slabcache-direct", "slabcache-mmap")
+
+
+def make_tier(name: str, root: str, block: int, capacity_blocks: int, primary: Primary):
+    spec = offloading_spec(block=block)
+    if name == "fs":
+        from vllm.v1.kv_offload.tiering.fs.manager import FileSystemTierManager
+
+        return FileSystemTierManager(spec, primary.view, "fs", root_dir=root)
+    from slabcache.integrations.vllm import SlabCacheTier
+
+    return SlabCacheTier(spec, primary.view, "SlabCacheTier", path=root,
+                         capacity=capacity_blocks * block, io=name.split("-")[1])
+
+
+def run_jobs(tier, submit, jobs) -> float:
+    """Submit every job, poll until all report; seconds.  Jobs must succeed."""
+    from vllm.v1.kv_offload.tiering.base import TransferJob
+    import numpy as np
+
+    ids = {}
+    t0 = time.perf_counter()
+    for n, (keys, chunks) in enumerate(jobs):
+        j = TransferJob(job_id=10_000_000 + n, keys=keys, chunk_ids=np.asarray(chunks, dtype=np.int64),
+                        is_promotion=False, req_context=None)
+        ids[j.job_id] = j
+        getattr(tier, submit)(j)
+    failed = 0
+    while ids:
+        for r in tier.get_finished_jobs():
+            failed += not r.success
+            ids.pop(r.job_id, None)
+        if ids:
+            time.sleep(0.0002)
+    dt = time.perf_counter() - t0
+    if failed:
+        raise RuntimeError(f"{failed} {submit} jobs failed")
+    return dt
+
+
+def batches(ids, chunks):
+    """Jobs of JOB_BLOCKS keys, each block in its own CPU-tier chunk."""
+    out = []
+    for i in range(0, len(ids), JOB_BLOCKS):
+        part = ids[i:i + JOB_BLOCKS]
+        out.append(([key(b) for b in part], [chunks[n % len(chunks)] for n in range(i, i + len(part))]))
+    return out
+
+
+def lookup_1000(tier) -> float:
+    from vllm.v1.kv_offload.base import LookupResult, ReqContext, ScheduleEndContext
+
+    ctx = ReqContext(req_id="bench")
+    keys = [key(1_000_000 + i) for i in range(1000)]
+    for i, k in enumerate(keys):  # as vLLM's scheduler records a request's keys
+        ctx.set_offload_key_position(k, (i + 1) * 128)
+    t0 = time.perf_counter()
+    pending = keys
+    while pending:
+        pending = [k for k in pending if tier.lookup(k, ctx) is LookupResult.RETRY]
+        if pending:  # the step ends: a tier with async lookups resolves them now
+            tier.on_schedule_end(ScheduleEndContext(new_req_ids=(), preempted_req_ids=()))
+            time.sleep(0.0002)
+    dt = time.perf_counter() - t0
+    tier.on_request_finished(ctx)
+    return dt
+
+
+def files_of(root: str) -> list[str]:
+    return [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs]
+
+
+def one_size(label: str, block: int, base: str, rounds: int, quick: bool) -> dict:
+    n_blocks = max(32, WORKING_SET // block // (2 if quick else 1))
+    chunks = 32  # CPU-tier chunks the jobs cycle through
+    primary = Primary(chunks=chunks, block=block)
+    primary.fill(range(chunks), seed=1)
+    res: dict = {c: {} for c in CONTENDERS}
+    try:
+        for rnd in range(rounds):
+            for name in (CONTENDERS if rnd % 2 == 0 else CONTENDERS[::-1]):
+                root = os.path.join(base, f"{name}-{label}")
+                shutil.rmtree(root, ignore_errors=True)
+                tier = make_tier(name, root, block, n_blocks, primary)
+                try:
+                    ids = list(range(n_blocks))
+                    t = run_jobs(tier, "submit_store", batches(ids, list(range(chunks))))
+                    res[name].setdefault("store", []).append(n_blocks / t)
+                    t = run_jobs(tier, "submit_load", batches(ids, list(range(chunks))))
+                    res[name].setdefault("warm_load", []).append(n_blocks / t)
+                    drop_file_cache(files_of(root))
+                    t = run_jobs(tier, "submit_load", batches(ids, list(range(chunks))))
+                    res[name].setdefault("cold_load", []).append(n_blocks / t)
+                    res[name].setdefault("lookup_1000_ms", []).append(lookup_1000(tier) * 1e3)
+                    res[name].setdefault("churn", []).append(churn(tier, n_blocks, chunks, seed=rnd))
+                finally:
+                    tier.shutdown()
+                    shutil.rmtree(root, ignore_errors=True)
+    finally:
+        primary.close()
+    return {name: {w: statistics.median(v) for w, v in r.items()} for name, r in res.items()}
+
+
+def churn(tier, capacity_blocks: int, chunks: int, seed: int) -> float:
+    """Requests of JOB_BLOCKS blocks over twice the capacity, skewed to recent
+    ones; all hit -> load, else store.  Blocks moved per second."""
+    from vllm.v1.kv_offload.base import LookupResult, ReqContext, ScheduleEndContext
+
+    rng = random.Random(seed)
+    n_req = 2 * capacity_blocks // JOB_BLOCKS
+    steps = max(64, n_req)
+    moved = 0
+    t0 = time.perf_counter()
+    for step in range(steps):
+        ctx = ReqContext(req_id=f"churn-{step}")  # a request each, as vLLM asks
+        r = min(n_req - 1, int(rng.expovariate(3.0 / n_req)))
+        keys = [key(5_000_000 + r * JOB_BLOCKS + b) for b in range(JOB_BLOCKS)]
+        for b, k in enumerate(keys):
+            ctx.set_offload_key_position(k, (b + 1) * 128)
+        while True:
+            answers = [tier.lookup(k, ctx) for k in keys]
+            if LookupResult.RETRY not in answers:
+                break
+            tier.on_schedule_end(ScheduleEndContext(new_req_ids=(), preempted_req_ids=()))
+            time.sleep(0.0002)
+        op = "submit_load" if all(a is LookupResult.HIT for a in answers) else "submit_store"
+        run_jobs(tier, op, [(keys, [b % chunks for b in range(JOB_BLOCKS)])])
+        tier.on_request_finished(ctx)
+        moved += JOB_BLOCKS
+    return moved / (time.perf_counter() - t0)
+
+
+def report(results: dict) -> str:
+    lines = ["| block | pair | store | warm load | cold load | churn | lookup 1,000 keys (ms) |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for label, r in results.items():
+        fs = r["fs"]
+        for name in ("slabcache-direct", "slabcache-mmap"):
+            s = r[name]
+            ratios = [f"{s[w] / fs[w]:.2f}x" for w in ("store", "warm_load", "cold_load", "churn")]
+            lines.append(f"| {label} | {name.split('-')[1]} vs fs | " + " | ".join(ratios)
+                         + f" | {s['lookup_1000_ms']:.2f} vs {fs['lookup_1000_ms']:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dir", default="./slabcache-bench/vllm-tier")
+    ap.add_argument("--json")
+    ap.add_argument("--quick", action="store_true", help="one round, half the working set")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--sizes", default=",".join(SIZES))
+    args = ap.parse_args()
+    os.makedirs(args.dir, exist_ok=True)
+    rounds = 1 if args.quick else args.rounds
+    results = {}
+    for label in args.sizes.split(","):
+        results[label] = one_size(label, SIZES[label], args.dir, rounds, args.quick)
+        print(f"{label}: " + json.dumps(results[label]), flush=True)
+    print(report(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rounds": rounds, "job_blocks": JOB_BLOCKS, "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
