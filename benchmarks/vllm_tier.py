@@ -119,15 +119,16 @@ def files_of(root: str) -> list[str]:
     return [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs]
 
 
-def one_size(label: str, block: int, base: str, rounds: int, quick: bool) -> dict:
+def one_size(label: str, block: int, base: str, rounds: int, quick: bool,
+             contenders: tuple[str, ...] = CONTENDERS) -> dict:
     n_blocks = max(32, WORKING_SET // block // (2 if quick else 1))
     chunks = 32  # CPU-tier chunks the jobs cycle through
     primary = Primary(chunks=chunks, block=block)
     primary.fill(range(chunks), seed=1)
-    res: dict = {c: {} for c in CONTENDERS}
+    res: dict = {c: {} for c in contenders}
     try:
         for rnd in range(rounds):
-            for name in (CONTENDERS if rnd % 2 == 0 else CONTENDERS[::-1]):
+            for name in (contenders if rnd % 2 == 0 else contenders[::-1]):
                 root = os.path.join(base, f"{name}-{label}")
                 shutil.rmtree(root, ignore_errors=True)
                 tier = make_tier(name, root, block, n_blocks, primary)
@@ -185,6 +186,8 @@ def report(results: dict) -> str:
     for label, r in results.items():
         fs = r["fs"]
         for name in ("slabcache-direct", "slabcache-mmap"):
+            if name not in r:
+                continue
             s = r[name]
             ratios = [f"{s[w] / fs[w]:.2f}x" for w in ("store", "warm_load", "cold_load", "churn")]
             lines.append(f"| {label} | {name.split('-')[1]} vs fs | " + " | ".join(ratios)
@@ -199,12 +202,14 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="one round, half the working set")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--sizes", default=",".join(SIZES))
+    ap.add_argument("--contenders", default=",".join(CONTENDERS), help="fs must be one of them")
     args = ap.parse_args()
     os.makedirs(args.dir, exist_ok=True)
     rounds = 1 if args.quick else args.rounds
     results = {}
     for label in args.sizes.split(","):
-        results[label] = one_size(label, SIZES[label], args.dir, rounds, args.quick)
+        results[label] = one_size(label, SIZES[label], args.dir, rounds, args.quick,
+                                  tuple(args.contenders.split(",")))
         print(f"{label}: " + json.dumps(results[label]), flush=True)
     print(report(results))
     if args.json:
