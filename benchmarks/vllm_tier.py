@@ -29,6 +29,7 @@ Workloads, blocks per second (ratio slabcache / fs):
   resolves the batch on a background thread at the step's end).
 
 Run:  .venv-vllm/bin/python benchmarks/vllm_tier.py [--dir DIR] [--json FILE] [--quick]
+      python benchmarks/vllm_tier.py --from-json FILE --plot FILE.png   (any venv with matplotlib)
 """
 
 from __future__ import annotations
@@ -42,7 +43,6 @@ import statistics
 import time
 
 from slabcache.bench.contenders import drop_file_cache
-from slabcache.testing.vllm_tier import Primary, key, offloading_spec
 
 SIZES = {"64K": 64 << 10, "1M": 1 << 20, "8M": 8 << 20}
 WORKING_SET = 64 << 20  # bytes of blocks per size (at least 32 blocks)
@@ -50,7 +50,9 @@ JOB_BLOCKS = 8
 CONTENDERS = ("fs", "slabcache-direct", "slabcache-mmap")
 
 
-def make_tier(name: str, root: str, block: int, capacity_blocks: int, primary: Primary):
+def make_tier(name: str, root: str, block: int, capacity_blocks: int, primary):
+    from slabcache.testing.vllm_tier import offloading_spec
+
     spec = offloading_spec(block=block)
     if name == "fs":
         from vllm.v1.kv_offload.tiering.fs.manager import FileSystemTierManager
@@ -89,6 +91,8 @@ def run_jobs(tier, submit, jobs) -> float:
 
 def batches(ids, chunks):
     """Jobs of JOB_BLOCKS keys, each block in its own CPU-tier chunk."""
+    from slabcache.testing.vllm_tier import key
+
     out = []
     for i in range(0, len(ids), JOB_BLOCKS):
         part = ids[i:i + JOB_BLOCKS]
@@ -98,6 +102,8 @@ def batches(ids, chunks):
 
 def lookup_1000(tier) -> float:
     from vllm.v1.kv_offload.base import LookupResult, ReqContext, ScheduleEndContext
+
+    from slabcache.testing.vllm_tier import key
 
     ctx = ReqContext(req_id="bench")
     keys = [key(1_000_000 + i) for i in range(1000)]
@@ -121,6 +127,8 @@ def files_of(root: str) -> list[str]:
 
 def one_size(label: str, block: int, base: str, rounds: int, quick: bool,
              contenders: tuple[str, ...] = CONTENDERS) -> dict:
+    from slabcache.testing.vllm_tier import Primary
+
     n_blocks = max(32, WORKING_SET // block // (2 if quick else 1))
     chunks = 32  # CPU-tier chunks the jobs cycle through
     primary = Primary(chunks=chunks, block=block)
@@ -155,6 +163,8 @@ def churn(tier, capacity_blocks: int, chunks: int, seed: int) -> float:
     """Requests of JOB_BLOCKS blocks over twice the capacity, skewed to recent
     ones; all hit -> load, else store.  Blocks moved per second."""
     from vllm.v1.kv_offload.base import LookupResult, ReqContext, ScheduleEndContext
+
+    from slabcache.testing.vllm_tier import key
 
     rng = random.Random(seed)
     n_req = 2 * capacity_blocks // JOB_BLOCKS
@@ -195,6 +205,31 @@ def report(results: dict) -> str:
     return "\n".join(lines)
 
 
+def plot(results: dict, out: str) -> None:
+    """Ratios to vLLM's fs tier, one panel per workload (matplotlib, from the JSON)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    work = ("store", "warm_load", "cold_load", "churn")
+    labels = list(results)
+    fig, axes = plt.subplots(1, len(work), figsize=(14, 3.6), sharey=True)
+    for ax, w in zip(axes, work):
+        for i, name in enumerate(("slabcache-direct", "slabcache-mmap")):
+            ys = [results[b][name][w] / results[b]["fs"][w] for b in labels if name in results[b]]
+            xs = [j + (i - 0.5) * 0.38 for j in range(len(ys))]
+            ax.bar(xs, ys, width=0.36, label=name.split("-")[1] + " vs fs")
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(labels)), labels)
+        ax.set_title(w.replace("_", " "))
+    axes[0].set_ylabel("blocks/s, ratio to vLLM's fs tier")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("slabcache tier vs vLLM's fs tier (O_DIRECT), through vLLM's tier API")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dir", default="./slabcache-bench/vllm-tier")
@@ -203,7 +238,16 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--sizes", default=",".join(SIZES))
     ap.add_argument("--contenders", default=",".join(CONTENDERS), help="fs must be one of them")
+    ap.add_argument("--plot", help="write a chart (needs matplotlib) to this PNG")
+    ap.add_argument("--from-json", help="only report and plot the results in this JSON")
     args = ap.parse_args()
+    if args.from_json:
+        with open(args.from_json) as f:
+            results = json.load(f)["results"]
+        print(report(results))
+        if args.plot:
+            plot(results, args.plot)
+        return
     os.makedirs(args.dir, exist_ok=True)
     rounds = 1 if args.quick else args.rounds
     results = {}
@@ -215,6 +259,8 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"rounds": rounds, "job_blocks": JOB_BLOCKS, "results": results}, f, indent=1)
+    if args.plot:
+        plot(results, args.plot)
 
 
 if __name__ == "__main__":

