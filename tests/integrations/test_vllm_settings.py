@@ -27,10 +27,10 @@ def test_defaults():
 
 def test_values_as_json_and_yaml_spell_them():
     c = cfg(path="file:///a/, /b", capacity=8 << 30, slot_bytes="128K", io="DIRECT", policy="LFU",
-            durability="strict", io_threads=8, checksum="false", share_group=1)
+            durability="strict", io_threads=8, checksum="false", share_group=1, locality="remote")
     assert c.paths == ("/a", "/b") and c.bytes_per_path == 4 << 30 and c.slot_bytes == 128 << 10
-    assert (c.io, c.policy, c.durability, c.io_threads, c.checksum, c.share_group) == (
-        "direct", "lfu", "strict", 8, False, True)
+    assert (c.io, c.policy, c.durability, c.io_threads, c.checksum, c.share_group, c.locality) == (
+        "direct", "lfu", "strict", 8, False, True, "REMOTE")
     assert cfg(path=["rel", "/b"]).paths == (os.path.abspath("rel"), "/b")
 
 
@@ -55,6 +55,7 @@ def test_by_engine_gives_each_data_parallel_engine_one_path():
     ({"io_threads": "4"}, "'io_threads'"),
     ({"checksum": "yes please"}, "'checksum' must be true or false"),
     ({"path_sharding": "by_gpu"}, "'path_sharding' must be one of by_key, by_engine"),
+    ({"locality": "nearby"}, "'locality' must be one of local, remote"),
     ({"path": "/a,/a"}, "names a directory twice"),
     ({"path": ","}, "names no directory"),
     ({"pth": "/kv"}, r"unknown slabcache tier key\(s\) \['pth'\].*path: directory"),

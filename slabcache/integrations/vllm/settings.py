@@ -51,6 +51,7 @@ class TierConfig:
     path_sharding: str = "by_key"
     share_group: bool = False
     trust_directory: bool = False
+    locality: str | None = None  # "LOCAL" or "REMOTE"
 
 
 def _paths(value) -> list[str]:
@@ -137,7 +138,10 @@ def tier_config(keys: dict, *, block_size_bytes: int, data_parallel_index: int =
     def flag(name, default):
         return parse_bool(f"tier key '{name}'", keys.get(name, default))
 
-    return TierConfig(paths=tuple(use), bytes_per_path=per_path, slot_bytes=slot, policy=policy,
+    locality = keys.get("locality")
+    if locality is not None:
+        locality = _choice("locality", locality, ("local", "remote")).upper()
+    return TierConfig(paths=tuple(use), locality=locality, bytes_per_path=per_path, slot_bytes=slot, policy=policy,
                       io=io, durability=durability, io_threads=threads,
                       checksum=flag("checksum", True), path_sharding=sharding,
                       share_group=flag("share_group", False),

@@ -81,11 +81,10 @@ class SlabCacheTier(SecondaryTierManager):
     def __init__(self, offloading_spec, primary_kv_view: memoryview, tier_type: str,
                  backpressure_detector=None, **tier_keys):
         super().__init__(offloading_spec, primary_kv_view, tier_type, backpressure_detector)
-        locality = tier_keys.get("locality")
-        self.locality = Locality(locality) if locality is not None else None
         parallel = offloading_spec.config.parallel
         self.settings = tier_config(tier_keys, block_size_bytes=self.block_size_bytes,
                                     data_parallel_index=getattr(parallel, "data_parallel_index", 0))
+        self.locality = Locality(self.settings.locality) if self.settings.locality else None
         self._ns = namespace(offloading_spec)
         # One description for every block: raw bytes of one CPU-tier block.
         self._desc = describe([(self.block_size_bytes,)], [torch.uint8], is_list=False, extra=b"vllm")

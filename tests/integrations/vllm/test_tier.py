@@ -318,3 +318,11 @@ def test_a_request_is_looked_up_in_one_transaction_per_step(primary, make_tier):
     assert tier.lookup(key(6), ReqContext(req_id="r2")) is LookupResult.MISS
     assert calls[-1] == 1
     assert tier.stats()["lookups"] == 13 and tier.stats()["lookup_hits"] == 6
+
+
+def test_locality_is_reported_as_vllms_own_value(primary, make_tier):
+    from vllm.v1.kv_offload.base import Locality
+
+    assert make_tier(primary, locality="local").locality is Locality.LOCAL
+    with pytest.raises(ConfigError, match="'locality'"):
+        make_tier(primary, locality="far")
