@@ -716,10 +716,11 @@ class SlabStore:
         for i, (f, buf) in enumerate(zip(found, bufs)):
             if f is None:
                 continue
-            if buf.numel() < f.length:
-                raise ValueError(f"outs[{i}] holds {buf.numel()} bytes, the value {f.length}; pass a larger out")
+            room = buf.numel()
+            if room < f.length:
+                raise ValueError(f"outs[{i}] holds {room} bytes, the value {f.length}; pass a larger out")
             jobs.append(i)
-            parts.append([buf[:f.length]])
+            parts.append([buf if room == f.length else buf[:f.length]])
         oks = self._read_found([found[i] for i in jobs], parts)
         res: list = [None] * len(found)
         for i, ok in zip(jobs, oks):

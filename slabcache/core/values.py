@@ -120,6 +120,9 @@ def _span(t: torch.Tensor) -> tuple[int, int]:
     """The address range a CPU tensor's elements occupy."""
     if t.numel() == 0:
         return 0, 0
+    if t.dim() == 1:  # most outs are byte rows: skip the general sum
+        start = t.data_ptr()
+        return start, start + ((t.shape[0] - 1) * t.stride(0) + 1) * t.element_size()
     last = sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
     start = t.data_ptr()
     return start, start + (last + 1) * t.element_size()
@@ -255,6 +258,9 @@ def split(buf: torch.Tensor, nbytes) -> list[torch.Tensor]:
 
 def as_bytes(data) -> torch.Tensor:
     """A 1-D uint8 CPU tensor over ``data`` (a tensor or a buffer), no copy."""
+    if (type(data) is torch.Tensor and data.dtype is torch.uint8 and data.dim() == 1
+            and data.is_cpu and data.is_contiguous()):
+        return data  # already what is asked for (uint8 cannot require grad)
     if isinstance(data, torch.Tensor):
         if data.device.type != "cpu":
             raise UnsupportedValueError(
