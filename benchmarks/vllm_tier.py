@@ -45,7 +45,7 @@ import time
 from slabcache.bench.contenders import drop_file_cache
 
 SIZES = {"64K": 64 << 10, "1M": 1 << 20, "8M": 8 << 20}
-WORKING_SET = 64 << 20  # bytes of blocks per size (at least 32 blocks)
+WORKING_SET = 64 << 20  # bytes of blocks per size (at least 32 blocks: 256 MiB of 8 MiB ones)
 JOB_BLOCKS = 8
 CONTENDERS = ("fs", "slabcache-direct", "slabcache-mmap")
 
