@@ -49,6 +49,7 @@ class StoreOptions:
     engine_wrapper: Callable | None = None
     share_group: bool = False
     trust_directory: bool = False
+    use_refresh_seconds: float = 0.0
 
     def validate(self) -> "StoreOptions":
         """A checked copy with an absolute path.  Raises ConfigError naming
@@ -71,6 +72,10 @@ class StoreOptions:
         if self.engine_wrapper is not None and not callable(self.engine_wrapper):
             raise ConfigError("engine_wrapper must be a callable taking the engine and returning its wrapper")
         WorkerPool.check_settings(self.io_threads, self.max_pending_puts, self.queue_full)
+        r = self.use_refresh_seconds
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r < float("inf"):
+            raise ConfigError(f"use_refresh_seconds must be a number of seconds >= 0 (0: every use "
+                              f"moves the entry in the policy's order), got {r!r}")
         return dataclasses.replace(self, path=os.path.abspath(os.fspath(self.path)))
 
     @property

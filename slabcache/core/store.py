@@ -84,7 +84,7 @@ class SlabStore:
         self._records = o.records
         self._lock_files = o.lock
         self._owner = owners.new_handle()
-        self._uses = UseTracker(o.policy)
+        self._uses = UseTracker(o.policy, opts.use_refresh_seconds)
         self._allocator = None if opts.readonly else SlotAllocator(
             o.index, o.records, o.geometry, o.policy, self._owner, self._uses, self.path)
         self._reader = Reader(o.engine, o.index, self._allocator, self._uses, opts.checksum, self.path)
@@ -112,7 +112,7 @@ class SlabStore:
              durability: str = "fast", checksum: bool = True, *, readonly: bool = False,
              io_threads: int = 4, max_pending_puts: int = 64, queue_full: str = "reject",
              index_map_bytes: int | None = None, engine_wrapper=None, share_group: bool = False,
-             trust_directory: bool = False) -> "SlabStore":
+             trust_directory: bool = False, use_refresh_seconds: float = 0.0) -> "SlabStore":
         """Open the store at directory ``path``, creating it if needed.
 
         Creating needs ``capacity_bytes`` and ``slot_bytes``; reopening reads
@@ -125,7 +125,11 @@ class SlabStore:
         see StoreOptions).  Files are created 0600 and directories 0700
         (0660 / 0770 with ``share_group``); an existing directory owned by
         another user, or writable by others (or by its group, unless
-        ``share_group``), is refused unless ``trust_directory``.  Raises
+        ``share_group``), is refused unless ``trust_directory``.
+        ``use_refresh_seconds`` > 0 records a read as a use (its move in the
+        policy's order) only if the entry was not used in that many seconds
+        (hits are still counted): reads cost less, LRU/LFU become
+        approximate to that resolution.  Raises
         ConfigError for bad arguments or paths,
         CorruptStoreError for a damaged store, StorageFullError when the slab
         cannot be preallocated.
@@ -135,7 +139,8 @@ class SlabStore:
             io=io, durability=durability, checksum=checksum, readonly=readonly,
             io_threads=io_threads, max_pending_puts=max_pending_puts, queue_full=queue_full,
             index_map_bytes=index_map_bytes, engine_wrapper=engine_wrapper,
-            share_group=share_group, trust_directory=trust_directory))
+            share_group=share_group, trust_directory=trust_directory,
+            use_refresh_seconds=use_refresh_seconds))
 
     # ------------------------------------------------------------------ life
 

@@ -21,8 +21,12 @@ COUNTER_FLUSH_SECONDS = 1.0
 
 
 class UseTracker:
-    def __init__(self, policy: Policy):
+    def __init__(self, policy: Policy, refresh_seconds: float = 0.0):
         self.policy = policy
+        # A read of an entry used less than this long ago moves nothing in
+        # the policy's order (CacheLib's LRU refresh time): recording a use
+        # is about a quarter of a small read.
+        self.refresh = refresh_seconds
         self._lock = threading.Lock()
         self._pending = dict.fromkeys(COUNTERS, 0)
         # ikey -> [count, wall time, slot, generation]
@@ -46,6 +50,8 @@ class UseTracker:
         wall = time.time()
         with self._lock:
             self._pending["hits"] += 1
+            if self.refresh and wall - e.used < self.refresh:
+                return now - self._last_counter_flush >= COUNTER_FLUSH_SECONDS
             u = self._uses.get(e.ikey)
             if u is None:
                 self._uses[e.ikey] = [1, wall, e.slot, e.generation]

@@ -74,6 +74,7 @@ class EntryRef(NamedTuple):
     length: int
     checksum: int
     meta_raw: bytes
+    used: float = 0.0  # wall time of the last recorded use
 
 
 _HEAD = struct.Struct("<QIQQ")  # slot, generation, length, checksum: the start of _ENTRY
@@ -95,7 +96,8 @@ def ref_of(ikey: bytes, raw, canon: bytes | None = None) -> EntryRef | None:
     if canon is not None and stored != canon:
         return None
     slot, gen, length, csum = _HEAD.unpack_from(raw)
-    return EntryRef(ikey, stored, slot, gen, length, csum, bytes(raw[_ENTRY.size:start]))
+    return EntryRef(ikey, stored, slot, gen, length, csum, bytes(raw[_ENTRY.size:start]),
+                    _USED.unpack_from(raw, _USED_AT)[0])
 
 
 _USE = struct.Struct("<QQQ")  # tick, hits, inserted

@@ -23,6 +23,8 @@ def test_defaults():
     assert c.paths == ("/kv",) and c.bytes_per_path == 1 << 30
     assert c.slot_bytes is None  # one block, or an existing store's own
     assert (c.io, c.durability, c.policy, c.io_threads, c.checksum) == ("mmap", "fast", None, 4, True)
+    assert c.use_refresh_seconds == 1.0
+    assert cfg(use_refresh_seconds=0).use_refresh_seconds == 0.0
 
 
 def test_values_as_json_and_yaml_spell_them():
@@ -56,6 +58,7 @@ def test_by_engine_gives_each_data_parallel_engine_one_path():
     ({"checksum": "yes please"}, "'checksum' must be true or false"),
     ({"path_sharding": "by_gpu"}, "'path_sharding' must be one of by_key, by_engine"),
     ({"locality": "nearby"}, "'locality' must be one of local, remote"),
+    ({"use_refresh_seconds": -1}, "'use_refresh_seconds' must be a number of seconds"),
     ({"path": "/a,/a"}, "names a directory twice"),
     ({"path": ","}, "names no directory"),
     ({"pth": "/kv"}, r"unknown slabcache tier key\(s\) \['pth'\].*path: directory"),

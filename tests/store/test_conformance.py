@@ -2,12 +2,14 @@
 
 import os
 import signal
+import time
 
 import pytest
 import torch
 
 from slabcache import (
-    EntryTooLargeError, LayoutMismatchError, SlabStore, StoreClosedError, UnsupportedValueError,
+    ConfigError, EntryTooLargeError, LayoutMismatchError, SlabStore, StoreClosedError,
+    UnsupportedValueError,
 )
 from slabcache.format.checksum import CHECKSUM_BLOCK
 from slabcache.format.values import DTYPE_NAMES
@@ -257,6 +259,27 @@ def test_touch_counts_as_use_and_contains_does_not(make_store):
     assert s.contains("k1")  # not a use: k1 stays least recent
     s.put("n", rand_tensor(1, 9))
     assert "k1" not in s and "k0" in s
+
+
+def test_use_refresh_window_skips_recent_uses_but_counts_hits(make_store, monkeypatch):
+    s = make_store(capacity_bytes=3 * 4096, policy="lru", use_refresh_seconds=60)
+    _fill(s, 3)
+    assert s.get("k0") is not None  # used within 60 s of its put: order unchanged
+    s.put("n0", rand_tensor(1, 9))
+    assert "k0" not in s and "k1" in s
+    assert s.stats()["hits"] == 1
+    # Once the window has passed, a read moves the entry again.
+    later = time.time() + 120
+    monkeypatch.setattr(time, "time", lambda: later)
+    assert s.get("k1") is not None
+    s.put("n1", rand_tensor(1, 10))
+    assert "k1" in s and "k2" not in s
+
+
+@pytest.mark.parametrize("bad", [-1, float("nan"), float("inf"), True, "1"])
+def test_use_refresh_window_must_be_seconds(make_store, bad):
+    with pytest.raises(ConfigError, match="use_refresh_seconds"):
+        make_store(use_refresh_seconds=bad)
 
 
 def test_policy_order_survives_reopen(tmp_path, engine):

@@ -30,6 +30,7 @@ KEYS = {
     "share_group": "files 0660 / directories 0770 (true/false)",
     "trust_directory": "use a directory another user owns or others can write (true/false)",
     "locality": "LOCAL or REMOTE, as vLLM's own tiers take it",
+    "use_refresh_seconds": "a load moves a block in the LRU order at most this often (0: every load)",
 }
 SHARDINGS = ("by_key", "by_engine")
 EXAMPLE = ('{"type": "SlabCacheTier", "module_path": "slabcache.integrations.vllm", '
@@ -52,6 +53,10 @@ class TierConfig:
     share_group: bool = False
     trust_directory: bool = False
     locality: str | None = None  # "LOCAL" or "REMOTE"
+    # A block loaded again within a second keeps its place in the policy's
+    # order: recording each use is about a quarter of a small block's load,
+    # and second-resolution LRU loses nothing for a cache of minutes to hours.
+    use_refresh_seconds: float = 1.0
 
 
 def _paths(value) -> list[str]:
@@ -138,10 +143,13 @@ def tier_config(keys: dict, *, block_size_bytes: int, data_parallel_index: int =
     def flag(name, default):
         return parse_bool(f"tier key '{name}'", keys.get(name, default))
 
+    refresh = keys.get("use_refresh_seconds", 1.0)
+    if isinstance(refresh, bool) or not isinstance(refresh, (int, float)) or not 0 <= refresh < float("inf"):
+        raise ConfigError(f"tier key 'use_refresh_seconds' must be a number of seconds >= 0, got {refresh!r}")
     locality = keys.get("locality")
     if locality is not None:
         locality = _choice("locality", locality, ("local", "remote")).upper()
-    return TierConfig(paths=tuple(use), locality=locality, bytes_per_path=per_path, slot_bytes=slot, policy=policy,
+    return TierConfig(paths=tuple(use), locality=locality, use_refresh_seconds=float(refresh), bytes_per_path=per_path, slot_bytes=slot, policy=policy,
                       io=io, durability=durability, io_threads=threads,
                       checksum=flag("checksum", True), path_sharding=sharding,
                       share_group=flag("share_group", False),

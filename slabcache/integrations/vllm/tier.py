@@ -122,7 +122,8 @@ class SlabCacheTier(SecondaryTierManager):
             store = SlabStore.open(path, capacity_bytes=s.bytes_per_path, slot_bytes=slot,
                                    policy=s.policy, io=s.io, durability=s.durability,
                                    checksum=s.checksum, io_threads=s.io_threads,
-                                   share_group=s.share_group, trust_directory=s.trust_directory)
+                                   share_group=s.share_group, trust_directory=s.trust_directory,
+                                   use_refresh_seconds=s.use_refresh_seconds)
         except LayoutMismatchError as exc:
             raise LayoutMismatchError(
                 f"slabcache tier {self.tier_type!r} at {path}: {exc}. The tier keys 'capacity' "
