@@ -85,3 +85,15 @@ def test_a_second_engine_loads_what_the_first_stored(model, tmp_path):
     fsck = subprocess.run([sys.executable, "-m", "slabcache", "fsck", str(store), "--deep"],
                           capture_output=True, text=True)
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+
+
+def test_a_tier_setting_the_engine_cannot_use_stops_its_start_up(model, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "slabcache.testing.vllm_run", "generate", "--model", str(model),
+         "--store", str(tmp_path / "kv"), "--out", str(tmp_path / "out.json"),
+         "--tier-keys", json.dumps({"slot_bytes": "4K"})],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert ("tier key 'slot_bytes' is 4096, smaller than one block of the CPU tier (131072 bytes)"
+            in proc.stdout + proc.stderr)
+    assert not (tmp_path / "kv").exists() and not (tmp_path / "out.json").exists()
