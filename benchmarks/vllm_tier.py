@@ -100,22 +100,42 @@ def batches(ids, chunks):
     return out
 
 
-def lookup_1000(tier) -> float:
-    from vllm.v1.kv_offload.base import LookupResult, ReqContext, ScheduleEndContext
+def request(req_id: str, keys):
+    """A ReqContext with its keys recorded, as vLLM's scheduler does before
+    it looks any up."""
+    from vllm.v1.kv_offload.base import ReqContext
 
-    from slabcache.testing.vllm_tier import key
-
-    ctx = ReqContext(req_id="bench")
-    keys = [key(1_000_000 + i) for i in range(1000)]
-    for i, k in enumerate(keys):  # as vLLM's scheduler records a request's keys
+    ctx = ReqContext(req_id=req_id)
+    for i, k in enumerate(keys):
         ctx.set_offload_key_position(k, (i + 1) * 128)
-    t0 = time.perf_counter()
-    pending = keys
+    return ctx
+
+
+def resolve(tier, keys, ctx) -> dict:
+    """Each key's answer, asking again while it is RETRY; a scheduler step
+    ends in between (a tier with async lookups resolves them then)."""
+    from vllm.v1.kv_offload.base import LookupResult, ScheduleEndContext
+
+    got, pending = {}, list(keys)
     while pending:
-        pending = [k for k in pending if tier.lookup(k, ctx) is LookupResult.RETRY]
-        if pending:  # the step ends: a tier with async lookups resolves them now
+        for k in pending:
+            answer = tier.lookup(k, ctx)
+            if answer is not LookupResult.RETRY:
+                got[k] = answer
+        pending = [k for k in pending if k not in got]
+        if pending:
             tier.on_schedule_end(ScheduleEndContext(new_req_ids=(), preempted_req_ids=()))
             time.sleep(0.0002)
+    return got
+
+
+def lookup_1000(tier) -> float:
+    from slabcache.testing.vllm_tier import key
+
+    keys = [key(1_000_000 + i) for i in range(1000)]
+    ctx = request("bench", keys)
+    t0 = time.perf_counter()
+    resolve(tier, keys, ctx)
     dt = time.perf_counter() - t0
     tier.on_request_finished(ctx)
     return dt
@@ -162,7 +182,7 @@ def one_size(label: str, block: int, base: str, rounds: int, quick: bool,
 def churn(tier, capacity_blocks: int, chunks: int, seed: int) -> float:
     """Requests of JOB_BLOCKS blocks over twice the capacity, skewed to recent
     ones; all hit -> load, else store.  Blocks moved per second."""
-    from vllm.v1.kv_offload.base import LookupResult, ReqContext, ScheduleEndContext
+    from vllm.v1.kv_offload.base import LookupResult
 
     from slabcache.testing.vllm_tier import key
 
@@ -172,17 +192,10 @@ def churn(tier, capacity_blocks: int, chunks: int, seed: int) -> float:
     moved = 0
     t0 = time.perf_counter()
     for step in range(steps):
-        ctx = ReqContext(req_id=f"churn-{step}")  # a request each, as vLLM asks
         r = min(n_req - 1, int(rng.expovariate(3.0 / n_req)))
         keys = [key(5_000_000 + r * JOB_BLOCKS + b) for b in range(JOB_BLOCKS)]
-        for b, k in enumerate(keys):
-            ctx.set_offload_key_position(k, (b + 1) * 128)
-        while True:
-            answers = [tier.lookup(k, ctx) for k in keys]
-            if LookupResult.RETRY not in answers:
-                break
-            tier.on_schedule_end(ScheduleEndContext(new_req_ids=(), preempted_req_ids=()))
-            time.sleep(0.0002)
+        ctx = request(f"churn-{step}", keys)  # a request each, as vLLM asks
+        answers = resolve(tier, keys, ctx).values()
         op = "submit_load" if all(a is LookupResult.HIT for a in answers) else "submit_store"
         run_jobs(tier, op, [(keys, [b % chunks for b in range(JOB_BLOCKS)])])
         tier.on_request_finished(ctx)

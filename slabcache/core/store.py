@@ -31,7 +31,7 @@ from ..errors import (
     ConfigError, CorruptStoreError, EntryTooLargeError, QueueFullError, SlabIOError, StorageFullError,
     StoreClosedError, StoreForkedError,
 )
-from ..format.keys import MAX_INLINE_KEY, canonical_key, decode_key, display_key, index_key, key_hash
+from ..format.keys import canonical_key, decode_key, display_key, index_key, key_hash
 from ..format.records import record_meta
 from ..format.values import ValueDesc
 from ..index import Entry, IndexTxn
@@ -262,16 +262,8 @@ class SlabStore:
 
     @staticmethod
     def _keys(key) -> tuple[bytes, bytes]:
-        # Inlined for the common key types: this runs once per key of every
-        # operation, and a whole request's lookups are little else.
-        kind = type(key)
-        if kind is bytes and key:
-            canon = b"b" + key
-        elif kind is str and key:
-            canon = b"s" + key.encode("utf-8", "surrogatepass")
-        else:
-            canon = canonical_key(key)
-        return canon, (canon if len(canon) <= MAX_INLINE_KEY else index_key(canon))
+        canon = canonical_key(key)
+        return canon, index_key(canon)
 
     # ------------------------------------------------------------------ put
 

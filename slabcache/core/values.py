@@ -121,9 +121,9 @@ def _span(t: torch.Tensor) -> tuple[int, int]:
     if t.numel() == 0:
         return 0, 0
     if t.dim() == 1:  # most outs are byte rows: skip the general sum
-        start = t.data_ptr()
-        return start, start + ((t.shape[0] - 1) * t.stride(0) + 1) * t.element_size()
-    last = sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+        last = (t.shape[0] - 1) * t.stride(0)
+    else:
+        last = sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
     start = t.data_ptr()
     return start, start + (last + 1) * t.element_size()
 

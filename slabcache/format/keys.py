@@ -14,6 +14,13 @@ MAX_INLINE_KEY = 400
 
 def canonical_key(key: str | bytes) -> bytes:
     """Type-tagged key bytes: ``"a"`` and ``b"a"`` are different keys."""
+    # Plain str and bytes first, without isinstance or a copy: every
+    # operation runs this once per key, and a request's lookups are little else.
+    kind = type(key)
+    if kind is bytes and key:
+        return b"b" + key
+    if kind is str and key:
+        return b"s" + key.encode("utf-8", "surrogatepass")
     if isinstance(key, str):
         if not key:
             raise InvalidKeyError("key is an empty string; use a non-empty str or bytes key")
@@ -44,6 +51,7 @@ def display_key(canon: bytes) -> str | bytes:
 
 
 def index_key(canon: bytes) -> bytes:
+    """The LMDB key: the canonical key itself, or a hash of a long one."""
     if len(canon) <= MAX_INLINE_KEY:
         return canon
     return b"#" + hashlib.blake2b(canon, digest_size=32).digest()

@@ -9,35 +9,24 @@ conventions instead of re-implementing them.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 from lmcache.v1.storage_backend.path_sharder import PathSharder
 
 from ...errors import ConfigError
-from ..flags import parse_bool
+from ..parsing import parse_bool, split_paths
 
 GB = 1024 ** 3
 
 
 def parse_paths(csv) -> list[str]:
     """``"file:///a/,/b"`` -> ``["/a", "/b"]``.  Raises ConfigError."""
-    if isinstance(csv, (list, tuple)):
-        items = [str(x) for x in csv]
-    elif isinstance(csv, str):
-        items = csv.split(",")
-    else:
+    out = split_paths(csv)
+    if out is None:
         raise ConfigError(
             f"slabcache.paths must be a comma-separated string of directories, got {csv!r}"
         )
-    out = []
-    for raw in items:
-        p = raw.strip()
-        if p.startswith("file://"):
-            p = p[len("file://"):]
-        if p:
-            out.append(os.path.abspath(p))
     if not out:
         raise ConfigError(
             "no disk path configured: set extra_config['slabcache.paths'] (or local_disk) "

@@ -9,12 +9,11 @@ working cache that never hits.  Nothing here imports vLLM.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
-from ...format.sizes import parse_size
 from ...errors import ConfigError
-from ..flags import parse_bool
+from ...format.sizes import parse_size
+from ..parsing import parse_bool, split_paths
 
 # Every key the tier takes, with what it means (for the error that lists them).
 KEYS = {
@@ -60,15 +59,10 @@ class TierConfig:
 
 
 def _paths(value) -> list[str]:
-    items = value if isinstance(value, (list, tuple)) else str(value).split(",") if isinstance(value, str) else None
-    if items is None:
+    out = split_paths(value)
+    if out is None:
         raise ConfigError(f"tier key 'path' must be a directory or a list of directories, got {value!r}; "
                           f"e.g. {EXAMPLE}")
-    out = []
-    for raw in items:
-        p = str(raw).strip().removeprefix("file://")
-        if p:
-            out.append(os.path.abspath(p))
     if not out:
         raise ConfigError(f"tier key 'path' names no directory; e.g. {EXAMPLE}")
     if len(set(out)) != len(out):

@@ -1,0 +1,51 @@
+"""Settings as the frameworks spell them: flags and lists of directories.
+
+LMCache and vLLM configurations come from YAML, JSON and environment
+variables, so a flag may arrive as a bool, 0/1 or a string, and a list of
+directories as a list or a comma-separated string.  Shared by the
+integrations without importing either framework; each wraps these in
+errors that name its own setting.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ..errors import ConfigError
+
+# The spellings LMCache itself accepts for booleans given as strings.
+TRUE_WORDS = ("true", "1")
+FALSE_WORDS = ("false", "0")
+
+
+def parse_bool(name: str, value) -> bool:
+    """``True``/``False``, or LMCache's strings ``"true"``/``"false"``/``"1"``/``"0"``
+    (any case).  Raises ConfigError for anything else."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in TRUE_WORDS:
+            return True
+        if word in FALSE_WORDS:
+            return False
+    raise ConfigError(f"{name} must be true or false, got {value!r}")
+
+
+def split_paths(value) -> list[str] | None:
+    """``"file:///a/, /b"`` or ``["/a", "/b"]`` -> absolute directories (empty
+    entries dropped); None when ``value`` is neither a string nor a list."""
+    if isinstance(value, (list, tuple)):
+        items = [str(x) for x in value]
+    elif isinstance(value, str):
+        items = value.split(",")
+    else:
+        return None
+    out = []
+    for raw in items:
+        p = raw.strip().removeprefix("file://")
+        if p:
+            out.append(os.path.abspath(p))
+    return out
