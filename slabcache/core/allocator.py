@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 from ..device.slabfile import SlotRecords
 from ..errors import StorageFullError
@@ -181,12 +181,15 @@ class SlotAllocator:
         self.records.clear(e.slot)
         t.free_entry(e, self.policy)
 
-    def free_if_current(self, e) -> bool:
+    def free_if_current(self, e, then: Callable | None = None) -> bool:
         """Free the entry ``e`` (an Entry or EntryRef) names, unless it was
-        replaced or evicted meanwhile."""
+        replaced or evicted meanwhile; ``then(txn)`` runs in the same write
+        transaction either way."""
         with self.index.write() as t:
             cur = t.entry_at(e.ikey)
-            if cur is None or cur.slot != e.slot or cur.generation != e.generation:
-                return False
-            self.free(t, cur)
-            return True
+            freed = cur is not None and cur.slot == e.slot and cur.generation == e.generation
+            if freed:
+                self.free(t, cur)
+            if then is not None:
+                then(t)
+            return freed

@@ -109,4 +109,7 @@ class Reader:
         self.uses.count("misses")
         self.uses.count("checksum_failures")
         if self.allocator is not None:
-            self.allocator.free_if_current(e)
+            # The failure is recorded in the transaction that drops the entry,
+            # not at the next counter flush: `slabcache stats` shows it even if
+            # the process is killed next (as vLLM kills a slow engine at exit).
+            self.allocator.free_if_current(e, then=lambda t: self.uses.flush(t, force=True))

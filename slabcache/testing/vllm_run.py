@@ -81,6 +81,10 @@ def generate(args) -> int:
     # the tier has pending work) before the process ends.
     llm.generate([TokensPrompt(prompt_token_ids=[3, 4, 5])], SamplingParams(max_tokens=1, detokenize=False),
                  use_tqdm=False)
+    # vLLM gives its engine process 5 s to exit before killing it: on a loaded
+    # machine too little for the tier's shutdown, which writes the store's
+    # last counters.  Wait for it, as an orderly server stop would.
+    llm.llm_engine.engine_core.shutdown(timeout=120)
     del llm
     report = {"results": results}
     if not args.no_tier:

@@ -393,6 +393,15 @@ def test_checksum_mismatch_is_a_miss(make_store, tmp_path):
     assert s.get("bad") is None
     assert s.stats()["checksum_failures"] == 1
     assert "bad" not in s  # dropped
+    # Recorded with the drop, not at a later flush: another process sees it
+    # while this handle is still open (a killed process loses no failure).
+    seen = run_py("""
+        import sys
+        from slabcache import SlabStore
+        with SlabStore.open(sys.argv[1], readonly=True) as r:
+            print(r.stats()["checksum_failures"], r.contains("bad"))
+    """, str(tmp_path / "store"))
+    assert seen.stdout.split() == ["1", "False"]
     assert torch.equal(s.get("good"), rand_tensor(3000, 2))
 
 
