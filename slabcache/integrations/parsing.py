@@ -1,4 +1,4 @@
-"""Settings as the frameworks spell them: flags and lists of directories.
+"""Settings as the frameworks spell them: flags, seconds and lists of directories.
 
 LMCache and vLLM configurations come from YAML, JSON and environment
 variables, so a flag may arrive as a bool, 0/1 or a string, and a list of
@@ -32,6 +32,22 @@ def parse_bool(name: str, value) -> bool:
         if word in FALSE_WORDS:
             return False
     raise ConfigError(f"{name} must be true or false, got {value!r}")
+
+
+def parse_seconds(name: str, value) -> float:
+    """A number of seconds >= 0, given as a number or a numeric string (YAML
+    and environment variables give strings).  Raises ConfigError."""
+    seconds = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str):
+        try:
+            seconds = float(value.strip())
+        except ValueError:
+            pass
+    if seconds is None or not 0 <= seconds < float("inf"):
+        raise ConfigError(f"{name} must be a number of seconds >= 0, got {value!r}")
+    return seconds
 
 
 def split_paths(value) -> list[str] | None:

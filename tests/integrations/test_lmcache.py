@@ -267,6 +267,8 @@ def test_several_paths_shard_by_device(tmp_path):
     (dict(extra={"use_odirect": "yes"}), "use_odirect must be true or false"),
     (dict(extra={"slabcache.checksum": "maybe"}), "slabcache.checksum must be true or false"),
     (dict(extra={"slabcache.slot_bytes": 1 << 40}), "less than one slot"),
+    (dict(extra={"slabcache.use_refresh_seconds": "soon"}), "slabcache.use_refresh_seconds must be a number"),
+    (dict(extra={"slabcache.use_refresh_seconds": -1}), "slabcache.use_refresh_seconds must be a number"),
 ])
 def test_bad_settings_fail_loudly(disk, change, fragment, caplog):
     from slabcache.integrations.lmcache import SlabCacheBackend
@@ -294,6 +296,21 @@ def test_boolean_settings_take_lmcache_spellings(disk, spelling, want):
     try:
         st = b.store.stats()
         assert st["checksum"] is want and st["io"] == ("direct" if want else "mmap")
+    finally:
+        b.close()
+
+
+@pytest.mark.parametrize("given,want", [(None, 1.0), (0, 0.0), ("2.5", 2.5)])
+def test_reads_move_chunks_in_the_order_at_most_once_a_refresh_window(disk, given, want):
+    from slabcache.integrations.lmcache import SlabCacheBackend
+
+    cfg = h.config(disk)
+    if given is not None:
+        cfg.extra_config["slabcache.use_refresh_seconds"] = given
+    b = SlabCacheBackend(config=cfg, dst_device="cpu", metadata=h.metadata(),
+                         local_cpu_backend=None, loop=None)
+    try:
+        assert b.store.options.use_refresh_seconds == want
     finally:
         b.close()
 

@@ -109,7 +109,7 @@ class SlabCacheBackend(StoragePluginInterface):
                 io=self.settings.io, io_threads=self.settings.io_threads,
                 durability=self.settings.durability, checksum=self.settings.checksum,
                 share_group=self.settings.share_group, trust_directory=self.settings.trust_directory,
-                queue_full="wait",
+                use_refresh_seconds=self.settings.use_refresh_seconds, queue_full="wait",
             )
         except Exception as exc:
             # LMCache logs constructor failures briefly and runs on without

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from ...errors import ConfigError
 from ...format.sizes import parse_size
-from ..parsing import parse_bool, split_paths
+from ..parsing import parse_bool, parse_seconds, split_paths
 
 # Every key the tier takes, with what it means (for the error that lists them).
 KEYS = {
@@ -137,13 +137,12 @@ def tier_config(keys: dict, *, block_size_bytes: int, data_parallel_index: int =
     def flag(name, default):
         return parse_bool(f"tier key '{name}'", keys.get(name, default))
 
-    refresh = keys.get("use_refresh_seconds", 1.0)
-    if isinstance(refresh, bool) or not isinstance(refresh, (int, float)) or not 0 <= refresh < float("inf"):
-        raise ConfigError(f"tier key 'use_refresh_seconds' must be a number of seconds >= 0, got {refresh!r}")
+    refresh = parse_seconds("tier key 'use_refresh_seconds'", keys.get("use_refresh_seconds", 1.0))
     locality = keys.get("locality")
     if locality is not None:
         locality = _choice("locality", locality, ("local", "remote")).upper()
-    return TierConfig(paths=tuple(use), locality=locality, use_refresh_seconds=float(refresh), bytes_per_path=per_path, slot_bytes=slot, policy=policy,
+    return TierConfig(paths=tuple(use), locality=locality, use_refresh_seconds=refresh,
+                      bytes_per_path=per_path, slot_bytes=slot, policy=policy,
                       io=io, durability=durability, io_threads=threads,
                       checksum=flag("checksum", True), path_sharding=sharding,
                       share_group=flag("share_group", False),
