@@ -26,6 +26,7 @@ from typing import Iterator
 
 import lmdb
 
+from ..errors import CorruptStoreError
 from . import owner as owners
 from .entry import Entry, EntryRef, canon_of, encode_entry, ref_of, slot_gen_of, use_of, with_use
 from .policy import Policy, UseStats, make_policy
@@ -52,6 +53,11 @@ class IndexTxn:
     def __init__(self, txn: lmdb.Transaction, dbs: dict):
         self.txn = txn
         self.db = dbs
+        # Within one write transaction, what a batch of puts need not ask
+        # again: None until known, then whether any pin exists / whether the
+        # free list and the unused slots ran out.
+        self._pins_exist: bool | None = None
+        self._no_free = False
 
     # -- meta ------------------------------------------------------------
 
@@ -168,13 +174,6 @@ class IndexTxn:
         self.drop_pins(e.ikey)
         self.release_slot(e.slot, e.generation)
 
-    def evict(self, e: Entry, policy: Policy) -> tuple[int, int]:
-        """Remove ``e``, a victim from :meth:`find_victim` (which already
-        dropped the lapsed pins it had), and hand its (slot, generation)
-        straight to the caller, who reuses the slot."""
-        self._unlink_entry(e, policy)
-        return e.slot, e.generation
-
     def record_use(self, e: Entry | EntryRef, policy: Policy, now: float, count: int = 1) -> None:
         """Record ``count`` uses of ``e`` at wall time ``now``."""
         self.record_uses({e.ikey: (count, now, e.slot, e.generation)}, policy)
@@ -219,6 +218,8 @@ class IndexTxn:
 
     def take_free_slot(self, slot_count: int) -> tuple[int, int] | None:
         """Pop a free slot: (slot, last generation), or None when none is free."""
+        if self._no_free:
+            return None
         with self.txn.cursor(db=self.db["free"]) as cur:
             if cur.first():
                 slot = _U64.unpack(cur.key())[0]
@@ -229,10 +230,12 @@ class IndexTxn:
         if nxt < slot_count:
             self.meta_put("next_unused", _U64.pack(nxt + 1))
             return nxt, 0
+        self._no_free = True  # until a slot is released in this transaction
         return None
 
     def release_slot(self, slot: int, generation: int) -> None:
         self.txn.put(_U64.pack(slot), _U32.pack(generation), db=self.db["free"])
+        self._no_free = False
 
     def free_slots(self) -> Iterator[tuple[int, int]]:
         with self.txn.cursor(db=self.db["free"]) as cur:
@@ -269,6 +272,7 @@ class IndexTxn:
         raw = self.txn.get(k, db=self.db["pins"])
         n = (_U32.unpack(raw)[0] if raw else 0) + 1
         self.txn.put(k, _U32.pack(n), db=self.db["pins"])
+        self._pins_exist = True
         return n
 
     def unpin(self, ikey: bytes, who: bytes) -> bool:
@@ -343,19 +347,41 @@ class IndexTxn:
 
     # -- eviction --------------------------------------------------------
 
-    def find_victim(self, policy: Policy) -> Entry | None:
-        """First entry in eviction order that nobody alive has pinned."""
-        for _okey, ikey in self.order_keys(reverse=policy.from_end):
-            e = self.entry_at(ikey)
-            if e is None:
-                continue
-            pins = self.pins_of(ikey)
-            if any(owners.is_alive(who) for who, _ in pins):
-                continue
-            for who, _ in pins:  # only dead owners left: their pins lapse
-                self.delete_pin(ikey, who)
-            return e
+    def evict_next(self, policy: Policy) -> tuple[int, int] | None:
+        """Evict the first entry in eviction order that nobody alive has
+        pinned and hand its (slot, generation) to the caller, who reuses the
+        slot; None when every entry is pinned.  The entry is removed through
+        its order key as found, without decoding more than its head (every
+        put at capacity runs this)."""
+        entries = self.db["entries"]
+        if self._pins_exist is None:
+            with self.txn.cursor(db=self.db["pins"]) as cur:
+                self._pins_exist = cur.first()
+        backward = policy.from_end
+        with self.txn.cursor(db=self.db["order"]) as cur:
+            ok = cur.last() if backward else cur.first()
+            while ok:
+                ikey = bytes(cur.value())
+                raw = self.txn.get(ikey, db=entries)
+                if raw is not None and not (self._pins_exist and self._held(ikey)):
+                    got = slot_gen_of(raw)
+                    if got is None:
+                        raise CorruptStoreError(
+                            "an index entry is truncated; run `slabcache fsck --repair`")
+                    cur.delete()
+                    self.txn.delete(ikey, db=entries)
+                    return got
+                ok = cur.prev() if backward else cur.next()
         return None
+
+    def _held(self, ikey: bytes) -> bool:
+        """True when someone alive pins ``ikey``; pins of dead owners lapse here."""
+        pins = self.pins_of(ikey)
+        if any(owners.is_alive(who) for who, _ in pins):
+            return True
+        for who, _ in pins:
+            self.delete_pin(ikey, who)
+        return False
 
     def reap_dead(self) -> dict[str, int]:
         """Release what dead processes left: reservations, pins, open handles."""
@@ -403,10 +429,9 @@ class IndexTxn:
             got = self.take_free_slot(slot_count)
         evicted = got is None
         if evicted:
-            victim = self.find_victim(policy)
-            if victim is None:
+            got = self.evict_next(policy)
+            if got is None:
                 return None
-            got = self.evict(victim, policy)
         slot, gen = got
         # A new generation: readers that looked the old entry up fail their
         # check after copying, even if they copied new bytes.
@@ -461,3 +486,4 @@ class IndexTxn:
 
     def set_next_unused(self, mark: int) -> None:
         self.meta_put("next_unused", _U64.pack(mark))
+        self._no_free = False

@@ -38,7 +38,7 @@ def test_free_entry_is_the_one_way_out(index):
     with index.write() as t:
         e = _insert(t, b"sk", slot=4, gen=3)
         t.pin(b"sk", me)
-        assert t.pin_count(b"sk") == 1 and t.find_victim(t.policy()) is None  # pinned
+        assert t.pin_count(b"sk") == 1 and t.evict_next(t.policy()) is None  # pinned
         t.free_entry(e, t.policy())
     with index.read() as t:
         assert t.entry_at(b"sk") is None and t.all_pins() == []
@@ -52,7 +52,9 @@ def test_victim_follows_the_policy(index):
         a = t.insert(b"a", b"a", 0, 1, 1, 0, b"", lru, 0.0)
         t.insert(b"b", b"b", 1, 1, 1, 0, b"", lru, 0.0)
         t.record_use(a, lru, 1.0)  # a is now the most recent
-        assert t.find_victim(lru).ikey == b"b"
+        assert t.evict_next(lru) == (1, 1)  # b's slot and generation, b gone
+        assert t.entry_at(b"b") is None and t.entry_at(b"a") is not None
+        assert [ikey for _k, ikey in t.order_keys()] == [b"a"]
 
 
 def test_reap_dead_releases_what_a_dead_process_held(index):
