@@ -118,13 +118,12 @@ def on_cuda(tensors: Sequence[torch.Tensor]) -> bool:
 
 def _span(t: torch.Tensor) -> tuple[int, int]:
     """The address range a CPU tensor's elements occupy."""
+    start = t.data_ptr()
+    if t.is_contiguous():  # most outs: skip the shape and stride calls
+        return start, start + t.nbytes
     if t.numel() == 0:
         return 0, 0
-    if t.dim() == 1:  # most outs are byte rows: skip the general sum
-        last = (t.shape[0] - 1) * t.stride(0)
-    else:
-        last = sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
-    start = t.data_ptr()
+    last = sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
     return start, start + (last + 1) * t.element_size()
 
 

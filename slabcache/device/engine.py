@@ -107,6 +107,20 @@ class Engine(abc.ABC):
             self.bytes_read += n
         return digest
 
+    def read_many_into(self, slots: list[int], parts_list: list[list[torch.Tensor]],
+                       hashed: bool = False) -> list:
+        """:meth:`read_into` for each (slot, parts), one after another: per
+        read its checksum (None unhashed) or the SlabIOError it raised, so a
+        failed read fails only itself.  Engines override this to spare a
+        batch of small reads the per-call checks."""
+        out = []
+        for slot, parts in zip(slots, parts_list, strict=True):
+            try:
+                out.append(self.read_into(slot, parts, hashed))
+            except SlabIOError as exc:
+                out.append(exc)
+        return out
+
     def empty(self, nbytes: int) -> torch.Tensor:
         """A uint8 buffer this engine reads into without an extra copy."""
         return torch.empty(nbytes, dtype=torch.uint8)
@@ -195,6 +209,17 @@ class EngineWrapper:
 
     def read_into(self, slot, parts, hashed=False):
         return self.inner.read_into(slot, parts, hashed)
+
+    def read_many_into(self, slots, parts_list, hashed=False):
+        # Through this wrapper's read_into, so a subclass that overrides it
+        # sees every read of a batch too.
+        out = []
+        for slot, parts in zip(slots, parts_list, strict=True):
+            try:
+                out.append(self.read_into(slot, parts, hashed))
+            except OSError as exc:
+                out.append(exc if isinstance(exc, SlabIOError) else SlabIOError(str(exc)))
+        return out
 
     def empty(self, nbytes):
         return self.inner.empty(nbytes)

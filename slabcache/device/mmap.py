@@ -11,6 +11,7 @@ import torch
 import xxhash
 
 from ..format.checksum import CHECKSUM_BLOCK, block_hasher, combine_digests
+from ..errors import SlabIOError
 from ..format.header import Geometry, round_up
 from .engine import Engine, cores
 from .memory import as_numpy
@@ -112,6 +113,35 @@ class MmapEngine(Engine):
         futs = [self.submit(blocks, firsts[j::k]) for j in range(1, k)]
         shares = [blocks(firsts[0::k])] + [f.result() for f in futs]
         return combine_digests([shares[i % k][i // k] for i in range(len(firsts))], n)
+
+    def read_many_into(self, slots, parts_list, hashed=False):
+        # A batch of small single-buffer reads (a KV chunk each) in one
+        # loop: a pread and a hash per value, without read_into's calls.
+        g, fd, below = self.geometry, self.fd, self.PREAD_BELOW
+        count, room = g.slot_count, g.slot_bytes
+        out, total = [], 0
+        for slot, parts in zip(slots, parts_list, strict=True):
+            n = parts[0].numel() if len(parts) == 1 else below
+            if n >= below or n > room or not 0 <= slot < count:
+                try:
+                    out.append(self.read_into(slot, parts, hashed))
+                except SlabIOError as exc:
+                    out.append(exc)
+                continue
+            a = as_numpy(parts[0])
+            offset = g.slot_offset(slot)
+            try:
+                got = os.preadv(fd, [a], offset)
+                if got != n:
+                    preadv_all(fd, [a[got:]], offset + got)
+            except OSError as exc:
+                out.append(SlabIOError(f"reading slot {slot} of {self.path} failed: {exc}"))
+                continue
+            total += n
+            out.append(xxhash.xxh3_64_intdigest(a) if hashed else None)
+        with self._count_lock:
+            self.bytes_read += total
+        return out
 
     def sync(self):
         os.fdatasync(self.fd)

@@ -80,6 +80,21 @@ def test_put_many_write_failure_keeps_what_was_written(tmp_path, engine, big):
         _no_leak(s)
 
 
+def test_a_failed_read_in_a_batch_is_a_miss_for_that_key_only(make_store):
+    s = make_store(capacity_bytes=16 * 4096, engine_wrapper=FaultyEngine)
+    keys = [f"k{i}" for i in range(6)]
+    vals = [rand_tensor(3000 + i, i) for i in range(6)]
+    assert s.put_many(keys, vals) == [True] * 6
+    inject(s, "eio_read", every=2)  # the 2nd, 4th and 6th read fail
+    outs = [torch.empty(3000 + i, dtype=torch.uint8) for i in range(6)]
+    assert s.get_many_into(keys, outs) == [True, False, True, False, True, False]
+    assert all(torch.equal(outs[i], vals[i]) for i in (0, 2, 4))
+    assert s.stats()["io_errors"] == 3
+    inject(s, None)
+    assert all(k in s for k in keys)  # a read error drops nothing
+    _no_leak(s)
+
+
 def test_get_many_into_handles_every_kind_of_out(make_store):
     s = make_store(capacity_bytes=16 * 4096)
     a = torch.arange(12, dtype=torch.float32).reshape(3, 4)

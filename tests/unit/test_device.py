@@ -46,6 +46,26 @@ def test_engine_checks_bounds(slab, io):
         eng.close()
 
 
+@pytest.mark.parametrize("io", ["mmap", "direct"])
+def test_a_batch_read_fails_only_the_reads_that_fail(slab, io):
+    path, g = slab
+    eng = make_engine(io, path, g)
+    try:
+        values = [torch.randint(0, 256, (n,), dtype=torch.uint8) for n in (100, 8192, 4096)]
+        digests = [eng.write(slot, [v], hashed=True) for slot, v in zip((0, 5, 7), values)]
+        outs = [eng.empty(v.numel()) for v in values]
+        two = [eng.empty(50), eng.empty(50)]  # one value read into two parts
+        got = eng.read_many_into([0, g.slot_count, 5, 7, 0], [[outs[0]], [eng.empty(8)], [outs[1]],
+                                                              [outs[2]], two], hashed=True)
+        assert got[0] == digests[0] and got[2] == digests[1] and got[3] == digests[2]
+        assert isinstance(got[1], SlabIOError) and "outside" in str(got[1])
+        assert got[4] == digests[0] and torch.equal(torch.cat(two), values[0])
+        assert all(torch.equal(o, v) for o, v in zip(outs, values))
+        assert eng.bytes_read == 100 + 8192 + 4096 + 100
+    finally:
+        eng.close()
+
+
 def test_wrapper_sees_every_public_call(slab):
     path, g = slab
     calls = []
@@ -55,12 +75,19 @@ def test_wrapper_sees_every_public_call(slab):
             calls.append(("write", slot))
             return super().write(slot, parts, hashed)
 
+        def read_into(self, slot, parts, hashed=False):
+            calls.append(("read_into", slot))
+            return super().read_into(slot, parts, hashed)
+
     eng = Counting(make_engine("mmap", path, g))
     try:
         eng.write(1, [torch.ones(8, dtype=torch.uint8)])
         out = eng.empty(8)
         eng.read_into(1, [out])
-        assert calls == [("write", 1)] and out.sum() == 8 and eng.name == "mmap"
+        # A batch goes through the wrapper's read_into, one read at a time.
+        eng.read_many_into([1, 2], [[eng.empty(8)], [eng.empty(8)]])
+        assert calls == [("write", 1), ("read_into", 1), ("read_into", 1), ("read_into", 2)]
+        assert out.sum() == 8 and eng.name == "mmap"
     finally:
         eng.close()
 
