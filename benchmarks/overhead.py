@@ -8,6 +8,7 @@ the raw syscalls and checksum of the same bytes done by hand on the same
 slab ("raw"):
 
 - put:      pwrite of the value + xxh3 of it + pwrite of a slot record
+            (put_evict: the same puts into a full store, each evicting)
 - get:      torch.empty + pread + xxh3
 - get_into: pread into the caller's tensor + xxh3
 - contains: nothing (the raw cost of a lookup is zero)
@@ -40,7 +41,7 @@ from slabcache import SlabStore
 KiB = 1 << 10
 SIZES = (4 * KiB, 16 * KiB, 64 * KiB)
 BATCH = 32
-TARGETS = {"put": 20.0, "get": 10.0, "get_into": 10.0, "contains": 2.0,
+TARGETS = {"put": 20.0, "put_evict": 20.0, "get": 10.0, "get_into": 10.0, "contains": 2.0,
            "put_many": 4.0, "get_many_into": 4.0}
 
 
@@ -64,7 +65,12 @@ def measure(directory: str, size: int, n: int, rounds: int) -> dict:
     def add(name, store_us, raw_us):
         times.setdefault(name, []).append((store_us, raw_us))
 
-    with SlabStore.open(path, capacity_bytes=slots * size, slot_bytes=size, io="mmap") as s:
+    full_path = path + "-full"
+    shutil.rmtree(full_path, ignore_errors=True)
+    with SlabStore.open(path, capacity_bytes=slots * size, slot_bytes=size, io="mmap") as s, \
+            SlabStore.open(full_path, capacity_bytes=n // 2 * size, slot_bytes=size, io="mmap") as full:
+        for i in range(n // 2):
+            full.put(f"filler-{i}", value)
         fd = os.open(os.path.join(path, "slab"), os.O_RDWR)
         g = s.geometry
         # Raw work goes to the upper half of the slab; the store uses the lower half.
@@ -86,6 +92,13 @@ def measure(directory: str, size: int, n: int, rounds: int) -> dict:
                         os.pwrite(fd, record, rec_off)
 
                 add("put", _per_op(put_store, n), _per_op(put_raw, n))
+
+                # The same puts into a full store: each one evicts.
+                def put_evict_store():
+                    for k in keys:
+                        full.put(k, value)
+
+                add("put_evict", _per_op(put_evict_store, n), _per_op(put_raw, n))
 
                 def get_store():
                     for k in keys:
@@ -144,6 +157,7 @@ def measure(directory: str, size: int, n: int, rounds: int) -> dict:
         finally:
             os.close(fd)
     shutil.rmtree(path, ignore_errors=True)
+    shutil.rmtree(full_path, ignore_errors=True)
     res = {}
     for name, pairs in times.items():
         st = statistics.median(p[0] for p in pairs)

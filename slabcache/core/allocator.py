@@ -3,7 +3,10 @@
 A put reserves a slot (a free one, or the policy's victim, whose entry is
 deleted in the same transaction), writes, then commits the entry; a failed
 write aborts.  Batches reserve and commit all their slots in one
-transaction each.  Entries leave through :meth:`SlotAllocator.free`.
+transaction each.  A small single put into a free slot takes one
+transaction instead: it writes while holding the index's write lock
+(:meth:`SlotAllocator.put_inline`).  Entries leave through
+:meth:`SlotAllocator.free`.
 """
 
 from __future__ import annotations
@@ -19,10 +22,16 @@ from ..device.slabfile import SlotRecords
 from ..errors import StorageFullError
 from ..format.header import Geometry
 from ..index import Entry, Index, IndexTxn
+from ..index.txn import next_generation
 from ..index.policy import Policy
 from .uses import UseTracker
 
 log = logging.getLogger(__name__)
+
+# Stores of this many slots or more keep one slot free ahead of need (see
+# SlotAllocator.put_inline): a put at capacity then costs one index write
+# transaction instead of two, at the price of one slot in this many or fewer.
+KEEP_FREE_FROM = 256
 
 # With no free slot, dead processes' reservations are reclaimed at most
 # this often (they are also reclaimed at every open and by fsck --repair);
@@ -76,6 +85,12 @@ class SlotAllocator:
         self._last_reap = 0.0
         self._orphans: list[Reservation] = []  # see abandon()
         self._orphans_lock = threading.Lock()
+        # MRU's next victim is the entry just stored: evicting it ahead of
+        # need would evict what the put it serves has just written.
+        self.keep_free = geometry.slot_count >= KEEP_FREE_FROM and not policy.from_end
+        # Set when put_inline found no free slot, so puts at capacity do not
+        # ask again each time; cleared when a reservation finds one free.
+        self._seems_full = False
 
     def reserve(self, canon: bytes, ikey: bytes) -> Reservation | PutStatus:
         """A Reservation, or PRESENT (counted as a use) or REJECTED."""
@@ -109,7 +124,7 @@ class SlotAllocator:
                     out.append(PutStatus.PRESENT)
                     continue
                 seen.add(canon)
-                got = t.claim(ikey, canon, n, owner, policy, now, self._reap_due)
+                got = t.claim(ikey, canon, n, owner, policy, now, self._reap_due, self.keep_free)
                 if got is True:
                     out.append(PutStatus.PRESENT)
                 elif got is None:
@@ -117,12 +132,62 @@ class SlotAllocator:
                     out.append(PutStatus.REJECTED)
                 else:
                     evictions += got[2]
+                    # A free slot found, or one left free for the next put.
+                    self._seems_full = bool(self._seems_full and got[2] and not self.keep_free)
                     out.append(Reservation(self, got[0], got[1]))
         if evictions:
             self.uses.count("evictions", evictions)
         if rejected:
             self.uses.count("rejected_puts", rejected)
         return out
+
+    def put_inline(self, canon: bytes, ikey: bytes, length: int, meta_raw: bytes,
+                   write: Callable[[int, int], int]) -> PutStatus | None:
+        """Store a small value in one write transaction, when a slot is free:
+        ``write(slot, generation) -> checksum`` writes the payload and record
+        while this transaction holds the index's write lock.  No entry names
+        a free slot, so no reader can see the bytes before the commit, and a
+        crash or a failed write leaves the slot free.  PRESENT (a use
+        counted) when the key is stored; None when no slot is free (the
+        caller then reserves, which evicts).  With ``keep_free``, taking the
+        last free slot evicts the next victim onto the free list, so the
+        next put finds one."""
+        if self._seems_full:
+            return None
+        now = time.time()
+        n, policy = self.geometry.slot_count, self.policy
+        self.index.clear_stale_readers()
+        evicted = False
+        with self.index.write() as t:
+            # Uses first, so the victim below is chosen on an order that
+            # includes them.  A failed write aborts this transaction: what it
+            # took from the tracker and the orphans goes back to them.
+            taken = self.uses.flush(t)
+            orphans = self.release_orphans(t) if self._orphans else []
+            try:
+                if t.use_if_stored(ikey, canon, policy, now):
+                    status = PutStatus.PRESENT
+                else:
+                    got = t.take_free_slot(n)
+                    if got is None:
+                        self._seems_full = True
+                        return None
+                    if self.keep_free and not t.has_free_slot(n):
+                        # Chosen before this entry joins the order.
+                        evicted = t.free_next(policy)
+                    slot, gen = got[0], next_generation(got[1])
+                    t.add(ikey, canon, slot, gen, length, write(slot, gen), meta_raw, policy, now)
+                    status = PutStatus.STORED
+            except BaseException:
+                self.uses.give_back(taken)
+                with self._orphans_lock:
+                    self._orphans.extend(orphans)
+                raise
+        if status is PutStatus.STORED:
+            self.uses.count("puts")
+        if evicted:
+            self.uses.count("evictions")
+        return status
 
     def commit_many(self, items, durable: bool = False) -> list[PutStatus]:
         """Commit written reservations in one transaction; ``items`` are
@@ -159,11 +224,13 @@ class SlotAllocator:
             with self._orphans_lock:
                 self._orphans.extend(reservations)
 
-    def release_orphans(self, t: IndexTxn) -> None:
-        """Give back abandoned reservations inside write transaction ``t``."""
+    def release_orphans(self, t: IndexTxn) -> list[Reservation]:
+        """Give back abandoned reservations inside write transaction ``t``;
+        returns them."""
         with self._orphans_lock:
             orphans, self._orphans = self._orphans, []
         self._give_back(t, orphans)
+        return orphans
 
     def _give_back(self, t: IndexTxn, reservations: Sequence[Reservation]) -> None:
         for r in reservations:
@@ -180,6 +247,7 @@ class SlotAllocator:
         """
         self.records.clear(e.slot)
         t.free_entry(e, self.policy)
+        self._seems_full = False
 
     def free_if_current(self, e, then: Callable | None = None) -> bool:
         """Free the entry ``e`` (an Entry or EntryRef) names, unless it was

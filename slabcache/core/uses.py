@@ -60,8 +60,31 @@ class UseTracker:
                 u[1] = wall
             return len(self._uses) >= USE_BATCH or now - self._last_use_flush >= USE_FLUSH_SECONDS
 
-    def flush(self, t: IndexTxn, force: bool = False) -> None:
-        """Write batched uses, and counters when due, inside transaction ``t``.
+    def hit_many(self, refs) -> bool:
+        """:meth:`hit` for each of ``refs``, under one lock."""
+        if not refs:
+            return False
+        now = time.monotonic()
+        wall = time.time()
+        refresh = self.refresh
+        with self._lock:
+            self._pending["hits"] += len(refs)
+            for e in refs:
+                if refresh and wall - e.used < refresh:
+                    continue
+                u = self._uses.get(e.ikey)
+                if u is None:
+                    self._uses[e.ikey] = [1, wall, e.slot, e.generation]
+                else:
+                    u[0] += 1
+                    u[1] = wall
+            n = len(self._uses)
+            return (n and (n >= USE_BATCH or now - self._last_use_flush >= USE_FLUSH_SECONDS)
+                    or now - self._last_counter_flush >= COUNTER_FLUSH_SECONDS)
+
+    def flush(self, t: IndexTxn, force: bool = False):
+        """Write batched uses, and counters when due, inside transaction ``t``;
+        returns what it took (for :meth:`give_back`), None when nothing.
 
         Uses of an entry that was evicted or replaced meanwhile are dropped.
         """
@@ -79,3 +102,20 @@ class UseTracker:
             t.record_uses(uses, self.policy)
         if delta:
             t.add_counters(delta)
+        return uses, delta
+
+    def give_back(self, taken) -> None:
+        """Take back what :meth:`flush` returned when its transaction was
+        aborted, so those uses and counts are written by a later flush."""
+        if not taken:
+            return
+        uses, delta = taken
+        with self._lock:
+            for ikey, (count, wall, slot, gen) in uses.items():
+                u = self._uses.get(ikey)
+                if u is None:
+                    self._uses[ikey] = [count, wall, slot, gen]
+                else:
+                    u[0] += count
+            for name, n in (delta or {}).items():
+                self._pending[name] += n

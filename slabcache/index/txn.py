@@ -43,6 +43,12 @@ TABLES = ("meta", "entries", "order", "free", "reserved", "pins", "owners")
 DEFAULT_POLICY = "lru"
 
 
+def next_generation(gen: int) -> int:
+    """The generation a slot's next entry gets: readers that looked the old
+    entry up fail their check after copying, even if they copied new bytes."""
+    return (gen + 1) & 0xFFFFFFFF or 1
+
+
 def _pin_prefix(ikey: bytes) -> bytes:
     return struct.pack(">H", len(ikey)) + ikey
 
@@ -150,11 +156,11 @@ class IndexTxn:
     def insert(self, ikey: bytes, canon: bytes, slot: int, generation: int, length: int,
                checksum: int, meta_raw: bytes, policy: Policy, now: float) -> Entry:
         """A new entry, first in its use order."""
-        use = self._add(ikey, canon, slot, generation, length, checksum, meta_raw, policy, now)
+        use = self.add(ikey, canon, slot, generation, length, checksum, meta_raw, policy, now)
         return Entry(ikey, canon, slot, generation, length, checksum, use, now, now, meta_raw)
 
-    def _add(self, ikey: bytes, canon: bytes, slot: int, generation: int, length: int,
-             checksum: int, meta_raw: bytes, policy: Policy, now: float) -> UseStats:
+    def add(self, ikey: bytes, canon: bytes, slot: int, generation: int, length: int,
+            checksum: int, meta_raw: bytes, policy: Policy, now: float) -> UseStats:
         """:meth:`insert` without building the Entry (every put runs this)."""
         tick = self.next_tick()
         use = UseStats(tick, 0, tick)
@@ -411,33 +417,53 @@ class IndexTxn:
     # -- the put path, each step in one call -------------------------------
 
     def claim(self, ikey: bytes, canon: bytes, slot_count: int, owner: bytes, policy: Policy,
-              now: float, reap_due) -> tuple[int, int, bool] | bool | None:
-        """Reserve a slot for ``canon``: (slot, new generation, whether an
-        entry was evicted for it), True when the key is already stored (its
+              now: float, reap_due, keep_free: bool = False) -> tuple[int, int, bool] | bool | None:
+        """Reserve a slot for ``canon``: (slot, new generation, how many
+        entries were evicted for it), True when the key is already stored (its
         use recorded), None when no slot can be had.  A free slot comes
         first, then slots of dead processes' reservations (when
-        ``reap_due()`` says so), then the policy's victim, evicted here."""
-        entries = self.db["entries"]
-        raw = self.txn.get(ikey, db=entries)
-        if raw is not None and (ikey == canon or canon_of(raw) == canon):
-            slot, gen = slot_gen_of(raw)
-            self.record_uses({ikey: (1, now, slot, gen)}, policy)
+        ``reap_due()`` says so), then the policy's victim, evicted here
+        (with ``keep_free``, the next victim too, onto the free list)."""
+        if self.use_if_stored(ikey, canon, policy, now):
             return True
         got = self.take_free_slot(slot_count)
         if got is None and reap_due():
             self.reap_dead()
             got = self.take_free_slot(slot_count)
-        evicted = got is None
-        if evicted:
+        evicted = 0
+        if got is None:
             got = self.evict_next(policy)
             if got is None:
                 return None
+            evicted = 1 + (keep_free and self.free_next(policy))
         slot, gen = got
-        # A new generation: readers that looked the old entry up fail their
-        # check after copying, even if they copied new bytes.
-        gen = (gen + 1) & 0xFFFFFFFF or 1
+        gen = next_generation(gen)
         self.txn.put(_U64.pack(slot), _U32.pack(gen) + owner, db=self.db["reserved"])
         return slot, gen, evicted
+
+    def use_if_stored(self, ikey: bytes, canon: bytes, policy: Policy, now: float) -> bool:
+        """True when ``canon`` is stored, recording a use of it."""
+        raw = self.txn.get(ikey, db=self.db["entries"])
+        if raw is not None and (ikey == canon or canon_of(raw) == canon):
+            slot, gen = slot_gen_of(raw)
+            self.record_uses({ikey: (1, now, slot, gen)}, policy)
+            return True
+        return False
+
+    def has_free_slot(self, slot_count: int) -> bool:
+        with self.txn.cursor(db=self.db["free"]) as cur:
+            if cur.first():
+                return True
+        return self._u64("next_unused") < slot_count
+
+    def free_next(self, policy: Policy) -> bool:
+        """Evict the policy's next victim onto the free list; False when
+        every entry is pinned."""
+        got = self.evict_next(policy)
+        if got is None:
+            return False
+        self.release_slot(*got)
+        return True
 
     def settle(self, slot: int, generation: int, owner: bytes, ikey: bytes, canon: bytes,
                length: int, checksum: int, meta_raw: bytes, policy: Policy, now: float) -> str:
@@ -456,7 +482,7 @@ class IndexTxn:
                 self.release_slot(slot, generation)
                 return "present"
             self.free_entry(Entry.decode(ikey, old), policy)  # a long key's hash collided
-        self._add(ikey, canon, slot, generation, length, checksum, meta_raw, policy, now)
+        self.add(ikey, canon, slot, generation, length, checksum, meta_raw, policy, now)
         return "stored"
 
     # -- repair (fsck) ---------------------------------------------------

@@ -1,0 +1,136 @@
+"""The two ways a single put reaches the index.
+
+A small put with a free slot writes its payload inside its one index write
+transaction (no entry names a free slot, so nobody can read it before the
+commit); otherwise it reserves a slot, writes, and commits.  Stores of
+KEEP_FREE_FROM slots or more keep one slot free ahead of need so that puts
+at capacity take the first way too.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from slabcache import SlabIOError, SlabStore
+from slabcache.core import uses as uses_module
+from slabcache.admin.fsck import check
+from slabcache.core.allocator import KEEP_FREE_FROM
+from slabcache.testing import FaultyEngine, child_env, expected
+from tests.helpers import rand_tensor
+
+
+def _fill(s, n: int, prefix: str = "k") -> None:
+    for i in range(n):
+        assert s.put(f"{prefix}{i}", rand_tensor(100, i))
+
+
+def test_a_large_store_keeps_one_slot_free_and_evicts_in_policy_order(make_store):
+    n = KEEP_FREE_FROM
+    s = make_store(capacity_bytes=n * 4096, policy="lru")
+    _fill(s, n)
+    # Taking the last free slot evicted the least recent entry ahead of need.
+    st = s.stats()
+    assert st["slots_used"] == n - 1 and st["slots_free"] == 1 and st["evictions"] == 1
+    assert "k0" not in s and all(f"k{i}" in s for i in range(1, n))
+    assert s.get("k1") is not None  # k1 is now the most recent: k2 goes next
+    assert s.put("new", rand_tensor(100, 999))
+    assert "k2" not in s and "k1" in s and "new" in s
+    assert s.stats()["slots_used"] == n - 1
+
+
+def test_a_batch_at_capacity_leaves_a_slot_free_for_the_next_single_put(make_store):
+    n = KEEP_FREE_FROM
+    s = make_store(capacity_bytes=n * 4096, policy="lru")
+    _fill(s, n)
+    assert s.put_many([f"b{i}" for i in range(40)], [rand_tensor(100, i) for i in range(40)]) == [True] * 40
+    assert s.stats()["slots_free"] == 1
+    assert s.put("single", rand_tensor(100, 1))
+    st = s.stats()
+    assert st["slots_used"] == n - 1 and st["evictions"] == 1 + 40 + 1
+    assert all(f"b{i}" in s for i in range(40)) and "single" in s
+
+
+@pytest.mark.parametrize("slots,policy", [(KEEP_FREE_FROM - 1, "lru"), (KEEP_FREE_FROM, "mru")])
+def test_small_stores_and_mru_use_every_slot(make_store, slots, policy):
+    s = make_store(capacity_bytes=slots * 4096, policy=policy)
+    _fill(s, slots)
+    assert s.stats()["slots_used"] == slots and all(f"k{i}" in s for i in range(slots))
+    assert s.put("more", rand_tensor(100, 1))
+    assert s.stats()["slots_used"] == slots and "more" in s
+    if policy == "mru":
+        assert f"k{slots - 1}" not in s  # the most recent before "more"
+
+
+def test_a_put_of_a_stored_key_is_a_use_not_a_write(make_store):
+    s = make_store(capacity_bytes=4 * 4096, policy="lru")
+    _fill(s, 4)
+    written = s.engine.bytes_written
+    assert s.put("k0", rand_tensor(100, 123))  # present: not rewritten
+    assert s.engine.bytes_written == written and torch.equal(s.get("k0"), rand_tensor(100, 0))
+    s.put("n", rand_tensor(100, 9))
+    assert "k0" in s and "k1" not in s  # the put counted as a use of k0
+
+
+def test_a_put_killed_inside_its_write_leaves_the_index_usable(tmp_path, engine):
+    # A small put holds the index's write lock while it writes: a process
+    # killed there must not leave the lock held, the slot taken or the key half
+    # stored.
+    p = tmp_path / "s"
+    code = textwrap.dedent(f"""
+        import sys
+        from slabcache import SlabStore
+        from slabcache.testing import FaultyEngine, expected
+        s = SlabStore.open({str(p)!r}, capacity_bytes=16 * 4096, slot_bytes=4096,
+                           io={engine!r}, engine_wrapper=FaultyEngine)
+        assert s.put("before", expected("before"))
+        s.engine.delay = 60
+        s.engine.inject("slow")
+        print("writing", flush=True)
+        s.put("doomed", expected("doomed"))
+        print("put returned", flush=True)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            env=child_env())
+    try:
+        assert proc.stdout.readline().strip() == "writing"
+        time.sleep(1.0)  # into the write, where it sleeps for 60 s
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+    assert proc.returncode == -signal.SIGKILL
+    with SlabStore.open(p, io=engine) as s:
+        assert "doomed" not in s and torch.equal(s.get("before"), expected("before"))
+        assert s.put("after", expected("after"))  # the write lock was recovered
+        st = s.stats()
+        assert st["slots_used"] == 2 and st["slots_used"] + st["slots_free"] == st["slots_total"]
+    res = check(p, deep=True)
+    assert res.findings == [] and res.entries == 2
+
+
+def test_a_failed_inline_write_keeps_pending_uses_and_counters(make_store, monkeypatch):
+    # Every transaction writes the counters, so the failed put's transaction
+    # takes some with it when it is aborted.
+    monkeypatch.setattr(uses_module, "COUNTER_FLUSH_SECONDS", 0.0)
+    s = make_store(capacity_bytes=8 * 4096, engine_wrapper=FaultyEngine)
+    assert s.put("a", rand_tensor(100, 1))
+    assert s.get("a") is not None and s.get("missing") is None
+    s.engine.inject("eio_write")
+    with pytest.raises(SlabIOError):
+        s.put("b", rand_tensor(100, 2))
+    s.engine.inject(None)
+    assert "b" not in s and s.stats()["slots_used"] == 1
+    assert s.put("c", rand_tensor(100, 3))  # writes what the failed put gave back
+    assert s.entry("a").use.hits == 1
+    st = s.stats()
+    assert (st["hits"], st["misses"], st["puts"]) == (1, 1, 2)
