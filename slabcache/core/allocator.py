@@ -74,7 +74,7 @@ class Reservation:
 
 class SlotAllocator:
     def __init__(self, index: Index, records: SlotRecords, geometry: Geometry, policy: Policy,
-                 owner: bytes, uses: UseTracker, path: str):
+                 owner: bytes, uses: UseTracker, path: str, inline_puts: bool = False):
         self.index = index
         self.records = records
         self.geometry = geometry
@@ -85,9 +85,10 @@ class SlotAllocator:
         self._last_reap = 0.0
         self._orphans: list[Reservation] = []  # see abandon()
         self._orphans_lock = threading.Lock()
+        # Only for stores whose puts can take one transaction (put_inline).
         # MRU's next victim is the entry just stored: evicting it ahead of
         # need would evict what the put it serves has just written.
-        self.keep_free = geometry.slot_count >= KEEP_FREE_FROM and not policy.from_end
+        self.keep_free = inline_puts and geometry.slot_count >= KEEP_FREE_FROM and not policy.from_end
         # Set when put_inline found no free slot, so puts at capacity do not
         # ask again each time; cleared when a reservation finds one free.
         self._seems_full = False

@@ -61,7 +61,9 @@ PARALLEL_VALUE_BYTES = 256 << 10
 # A single put of at most this many bytes writes its payload inside its one
 # index write transaction when a slot is free (SlotAllocator.put_inline):
 # other writers wait for that write, which at this size is a few tens of
-# microseconds, about what the second transaction it saves would cost.
+# microseconds into the page cache, about what the second transaction it
+# saves would cost.  Not with engines that wait for the device on each
+# write (direct), nor with strict durability (which syncs the payload).
 INLINE_PUT_BYTES = 256 << 10
 
 
@@ -92,8 +94,10 @@ class SlabStore:
         self._lock_files = o.lock
         self._owner = owners.new_handle()
         self._uses = UseTracker(o.policy, opts.use_refresh_seconds)
+        self._inline_puts = o.engine.writes_to_cache and not opts.strict
         self._allocator = None if opts.readonly else SlotAllocator(
-            o.index, o.records, o.geometry, o.policy, self._owner, self._uses, self.path)
+            o.index, o.records, o.geometry, o.policy, self._owner, self._uses, self.path,
+            inline_puts=self._inline_puts)
         self._reader = Reader(o.engine, o.index, self._allocator, self._uses, opts.checksum, self.path)
         self._new_locks()
         self._closed = False
@@ -375,7 +379,7 @@ class SlabStore:
         self._check_size(desc)
         alloc = self._writable()
         with self._guard:
-            if desc.length <= INLINE_PUT_BYTES and not self.options.strict:
+            if desc.length <= INLINE_PUT_BYTES and self._inline_puts:
                 got = alloc.put_inline(canon, ikey, desc.length, meta_raw, lambda slot, gen: (
                     self._write_slot(slot, gen, canon, parts, desc.length, meta_raw)))
                 if got is not None:

@@ -41,6 +41,10 @@ class Engine(abc.ABC):
     """Moves bytes between CPU byte buffers and the slots of one slab."""
 
     name = ""
+    # True when a write lands in the page cache (microseconds), so a put may
+    # write while it holds the index's write lock; False when each write
+    # waits for the device.
+    writes_to_cache = False
 
     def __init__(self, path: str, g: Geometry):
         self.path = path
@@ -195,6 +199,10 @@ class EngineWrapper:
     @property
     def geometry(self) -> Geometry:
         return self.inner.geometry
+
+    @property
+    def writes_to_cache(self) -> bool:
+        return self.inner.writes_to_cache
 
     @property
     def bytes_read(self) -> int:

@@ -27,6 +27,7 @@ class MmapEngine(Engine):
     """
 
     name = "mmap"
+    writes_to_cache = True
 
     # Below this size one pread beats copying out of the mapping: a cold
     # read is one request (with readahead) instead of a page fault per

@@ -1,10 +1,11 @@
 """The two ways a single put reaches the index.
 
-A small put with a free slot writes its payload inside its one index write
-transaction (no entry names a free slot, so nobody can read it before the
-commit); otherwise it reserves a slot, writes, and commits.  Stores of
-KEEP_FREE_FROM slots or more keep one slot free ahead of need so that puts
-at capacity take the first way too.
+With the mmap engine and fast durability, a small put with a free slot
+writes its payload inside its one index write transaction (no entry names a
+free slot, so nobody can read it before the commit); otherwise it reserves
+a slot, writes, and commits.  Such stores of KEEP_FREE_FROM slots or more
+keep one slot free ahead of need so that puts at capacity take the first
+way too.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ def _fill(s, n: int, prefix: str = "k") -> None:
         assert s.put(f"{prefix}{i}", rand_tensor(100, i))
 
 
+@pytest.mark.parametrize("engine", ["mmap"], indirect=True)
 def test_a_large_store_keeps_one_slot_free_and_evicts_in_policy_order(make_store):
     n = KEEP_FREE_FROM
     s = make_store(capacity_bytes=n * 4096, policy="lru")
@@ -45,6 +47,7 @@ def test_a_large_store_keeps_one_slot_free_and_evicts_in_policy_order(make_store
     assert s.stats()["slots_used"] == n - 1
 
 
+@pytest.mark.parametrize("engine", ["mmap"], indirect=True)
 def test_a_batch_at_capacity_leaves_a_slot_free_for_the_next_single_put(make_store):
     n = KEEP_FREE_FROM
     s = make_store(capacity_bytes=n * 4096, policy="lru")
@@ -57,9 +60,12 @@ def test_a_batch_at_capacity_leaves_a_slot_free_for_the_next_single_put(make_sto
     assert all(f"b{i}" in s for i in range(40)) and "single" in s
 
 
-@pytest.mark.parametrize("slots,policy", [(KEEP_FREE_FROM - 1, "lru"), (KEEP_FREE_FROM, "mru")])
-def test_small_stores_and_mru_use_every_slot(make_store, slots, policy):
-    s = make_store(capacity_bytes=slots * 4096, policy=policy)
+@pytest.mark.parametrize("engine", ["mmap"], indirect=True)  # io is chosen below
+@pytest.mark.parametrize("slots,policy,io,durability", [
+    (KEEP_FREE_FROM - 1, "lru", "mmap", "fast"), (KEEP_FREE_FROM, "mru", "mmap", "fast"),
+    (KEEP_FREE_FROM, "lru", "direct", "fast"), (KEEP_FREE_FROM, "lru", "mmap", "strict")])
+def test_other_stores_use_every_slot(make_store, slots, policy, io, durability):
+    s = make_store(capacity_bytes=slots * 4096, policy=policy, io=io, durability=durability)
     _fill(s, slots)
     assert s.stats()["slots_used"] == slots and all(f"k{i}" in s for i in range(slots))
     assert s.put("more", rand_tensor(100, 1))
@@ -134,3 +140,28 @@ def test_a_failed_inline_write_keeps_pending_uses_and_counters(make_store, monke
     assert s.entry("a").use.hits == 1
     st = s.stats()
     assert (st["hits"], st["misses"], st["puts"]) == (1, 1, 2)
+
+
+@pytest.mark.parametrize("io,durability,size,want", [
+    ("mmap", "fast", 4096, 1),
+    ("mmap", "fast", 300 << 10, 2),  # over 256 KiB: the write does not hold the lock
+    ("mmap", "strict", 4096, 2),  # the payload is synced before the commit
+    ("direct", "fast", 4096, 2),  # each write waits for the device
+])
+def test_which_puts_take_one_index_transaction(tmp_path, io, durability, size, want):
+    with SlabStore.open(tmp_path / "s", capacity_bytes=4 * (512 << 10), slot_bytes=512 << 10, io=io,
+                        durability=durability) as s:
+        s.put("warm", rand_tensor(size, 0))  # the first put also registers this handle
+        index = s._index
+        real, calls = index.write, []
+
+        def counting(*a, **kw):
+            calls.append(1)
+            return real(*a, **kw)
+
+        index.write = counting
+        try:
+            assert s.put("k", rand_tensor(size, 1))
+        finally:
+            index.write = real
+        assert len(calls) == want and torch.equal(s.get("k"), rand_tensor(size, 1))
