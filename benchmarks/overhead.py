@@ -8,10 +8,15 @@ the raw syscalls and checksum of the same bytes done by hand on the same
 slab ("raw"):
 
 - put:      pwrite of the value + xxh3 of it + pwrite of a slot record
-            (put_evict: the same puts into a full store, each evicting)
+            (put_evict: the same puts into a full store, each evicting;
+            put_2txn, put_evict_2txn: both with every put taking two index
+            transactions, as before a free slot was written under the lock)
 - get:      torch.empty + pread + xxh3
 - get_into: pread into the caller's tensor + xxh3
 - contains: nothing (the raw cost of a lookup is zero)
+
+and get_into / get_many_into again with the one-second use refresh window
+the LMCache and vLLM integrations open the store with (``_refresh`` rows).
 
 Store and raw take turns round by round, so drift hits both alike; each
 figure is the median over rounds.  Targets: overhead get <= 10 us, put <=
@@ -37,12 +42,22 @@ import torch
 import xxhash
 
 from slabcache import SlabStore
+from slabcache.core.allocator import KEEP_FREE_FROM
 
 KiB = 1 << 10
 SIZES = (4 * KiB, 16 * KiB, 64 * KiB)
 BATCH = 32
-TARGETS = {"put": 20.0, "put_evict": 20.0, "get": 10.0, "get_into": 10.0, "contains": 2.0,
-           "put_many": 4.0, "get_many_into": 4.0}
+TARGETS = {"put": 20.0, "put_evict": 20.0, "put_2txn": 20.0, "put_evict_2txn": 20.0, "get": 10.0,
+           "get_into": 10.0, "contains": 2.0, "put_many": 4.0, "get_many_into": 4.0,
+           "get_into_refresh": 10.0, "get_many_into_refresh": 4.0}
+
+
+def _one_transaction_puts(s: SlabStore, full: SlabStore, on: bool) -> None:
+    """Switch the one-transaction put path of both stores (private switches,
+    for this comparison only)."""
+    for store in (s, full):
+        store._inline_puts = on
+        store._allocator.keep_free = on and store.geometry.slot_count >= KEEP_FREE_FROM
 
 
 def _per_op(fn, n: int) -> float:
@@ -100,6 +115,15 @@ def measure(directory: str, size: int, n: int, rounds: int) -> dict:
 
                 add("put_evict", _per_op(put_evict_store, n), _per_op(put_raw, n))
 
+                # Both again with every put reserving, writing and committing
+                # in two index transactions (what a put without a free slot
+                # to write under the lock does): the cost of the second one.
+                s.clear()
+                _one_transaction_puts(s, full, False)
+                add("put_2txn", _per_op(put_store, n), _per_op(put_raw, n))
+                add("put_evict_2txn", _per_op(put_evict_store, n), _per_op(put_raw, n))
+                _one_transaction_puts(s, full, True)
+
                 def get_store():
                     for k in keys:
                         s.get(k)
@@ -154,6 +178,14 @@ def measure(directory: str, size: int, n: int, rounds: int) -> dict:
                         xxhash.xxh3_64_intdigest(a)
 
                 add("get_many_into", _per_op(get_many_store, m), _per_op(get_many_raw, n))
+
+                # Both reads again as the LMCache and vLLM integrations open
+                # the store: a read records its use at most once a second
+                # (use_refresh_seconds=1; these entries were just written).
+                s._uses.refresh = 1.0
+                add("get_into_refresh", _per_op(get_into_store, n), _per_op(get_into_raw, n))
+                add("get_many_into_refresh", _per_op(get_many_store, m), _per_op(get_many_raw, n))
+                s._uses.refresh = 0.0
         finally:
             os.close(fd)
     shutil.rmtree(path, ignore_errors=True)
