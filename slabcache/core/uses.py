@@ -45,20 +45,8 @@ class UseTracker:
 
     def hit(self, e) -> bool:
         """Count a hit and remember a use of ``e`` (an Entry or EntryRef);
-        True when the batch of uses is due for a flush."""
-        now = time.monotonic()
-        wall = time.time()
-        with self._lock:
-            self._pending["hits"] += 1
-            if self.refresh and wall - e.used < self.refresh:
-                return now - self._last_counter_flush >= COUNTER_FLUSH_SECONDS
-            u = self._uses.get(e.ikey)
-            if u is None:
-                self._uses[e.ikey] = [1, wall, e.slot, e.generation]
-            else:
-                u[0] += 1
-                u[1] = wall
-            return len(self._uses) >= USE_BATCH or now - self._last_use_flush >= USE_FLUSH_SECONDS
+        True when the uses or counters are due for a flush."""
+        return self.hit_many((e,))
 
     def hit_many(self, refs) -> bool:
         """:meth:`hit` for each of ``refs``, under one lock."""
