@@ -37,15 +37,15 @@ def parse_bool(name: str, value) -> bool:
 def parse_seconds(name: str, value) -> float:
     """A number of seconds >= 0, given as a number or a numeric string (YAML
     and environment variables give strings).  Raises ConfigError."""
-    seconds = None
+    seconds = float("nan")  # what fails the range check below
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         seconds = float(value)
     elif isinstance(value, str):
         try:
             seconds = float(value.strip())
         except ValueError:
-            pass
-    if seconds is None or not 0 <= seconds < float("inf"):
+            seconds = float("nan")
+    if not 0 <= seconds < float("inf"):
         raise ConfigError(f"{name} must be a number of seconds >= 0, got {value!r}")
     return seconds
 
