@@ -37,6 +37,15 @@ def cores() -> int:
     return len(os.sched_getaffinity(0))
 
 
+def read_or_error(read_into: Callable, slot: int, parts: list[torch.Tensor], hashed: bool):
+    """``read_into(slot, parts, hashed)``, or the SlabIOError it raised (an
+    OSError from a wrapper becomes one): one read of a batch fails alone."""
+    try:
+        return read_into(slot, parts, hashed)
+    except OSError as exc:
+        return exc if isinstance(exc, SlabIOError) else SlabIOError(str(exc))
+
+
 class Engine(abc.ABC):
     """Moves bytes between CPU byte buffers and the slots of one slab."""
 
@@ -117,13 +126,8 @@ class Engine(abc.ABC):
         read its checksum (None unhashed) or the SlabIOError it raised, so a
         failed read fails only itself.  Engines override this to spare a
         batch of small reads the per-call checks."""
-        out = []
-        for slot, parts in zip(slots, parts_list, strict=True):
-            try:
-                out.append(self.read_into(slot, parts, hashed))
-            except SlabIOError as exc:
-                out.append(exc)
-        return out
+        return [read_or_error(self.read_into, slot, parts, hashed)
+                for slot, parts in zip(slots, parts_list, strict=True)]
 
     def empty(self, nbytes: int) -> torch.Tensor:
         """A uint8 buffer this engine reads into without an extra copy."""
@@ -221,13 +225,8 @@ class EngineWrapper:
     def read_many_into(self, slots, parts_list, hashed=False):
         # Through this wrapper's read_into, so a subclass that overrides it
         # sees every read of a batch too.
-        out = []
-        for slot, parts in zip(slots, parts_list, strict=True):
-            try:
-                out.append(self.read_into(slot, parts, hashed))
-            except OSError as exc:
-                out.append(exc if isinstance(exc, SlabIOError) else SlabIOError(str(exc)))
-        return out
+        return [read_or_error(self.read_into, slot, parts, hashed)
+                for slot, parts in zip(slots, parts_list, strict=True)]
 
     def empty(self, nbytes):
         return self.inner.empty(nbytes)

@@ -10,10 +10,10 @@ import numpy as np
 import torch
 import xxhash
 
-from ..format.checksum import CHECKSUM_BLOCK, block_hasher, combine_digests
 from ..errors import SlabIOError
+from ..format.checksum import CHECKSUM_BLOCK, block_hasher, combine_digests
 from ..format.header import Geometry, round_up
-from .engine import Engine, cores
+from .engine import Engine, cores, read_or_error
 from .memory import as_numpy
 from .syscalls import preadv_all, pwritev_all
 
@@ -124,10 +124,7 @@ class MmapEngine(Engine):
         for slot, parts in zip(slots, parts_list, strict=True):
             n = parts[0].numel() if len(parts) == 1 else below
             if n >= below or n > room or not 0 <= slot < count:
-                try:
-                    out.append(self.read_into(slot, parts, hashed))
-                except SlabIOError as exc:
-                    out.append(exc)
+                out.append(read_or_error(self.read_into, slot, parts, hashed))
                 continue
             a = as_numpy(parts[0])
             offset = g.slot_offset(slot)

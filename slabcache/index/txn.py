@@ -417,7 +417,7 @@ class IndexTxn:
     # -- the put path, each step in one call -------------------------------
 
     def claim(self, ikey: bytes, canon: bytes, slot_count: int, owner: bytes, policy: Policy,
-              now: float, reap_due, keep_free: bool = False) -> tuple[int, int, bool] | bool | None:
+              now: float, reap_due, keep_free: bool = False) -> tuple[int, int, int] | bool | None:
         """Reserve a slot for ``canon``: (slot, new generation, how many
         entries were evicted for it), True when the key is already stored (its
         use recorded), None when no slot can be had.  A free slot comes
