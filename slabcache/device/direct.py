@@ -12,6 +12,7 @@ from ..format.checksum import CHECKSUM_BLOCK, block_digest, combine_digests
 from ..format.header import Geometry, round_up
 from .engine import Engine
 from .memory import AlignedScratch, aligned_empty, as_numpy
+from .slabfile import open_slab
 from .syscalls import preadv_all, pwritev_all
 
 
@@ -40,7 +41,7 @@ class DirectEngine(Engine):
         super().__init__(path, g)
         self.align = g.alignment
         try:
-            self.fd = os.open(path, os.O_RDWR | os.O_DIRECT)
+            self.fd = open_slab(path, os.O_RDWR | os.O_DIRECT)
         except OSError as exc:
             if exc.errno == errno.EINVAL:
                 raise ConfigError(

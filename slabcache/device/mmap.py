@@ -14,6 +14,7 @@ from ..errors import SlabIOError
 from ..format.checksum import CHECKSUM_BLOCK, block_hasher, combine_digests
 from ..format.header import Geometry, round_up
 from .engine import Engine, cores, read_or_error
+from .slabfile import open_slab
 from .memory import as_numpy
 from .syscalls import preadv_all, pwritev_all
 
@@ -42,7 +43,7 @@ class MmapEngine(Engine):
 
     def __init__(self, path: str, g: Geometry):
         super().__init__(path, g)
-        self.fd = os.open(path, os.O_RDWR)
+        self.fd = open_slab(path, os.O_RDWR)
         self.mm = mmap.mmap(self.fd, g.file_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

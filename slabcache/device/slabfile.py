@@ -12,6 +12,7 @@ import os
 import uuid
 
 from ..errors import ConfigError, CorruptStoreError, LayoutMismatchError, StorageFullError
+from ..format.files import open_regular
 from ..format.header import SLAB_HEADER, Geometry, pack_header, plan_geometry, round_up, unpack_header
 from ..format.records import EMPTY_RECORD, SlotRecord, pack_record, pack_record_fields, unpack_record
 
@@ -88,21 +89,33 @@ def create_slab(path: str, capacity_bytes: int, slot_bytes: int,
     return g, creation_id
 
 
+def open_slab(path: str, flags: int) -> int:
+    """A descriptor of the slab at ``path`` (a regular file, never through
+    a link).  Raises ConfigError when something else is there."""
+    return open_regular(path, flags, "slab")
+
+
 def read_header_bytes(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read(SLAB_HEADER.size)
+    fd = open_slab(path, os.O_RDONLY)
+    try:
+        return os.pread(fd, SLAB_HEADER.size, 0)
+    finally:
+        os.close(fd)
 
 
 def write_header_bytes(path: str, raw: bytes) -> None:
     """Overwrite the header (fsck restoring it from the index's copy)."""
-    with open(path, "r+b") as f:
-        f.write(raw)
-        os.fsync(f.fileno())
+    fd = open_slab(path, os.O_RDWR)
+    try:
+        os.pwrite(fd, raw, 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def extend_slab(path: str, file_bytes: int) -> None:
     """Give a truncated slab its full size back (fsck --repair)."""
-    fd = os.open(path, os.O_RDWR)
+    fd = open_slab(path, os.O_RDWR)
     try:
         os.posix_fallocate(fd, 0, file_bytes)
     finally:
@@ -111,9 +124,12 @@ def extend_slab(path: str, file_bytes: int) -> None:
 
 def read_slab_header(path: str) -> tuple[Geometry, bytes]:
     """Geometry and creation id of an existing slab; checks the file size too."""
-    with open(path, "rb") as f:
-        raw = f.read(SLAB_HEADER.size)
-        size = os.fstat(f.fileno()).st_size
+    fd = open_slab(path, os.O_RDONLY)
+    try:
+        raw = os.pread(fd, SLAB_HEADER.size, 0)
+        size = os.fstat(fd).st_size
+    finally:
+        os.close(fd)
     g, creation_id = unpack_header(raw, path)
     if size < g.file_bytes:
         raise CorruptStoreError(
@@ -145,7 +161,7 @@ class SlotRecords:
     def __init__(self, path: str, g: Geometry, writable: bool):
         self.path = path
         self.g = g
-        self._fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
+        self._fd = open_slab(path, os.O_RDWR if writable else os.O_RDONLY)
 
     def write(self, slot: int, rec: SlotRecord) -> None:
         raw = pack_record(rec, self.g.record_bytes)

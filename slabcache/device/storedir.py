@@ -24,6 +24,7 @@ import shutil
 import time
 
 from ..errors import StoreBusyError
+from ..format.files import open_regular
 from ..format.layout import SWAPPED, StorePaths
 from .slabfile import copy_mode_and_owner, fsync_dir
 
@@ -47,13 +48,17 @@ class OpenLock:
                 # the exclusive one held above.  It goes without a lifetime
                 # lock; it writes nothing, so repair cannot hurt it.
                 return
-            flags = os.O_RDONLY if readonly else os.O_RDWR | os.O_CREAT
-            fd = os.open(paths.lock, flags, file_mode)
+            fd = open_lock_file(paths, os.O_RDONLY if readonly else os.O_RDWR, file_mode)
             fcntl.flock(fd, fcntl.LOCK_SH)
             self._fd = fd
         except BaseException:
             self.release_directory()
             raise
+
+    @property
+    def fd(self) -> int | None:
+        """The lock file's descriptor, kept open for the handle's life."""
+        return self._fd
 
     def release_directory(self) -> None:
         if self._dir_fd is not None:
@@ -73,6 +78,29 @@ class OpenLock:
     forget_after_fork = close
 
 
+def open_lock_file(paths: StorePaths, flags: int, file_mode: int) -> int:
+    """A descriptor of the store's ``lock`` file, made with exactly
+    ``file_mode`` (whatever the umask) when it is missing and ``flags``
+    allow writing.  Raises ConfigError when it is not a regular file."""
+    if flags & (os.O_RDWR | os.O_WRONLY):
+        try:
+            fd = open_regular(paths.lock, flags | os.O_CREAT | os.O_EXCL, "lock file", file_mode)
+        except FileExistsError:
+            pass
+        else:
+            os.fchmod(fd, file_mode)  # a group-shared store's members must all open it
+            return fd
+    return open_regular(paths.lock, flags, "lock file")
+
+
+def _mode_of(path: str) -> int:
+    """The read/write bits of an existing store file, 0600 when there is none."""
+    try:
+        return os.stat(path).st_mode & 0o666
+    except OSError:
+        return 0o600
+
+
 class ExclusiveLock:
     """The store locked against every other user (repair, compaction).
 
@@ -82,7 +110,11 @@ class ExclusiveLock:
     def __init__(self, paths: StorePaths, users=lambda: []):
         self._dir_fd = os.open(paths.root, os.O_RDONLY | os.O_DIRECTORY)
         fcntl.flock(self._dir_fd, fcntl.LOCK_EX)
-        self._fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            self._fd = open_lock_file(paths, os.O_RDWR, _mode_of(paths.slab))
+        except BaseException:
+            os.close(self._dir_fd)
+            raise
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
