@@ -23,6 +23,7 @@ from ..device.storedir import (
 from ..errors import ConfigError, CorruptStoreError
 from ..format.checksum import checksum
 from ..format.keys import decode_key, display_key
+from ..format.sizes import check_bytes
 from ..index import Entry
 from .common import existing_store, open_index, store_users
 from .progress import Progress
@@ -63,8 +64,11 @@ def compact(path, *, capacity_bytes: int | None = None, slot_bytes: int | None =
     """
     paths = existing_store(path)
     for name, v in (("capacity", capacity_bytes), ("slot bytes", slot_bytes)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
-            raise ConfigError(f"{name} must be a positive number of bytes, got {v!r}")
+        if v is not None:
+            try:
+                check_bytes(name, v)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
     t0 = time.perf_counter()
     res = CompactResult(paths.root)
     # Exclusive for the whole run: entries written meanwhile would be lost

@@ -9,6 +9,7 @@ from typing import Callable
 
 from ..device import ENGINES
 from ..errors import ConfigError
+from ..format.sizes import check_bytes
 from ..index.policy import make_policy
 from ..runtime.workers import WorkerPool
 
@@ -18,11 +19,10 @@ DURABILITY = ("fast", "strict")
 def _positive_int(name: str, v) -> int | None:
     if v is None:
         return None
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise ConfigError(f"{name} must be an int number of bytes, got {type(v).__name__} {v!r}")
-    if v <= 0:
-        raise ConfigError(f"{name} must be positive, got {v}")
-    return v
+    try:
+        return check_bytes(name, v)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 @dataclass(frozen=True)

@@ -31,14 +31,19 @@ class Priority(IntEnum):
     PUT = 2
 
 
+# More threads than this only contend: an NVMe drive is saturated by a few
+# dozen requests in flight.
+MAX_THREADS = 256
+
+
 class WorkerPool:
     """A fixed set of threads draining a priority queue of callables."""
 
     @staticmethod
     def check_settings(threads, max_pending_puts, on_full) -> None:
         """Raise ConfigError for settings the pool would refuse."""
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise ConfigError(f"io_threads must be a positive int, got {threads!r}")
+        if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS:
+            raise ConfigError(f"io_threads must be a whole number from 1 to {MAX_THREADS}, got {threads!r}")
         if isinstance(max_pending_puts, bool) or not isinstance(max_pending_puts, int) or max_pending_puts < 1:
             raise ConfigError(f"max_pending_puts must be a positive int, got {max_pending_puts!r}")
         if on_full not in ON_FULL:

@@ -15,6 +15,8 @@ import torch
 from lmcache.v1.storage_backend.path_sharder import PathSharder
 
 from ...errors import ConfigError
+from ...format.sizes import MAX_BYTES
+from ...runtime.workers import MAX_THREADS
 from ..parsing import parse_bool, parse_seconds, split_paths
 
 GB = 1024 ** 3
@@ -121,8 +123,11 @@ def from_lmcache(config, metadata, dst_device: str = "cpu") -> StoreConfig:
     size_gb = getattr(config, "max_local_disk_size", 0) or 0
     try:
         total = int(float(size_gb) * GB)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: .inf
         raise ConfigError(f"max_local_disk_size must be a number of GB, got {size_gb!r}") from None
+    if total > MAX_BYTES:
+        raise ConfigError(f"max_local_disk_size of {size_gb!r} GB is more than slabcache addresses "
+                          "(1 EiB); give the disk budget in GB, e.g. 20.0")
     if total <= 0:
         raise ConfigError(
             "max_local_disk_size is 0: set it to the disk budget in GB over all paths "
@@ -133,7 +138,11 @@ def from_lmcache(config, metadata, dst_device: str = "cpu") -> StoreConfig:
         slot = chunk_bytes(metadata, int(getattr(config, "chunk_size", 256) or 256))
     else:
         slot = _positive_int("slabcache.slot_bytes", slot)
+        if slot > MAX_BYTES:
+            raise ConfigError(f"slabcache.slot_bytes of {slot} is more than slabcache addresses (1 EiB)")
     threads = _positive_int("disk_io_threads", setting("disk_io_threads", 4))
+    if threads > MAX_THREADS:
+        raise ConfigError(f"disk_io_threads must be at most {MAX_THREADS}, got {threads}")
     odirect = parse_bool("use_odirect", setting("use_odirect", False))
     durability = setting("slabcache.durability", "fast")
     checksum = parse_bool("slabcache.checksum", setting("slabcache.checksum", True))

@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...errors import ConfigError
-from ...format.sizes import parse_size
+from ...format.sizes import check_bytes, parse_size
+from ...runtime.workers import MAX_THREADS
 from ..parsing import parse_bool, parse_seconds, split_paths
 
 # Every key the tier takes, with what it means (for the error that lists them).
@@ -80,9 +81,10 @@ def _size(name: str, value) -> int:
             n = parse_size(str(value))
         except ValueError as exc:
             raise ConfigError(f"tier key '{name}': {exc}") from None
-    if n <= 0:
-        raise ConfigError(f"tier key '{name}' must be positive, got {value!r}")
-    return n
+    try:
+        return check_bytes(f"tier key '{name}'", n)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _positive_int(name: str, value) -> int:
@@ -133,6 +135,8 @@ def tier_config(keys: dict, *, block_size_bytes: int, data_parallel_index: int =
     io = _choice("io", keys.get("io", "mmap"), ("mmap", "direct"))
     durability = _choice("durability", keys.get("durability", "fast"), ("fast", "strict"))
     threads = _positive_int("io_threads", keys.get("io_threads", 4))
+    if threads > MAX_THREADS:
+        raise ConfigError(f"tier key 'io_threads' must be at most {MAX_THREADS}, got {threads}")
 
     def flag(name, default):
         return parse_bool(f"tier key '{name}'", keys.get(name, default))
