@@ -13,13 +13,15 @@ import shutil
 from dataclasses import dataclass
 
 from ..device import Engine, make_engine
-from ..device.slabfile import SlotRecords, check_geometry, create_slab, read_slab_header
+from ..device.slabfile import (
+    SlotRecords, check_geometry, create_slab, read_header_bytes, read_slab_header, write_header_bytes,
+)
 from ..device.storedir import OpenLock, recover_interrupted
 from ..errors import ConfigError, CorruptStoreError
-from ..format.header import Geometry, pack_header
+from ..format.header import FORMAT_VERSION, Geometry, header_version, pack_header
 from ..format.layout import SLAB, StorePaths, modes
 from ..index import Index, default_map_size
-from ..index import owner as owners
+from ..index.owner import is_v1, pid_of
 from ..index.policy import Policy, make_policy
 from .options import StoreOptions
 
@@ -109,11 +111,7 @@ def _open_locked(opts: StoreOptions, paths: StorePaths, lock: OpenLock) -> Opene
     if os.path.exists(paths.slab):
         g, creation_id = read_slab_header(paths.slab)
         check_geometry(g, paths.root, opts.capacity_bytes, opts.slot_bytes)
-        if not os.path.exists(paths.lmdb_data):
-            raise CorruptStoreError(
-                f"the index of {paths.root} is missing; run `slabcache fsck {paths.root} "
-                "--rebuild-index` to rebuild it from the slab"
-            )
+        _check_index_present(paths)
     else:
         if opts.capacity_bytes is None or opts.slot_bytes is None:
             raise ConfigError(
@@ -146,6 +144,8 @@ def _open_locked(opts: StoreOptions, paths: StorePaths, lock: OpenLock) -> Opene
                     f"the index of {paths.root} belongs to another slab (creation ids differ); "
                     f"run `slabcache fsck {paths.root} --rebuild-index`"
                 )
+        if not created and not opts.readonly:
+            _upgrade(paths, index, g, creation_id)
         engine = make_engine(opts.io, paths.slab, g)
     except BaseException:
         index.release()
@@ -156,18 +156,60 @@ def _open_locked(opts: StoreOptions, paths: StorePaths, lock: OpenLock) -> Opene
     return Opened(opts, paths, lock, index, engine, records, g, creation_id, policy)
 
 
+def _check_index_present(paths: StorePaths) -> None:
+    """Raise CorruptStoreError when the index is missing, ConfigError when
+    it is there but this user may not read it."""
+    try:
+        os.stat(paths.lmdb_data)
+    except FileNotFoundError:
+        raise CorruptStoreError(
+            f"the index of {paths.root} is missing; run `slabcache fsck {paths.root} "
+            "--rebuild-index` to rebuild it from the slab"
+        ) from None
+    except PermissionError:
+        owner = os.stat(paths.index).st_uid
+        raise ConfigError(
+            f"the index of {paths.root} cannot be read by uid {os.geteuid()}: {paths.index} "
+            f"belongs to uid {owner} with mode {os.stat(paths.index).st_mode & 0o777:o}; give it "
+            f"back to the store's owner (chown -R --reference={paths.slab} {paths.index})"
+        ) from None
+
+
+def _upgrade(paths: StorePaths, index: Index, g, creation_id: bytes) -> None:
+    """Bring a store of an older format version to this one: the layout
+    is the same, but processes of version 1 judge owners by pid and start
+    time and would take this version's reservations and pins for a dead
+    process's.  So it is done only while none of them has the store open,
+    and afterwards they refuse it (a newer version)."""
+    if header_version(read_header_bytes(paths.slab)) >= FORMAT_VERSION:
+        return
+    with index.read() as t:
+        older = sorted({pid_of(w) for w, _t, _wr in t.owners() if is_v1(w) and t.alive(w)})
+    if older:
+        raise ConfigError(
+            f"the store at {paths.root} is open by an older slabcache (pids {older}), which "
+            "cannot share it with this version; stop those processes or upgrade their slabcache, "
+            "then open it again"
+        )
+    header = pack_header(g, creation_id)
+    write_header_bytes(paths.slab, header)
+    with index.write(durable=True) as t:
+        t.set_header_copy(header)
+    log.info("store %s: upgraded to format version %d", paths.root, FORMAT_VERSION)
+
+
 def _settle_policy(index: Index, requested: Policy | None, path: str, readonly: bool) -> Policy:
     """The policy the handle uses: the store's own, or ``requested`` after
     re-ordering the store for it (only while nobody else has it open)."""
     with index.read() as t:
         stored = t.policy()
-        others = [o for o in t.owners() if owners.is_alive(o[0])]
+        others = [o for o in t.owners() if t.alive(o[0])]
     if requested is None or requested.name == stored.name:
         return stored
     if readonly or others:
         raise ConfigError(
             f"store at {path} uses policy {stored.name!r} and is open elsewhere "
-            f"(pids {sorted({owners.pid_of(o[0]) for o in others})}); open it with "
+            f"(pids {sorted({pid_of(o[0]) for o in others})}); open it with "
             f"policy={stored.name!r} or None, or change the policy while no one else has it open"
         )
     with index.write() as t:

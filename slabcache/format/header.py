@@ -21,7 +21,11 @@ from dataclasses import dataclass
 from ..errors import CorruptStoreError
 from .records import MAX_RECORD_BYTES, SLOT_RECORD
 
-FORMAT_VERSION = 1
+# 1: the first layout.  2: the same layout; owners of pins, reservations
+# and handles prove they are alive by a lock (index/owner.py) instead of a
+# pid and start time, which processes of version 1 would misjudge: a
+# writable open upgrades a version 1 store while none of them has it open.
+FORMAT_VERSION = 2
 SLAB_MAGIC = b"SLABCACH"
 
 # magic, version, header crc, alignment, record_bytes, slot_bytes,
@@ -84,6 +88,11 @@ def pack_header(g: Geometry, creation_id: bytes) -> bytes:
         )
 
     return build(zlib.crc32(build(0)))
+
+
+def header_version(raw: bytes) -> int:
+    """The format version a (verified) header records."""
+    return SLAB_HEADER.unpack_from(raw)[1]
 
 
 def unpack_header(raw: bytes, path: str) -> tuple[Geometry, bytes]:

@@ -9,13 +9,17 @@ import logging
 import os
 import threading
 import time
+from typing import Protocol
 
 import lmdb
 
 from ..errors import (
     ConfigError, CorruptStoreError, SlabIOError, StorageFullError, StoreBusyError, StoreForkedError,
 )
+from ..format.files import check_directory, check_regular, open_regular
+from ..format.layout import LOCK
 from .entry import EntryRef, ref_of, slot_gen_of
+from .owner import Liveness
 from .txn import TABLES, IndexTxn
 
 log = logging.getLogger(__name__)
@@ -33,6 +37,7 @@ READER_CHECK_SECONDS = 1.0
 INDEX_HEADROOM = 64 << 20
 INDEX_MIN_HEADROOM = 1 << 20
 ROOM_PER_KEY = 8192  # what a batch may need per key: a few copied pages
+ROOM_FREE_KEYS = 16  # transactions changing fewer keys fit the headroom kept anyway
 SPACE_CHECK_WRITES = 16  # write transactions between checks of the headroom
 
 # What LMDB raises on a damaged file (a transaction that hit one of these
@@ -99,6 +104,7 @@ class Index:
 
     def _close_fds(self) -> None:
         """After the environment is closed (see __init__ on the lock file)."""
+        self.liveness.close()
         for name in ("_data_fd", "_lock_fd"):
             fd = getattr(self, name)
             if fd is not None:
@@ -142,6 +148,10 @@ class Index:
         self._refs = 1
         self._forked_from: int | None = None
         store_dir = os.path.dirname(path)
+        # LMDB opens its files itself, following links: look first.
+        check_directory(path, "index directory")
+        for name in ("data.mdb", "lock.mdb"):
+            check_regular(os.path.join(path, name), "index file")
         made = create and not os.path.exists(path)
         if made:
             # Made here rather than by LMDB, with exactly these modes.
@@ -160,6 +170,8 @@ class Index:
                 max_spare_txns=0,
                 readonly=readonly, create=create, lock=True, meminit=False,
             )
+        except lmdb.LockError as exc:
+            raise _pid_clash(store_dir, exc) from exc
         except lmdb.Error as exc:
             raise CorruptStoreError(
                 f"cannot open the index at {path}: {exc}; run `slabcache fsck "
@@ -180,6 +192,8 @@ class Index:
                 f"the index at {path} is incomplete ({exc}); run `slabcache fsck "
                 f"{store_dir} --rebuild-index`"
             ) from exc
+        self.liveness = Liveness(os.path.join(store_dir, LOCK))
+        self.alive = self.liveness.is_alive
         self._new_locks()
         self._fork_safe = True
         self._last_reader_check = 0.0
@@ -198,7 +212,7 @@ class Index:
                 _back_whole_file(self._lock_fd, lock_file)
             if not readonly:
                 self._page_bytes = self.env.stat()["psize"]
-                self._data_fd = os.open(os.path.join(path, "data.mdb"), os.O_RDWR | os.O_CLOEXEC)
+                self._data_fd = open_regular(os.path.join(path, "data.mdb"), os.O_RDWR, "index file")
                 self.ensure_room()
         except BaseException:
             self._close_env()
@@ -217,52 +231,94 @@ class Index:
     # the store afresh.
 
     # On every transaction, so without a lock: ``next()`` on a count is
-    # atomic, and a thread counts itself in before it looks at _forking,
-    # while a fork sets _forking before it looks at the counts, so either
-    # the fork sees the thread in flight or the thread sees the fork.
+    # atomic, and a thread counts itself in before it looks at _paused,
+    # while a pause sets _paused before it looks at the counts, so either
+    # the pause sees the thread in flight or the thread sees the pause.
+    # Pauses are taken by a fork (above) and by a thread that follows a map
+    # another process grew (_follow_map), which also needs none in flight.
 
     def _new_locks(self) -> None:
         self._wlock = threading.Lock()  # see _Write
-        # Transactions in flight, so a fork can wait for none (see
-        # _before_fork); a fork in progress holds new ones back.
+        # Transactions in flight, so a pause can wait for none.
         self._entered, self._left = itertools.count(), itertools.count()
-        self._forking = False
-        self._fork_done = threading.Event()
-        self._fork_done.set()
+        self._paused = False
+        self._pauses = 0
+        self._pause_lock = threading.Lock()
+        self._resumed = threading.Event()
+        self._resumed.set()
+        self._map_lock = threading.Lock()
+        self._preludes: tuple = ()  # see add_prelude
 
     def _enter(self) -> None:
         next(self._entered)
-        if self._forking:
-            self._wait_for_fork()
+        if self._paused:
+            self._wait_while_paused()
 
     def _leave(self) -> None:
         next(self._left)
 
-    def _wait_for_fork(self) -> None:
+    def _wait_while_paused(self) -> None:
         next(self._left)
         while True:
-            self._fork_done.wait()
+            self._resumed.wait()
             next(self._entered)
-            if not self._forking:
+            if not self._paused:
                 return
             next(self._left)
 
     def _inflight(self) -> int:
         return _value(self._entered) - _value(self._left)
 
-    def _quiesce(self, deadline: float) -> None:
-        self._fork_done.clear()
-        self._forking = True
+    def _pause(self, deadline: float) -> bool:
+        """Hold new transactions back and wait (until ``deadline``) for
+        those in flight; True when none is left.  End with _unpause."""
+        with self._pause_lock:
+            self._pauses += 1
+            self._resumed.clear()
+            self._paused = True
         while self._inflight() and time.monotonic() < deadline:
             time.sleep(0.0005)  # lets the threads in flight finish
-        self._fork_safe = not self._inflight()
+        return not self._inflight()
+
+    def _unpause(self) -> None:
+        with self._pause_lock:
+            self._pauses -= 1
+            if self._pauses == 0:
+                self._paused = False
+                self._resumed.set()
+
+    def _quiesce(self, deadline: float) -> None:
+        self._fork_safe = self._pause(deadline)
         if not self._fork_safe:
             log.warning("index %s: a transaction was still open when the process forked; "
                         "the child cannot reopen this store", self.path)
 
-    def _resume(self) -> None:
-        self._forking = False
-        self._fork_done.set()
+    _resume = _unpause
+
+    def _follow_map(self) -> None:
+        """Another process grew the index's map past this environment's
+        (LMDB's MDB_MAP_RESIZED): adopt its size.  LMDB allows that only
+        with no transaction of this process open, so new ones wait here
+        while those in flight finish.  Called outside any transaction.
+        Raises StoreBusyError when one stays open past FOLLOW_MAP_SECONDS."""
+        with self._map_lock:  # one thread follows; the others find it done
+            try:
+                if not self._pause(time.monotonic() + FOLLOW_MAP_SECONDS):
+                    raise StoreBusyError(
+                        f"another process grew the index map of {os.path.dirname(self.path)}, and "
+                        f"this process kept a transaction open for over {FOLLOW_MAP_SECONDS:.0f} s "
+                        "(a long snapshot or listing), so it could not follow; retry once that "
+                        "transaction ends")
+                before = self.env.info()["map_size"]
+                self.env.set_mapsize(0)  # 0: the size the other process recorded
+                if self.env.info()["map_size"] < before:
+                    self.env.set_mapsize(before)
+                self._reserved_to = 0  # the headroom is measured again
+                self._writes_to_check = 0
+            finally:
+                self._unpause()
+        log.info("index %s: followed a map grown by another process to %d bytes",
+                 self.path, self.env.info()["map_size"])
 
     def _forget_after_fork(self, parent: int) -> None:
         """In a forked child: this environment belongs to ``parent``; every
@@ -284,13 +340,30 @@ class Index:
 
     def write(self, durable: bool = False, keys: int = 0) -> "_Write":
         """A write transaction; ``durable`` syncs it to disk before returning.
-        ``keys``: how many keys it will change, when a batch (room is made
-        for them first).
+        ``keys``: how many keys it will change (room is made for them, and
+        for what the preludes will write, first).  Every registered prelude
+        runs first inside it (see add_prelude).
 
         Raises StorageFullError when the index's map is full or its
         filesystem has no room.
         """
-        return _Write(self, durable, keys * ROOM_PER_KEY if keys > 16 else 0)
+        return _Write(self, durable, keys)
+
+    def add_prelude(self, prelude: "Prelude") -> None:
+        """Run ``prelude`` first in every write transaction of this process
+        on this index, and undo what it took when the transaction aborts
+        (owed work of a handle: uses to record, reservations to give back)."""
+        with self._pause_lock:
+            self._preludes = (*self._preludes, prelude)
+
+    def remove_prelude(self, prelude: "Prelude") -> None:
+        with self._pause_lock:
+            self._preludes = tuple(p for p in self._preludes if p is not prelude)
+
+    def flush(self) -> None:
+        """A write transaction that only runs the preludes (owed work due)."""
+        with self.write():
+            pass
 
     # The hot path: one lookup in its own read transaction, without the
     # IndexTxn wrapper.
@@ -334,6 +407,8 @@ class Index:
                 f"the index of {store} is damaged ({type(exc).__name__}: {exc}); run "
                 f"`slabcache fsck {store} --repair`, which rebuilds it from the slab"
             )
+        if isinstance(exc, lmdb.LockError):
+            return _pid_clash(os.path.dirname(self.path), exc)
         if isinstance(exc, lmdb.ReadersFullError):
             return StoreBusyError(
                 f"the index of {os.path.dirname(self.path)} has no free reader slot (more than "
@@ -406,6 +481,7 @@ class _ForkedEnv:
 _INHERITED: dict[str, tuple] = {}
 
 FORK_WAIT_SECONDS = 5.0  # for transactions in flight when a process forks
+FOLLOW_MAP_SECONDS = 5.0  # for transactions in flight when a map must grow
 
 
 def _before_fork() -> None:
@@ -445,18 +521,24 @@ class _Read:
 
     def __enter__(self) -> IndexTxn:
         self._txn = self._begin(None)
-        return IndexTxn(self._txn, self._index.dbs)
+        return IndexTxn(self._txn, self._index.dbs, self._index.alive)
 
     def _begin(self, db):
         idx = self._index
-        idx._enter()
-        try:
-            return idx.env.begin(db=db, write=False)
-        except BaseException as exc:
-            idx._leave()
-            if isinstance(exc, lmdb.Error):
-                idx.fail(exc)
-            raise
+        for follow in (True, False):
+            idx._enter()
+            try:
+                return idx.env.begin(db=db, write=False)
+            except lmdb.MapResizedError:
+                idx._leave()
+                if not follow:
+                    raise
+            except BaseException as exc:
+                idx._leave()
+                if isinstance(exc, lmdb.Error):
+                    idx.fail(exc)
+                raise
+            idx._follow_map()  # another process grew the map: adopt it, then again
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
@@ -478,34 +560,90 @@ class _Lookup(_Read):
         return self._txn
 
 
+class Prelude(Protocol):
+    """Work a handle owes the index, done first in each write transaction."""
+
+    # True when the work may wait for a later transaction (it is skipped
+    # when the index has no room for it but has room for the caller's).
+    optional: bool
+
+    def pending_keys(self) -> int:
+        """About how many keys the next run will change (room is made first)."""
+
+    def before_write(self, t: IndexTxn):
+        """Do the owed work in ``t``; returns what it took (None: nothing)."""
+
+    def undo_write(self, taken) -> None:
+        """``t`` aborted: take back ``taken`` so a later transaction does it."""
+
+
 class _Write:
-    """``with index.write() as t``: commit on success, abort on error."""
+    """``with index.write() as t``: the preludes, then the caller's work;
+    commit on success, abort (and undo the preludes) on error."""
 
-    __slots__ = ("_index", "_durable", "_room", "_txn")
+    __slots__ = ("_index", "_durable", "_keys", "_txn", "_taken", "_preludes")
 
-    def __init__(self, index: Index, durable: bool, room: int):
+    def __init__(self, index: Index, durable: bool, keys: int):
         self._index = index
         self._durable = durable
-        self._room = room
+        self._keys = keys
+        self._taken: list = []
 
     def __enter__(self) -> IndexTxn:
+        idx = self._index
+        # Writers free the reader slots of killed readers as they go (at
+        # most once a second), so a long-lived writer beside crashing
+        # readers keeps its index small.
+        idx.clear_stale_readers()
+        if not self._open(follow=True):
+            idx._follow_map()  # another process grew the map: adopt it, then again
+            self._open(follow=False)
+        t = IndexTxn(self._txn, idx.dbs, idx.alive)
+        self._taken = []
+        try:
+            for p in self._preludes:
+                self._taken.append((p, p.before_write(t)))
+        except BaseException as exc:
+            self.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        return t
+
+    def _open(self, follow: bool) -> bool:
+        """Begin the transaction; False when the map must be followed first."""
         # One writer per process at a time: LMDB serialises writers across
         # processes itself; this keeps threads of one process queueing here.
         idx = self._index
         idx._enter()
         idx._wlock.acquire()
         try:
+            self._preludes = idx._preludes
+            keys = self._keys + sum(p.pending_keys() for p in self._preludes)
             idx._writes_to_check -= 1
-            if idx._writes_to_check < 0 or self._room:
-                idx.ensure_room(self._room)
+            if idx._writes_to_check < 0 or keys > ROOM_FREE_KEYS:
+                try:
+                    idx.ensure_room(_room(keys))
+                except StorageFullError:
+                    # Owed work that can wait (recording uses) must not
+                    # keep a write that fits from happening.
+                    self._preludes = tuple(p for p in self._preludes if not p.optional)
+                    keys = self._keys + sum(p.pending_keys() for p in self._preludes)
+                    idx.ensure_room(_room(keys))
             self._txn = idx.env.begin(write=True)
+            return True
         except BaseException as exc:
             idx._wlock.release()
             idx._leave()
+            if follow and isinstance(exc, lmdb.MapResizedError):
+                return False
             if isinstance(exc, lmdb.Error):
                 idx.fail(exc)
             raise
-        return IndexTxn(self._txn, idx.dbs)
+
+    def _undo(self) -> None:
+        for p, taken in reversed(self._taken):
+            if taken is not None:
+                p.undo_write(taken)
+        self._taken = []
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         idx = self._index
@@ -515,9 +653,11 @@ class _Write:
                     self._txn.commit()
                 except lmdb.Error as err:
                     self._txn.abort()
+                    self._undo()
                     idx.fail(err)
             else:
                 self._txn.abort()
+                self._undo()
                 if issubclass(exc_type, lmdb.Error):
                     idx.fail(exc)
         finally:
@@ -545,6 +685,24 @@ def _fallocate(fd: int, offset: int, length: int) -> None:
             raise OSError(err, os.strerror(err))
 
 
+def _room(keys: int) -> int:
+    """Bytes a transaction changing ``keys`` keys may add to the index."""
+    return keys * ROOM_PER_KEY if keys > ROOM_FREE_KEYS else 0
+
+
+def _pid_clash(store: str, exc: lmdb.Error) -> ConfigError:
+    """LMDB locks one byte of its lock file at each user's pid; that lock is
+    taken: a process with this pid in another PID namespace (another
+    container) has the index open."""
+    return ConfigError(
+        f"cannot share the index of {store} ({exc}): a process with this process's pid "
+        f"({os.getpid()}) in another PID namespace, such as another container, has it open, "
+        "and LMDB tells the processes sharing an index apart by pid. Run the processes that "
+        "share a store in one PID namespace (docker run --pid=host, or one Kubernetes pod with "
+        "shareProcessNamespace: true), or give each PID namespace its own store path"
+    )
+
+
 def _value(count: itertools.count) -> int:
     """The next number ``count`` will give (there is no accessor)."""
     return int(repr(count)[6:-1])
@@ -554,7 +712,7 @@ def _open_rw(path: str) -> int | None:
     """A descriptor of ``path`` for writing; None where it cannot be had
     (read-only media or permissions: nothing is written there either)."""
     try:
-        return os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        return open_regular(path, os.O_RDWR, "index lock file")
     except OSError:
         return None
 

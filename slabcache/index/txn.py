@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import struct
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 import lmdb
 
 from ..errors import CorruptStoreError
-from . import owner as owners
+from .owner import pid_of
 from .entry import Entry, EntryRef, canon_of, encode_entry, ref_of, slot_gen_of, use_of, with_use
 from .policy import Policy, UseStats, make_policy
 
@@ -36,7 +36,7 @@ _U32 = struct.Struct("<I")
 _OWNER_INFO = struct.Struct("<dB")  # open time, writable
 # Persisted as consecutive u64s: append new counters at the end only.
 COUNTERS = ("hits", "misses", "puts", "evictions", "checksum_failures", "rejected_puts",
-            "queue_rejections", "io_errors")
+            "queue_rejections", "io_errors", "bytes_read", "bytes_written")
 _COUNTERS = struct.Struct(f"<{len(COUNTERS)}Q")
 
 TABLES = ("meta", "entries", "order", "free", "reserved", "pins", "owners")
@@ -56,14 +56,21 @@ def _pin_prefix(ikey: bytes) -> bytes:
 class IndexTxn:
     """Typed operations over one LMDB transaction."""
 
-    def __init__(self, txn: lmdb.Transaction, dbs: dict):
+    def __init__(self, txn: lmdb.Transaction, dbs: dict, alive: Callable[[bytes], bool]):
         self.txn = txn
         self.db = dbs
+        # Whether an owner (of a pin, reservation or handle) is alive:
+        # Liveness.is_alive of the store (index/owner.py).
+        self.alive = alive
         # Within one write transaction, what a batch of puts need not ask
         # again: None until known, then whether any pin exists / whether the
         # free list and the unused slots ran out.
         self._pins_exist: bool | None = None
         self._no_free = False
+        # Slots whose entry or reservation this transaction dropped: whoever
+        # owns the slab clears their records before it commits (an index
+        # rebuild must not bring back what left the index).
+        self.vacated: list[int] = []
 
     # -- meta ------------------------------------------------------------
 
@@ -87,6 +94,9 @@ class IndexTxn:
     def creation_id(self) -> bytes | None:
         raw = self.meta_get("creation_id")
         return None if raw is None else bytes(raw)
+
+    def set_header_copy(self, header: bytes) -> None:
+        self.meta_put("header", header)
 
     def header_copy(self) -> bytes | None:
         raw = self.meta_get("header")
@@ -241,7 +251,12 @@ class IndexTxn:
 
     def release_slot(self, slot: int, generation: int) -> None:
         self.txn.put(_U64.pack(slot), _U32.pack(generation), db=self.db["free"])
+        self.vacated.append(slot)
         self._no_free = False
+
+    def is_free(self, slot: int) -> bool:
+        """Whether ``slot`` is on the free list."""
+        return self.txn.get(_U64.pack(slot), db=self.db["free"]) is not None
 
     def free_slots(self) -> Iterator[tuple[int, int]]:
         with self.txn.cursor(db=self.db["free"]) as cur:
@@ -305,7 +320,7 @@ class IndexTxn:
         return out
 
     def pin_count(self, ikey: bytes) -> int:
-        return sum(n for who, n in self.pins_of(ikey) if owners.is_alive(who))
+        return sum(n for who, n in self.pins_of(ikey) if self.alive(who))
 
     def drop_pins(self, ikey: bytes) -> None:
         prefix = _pin_prefix(ikey)
@@ -349,7 +364,7 @@ class IndexTxn:
 
     def live_pids(self) -> list[int]:
         """Pids of live processes that have the store open."""
-        return sorted({owners.pid_of(w) for w, _t, _wr in self.owners() if owners.is_alive(w)})
+        return sorted({pid_of(w) for w, _t, _wr in self.owners() if self.alive(w)})
 
     # -- eviction --------------------------------------------------------
 
@@ -376,6 +391,7 @@ class IndexTxn:
                             "an index entry is truncated; run `slabcache fsck --repair`")
                     cur.delete()
                     self.txn.delete(ikey, db=entries)
+                    self.vacated.append(got[0])
                     return got
                 ok = cur.prev() if backward else cur.next()
         return None
@@ -383,7 +399,7 @@ class IndexTxn:
     def _held(self, ikey: bytes) -> bool:
         """True when someone alive pins ``ikey``; pins of dead owners lapse here."""
         pins = self.pins_of(ikey)
-        if any(owners.is_alive(who) for who, _ in pins):
+        if any(self.alive(who) for who, _ in pins):
             return True
         for who, _ in pins:
             self.delete_pin(ikey, who)
@@ -393,16 +409,16 @@ class IndexTxn:
         """Release what dead processes left: reservations, pins, open handles."""
         found = {"reservations": 0, "pins": 0, "owners": 0}
         for slot, gen, who in self.reservations():
-            if not owners.is_alive(who):
+            if not self.alive(who):
                 self.unreserve(slot)
                 self.release_slot(slot, gen)
                 found["reservations"] += 1
         for ikey, who, _n in self.all_pins():
-            if not owners.is_alive(who):
+            if not self.alive(who):
                 self.delete_pin(ikey, who)
                 found["pins"] += 1
         for who, _t, _w in self.owners():
-            if not owners.is_alive(who):
+            if not self.alive(who):
                 self.unregister_owner(who)
                 found["owners"] += 1
         return found

@@ -1,5 +1,7 @@
 """The LMDB index on its own: transactions over a bare environment, no slab."""
 
+import os
+
 import pytest
 
 from slabcache.index import Index
@@ -33,8 +35,15 @@ def test_slots_come_from_the_free_list_then_the_high_water_mark(index):
         assert t.free_count(3) == 1 and t.take_free_slot(3) == (1, 5)
 
 
-def test_free_entry_is_the_one_way_out(index):
-    me = owners.new_handle()
+@pytest.fixture
+def me(index, tmp_path):
+    """A live owner: a handle holding its lock on the store's lock file."""
+    fd = os.open(tmp_path / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    yield index.liveness.claim(fd)
+    os.close(fd)
+
+
+def test_free_entry_is_the_one_way_out(index, me):
     with index.write() as t:
         e = _insert(t, b"sk", slot=4, gen=3)
         t.pin(b"sk", me)
@@ -57,15 +66,36 @@ def test_victim_follows_the_policy(index):
         assert [ikey for _k, ikey in t.order_keys()] == [b"a"]
 
 
-def test_reap_dead_releases_what_a_dead_process_held(index):
-    dead = owners.OWNER.pack(2 ** 31 - 7, 1) + b"\0\0\0\1"  # no such pid
+def test_reap_dead_releases_what_a_dead_process_held(index, me):
+    # A handle whose lock is gone, and one recorded by format version 1
+    # (pid and start time) for a pid that does not exist.
+    dead = owners.OWNER.pack(os.getpid(), owners.TOKEN_BIT | 12345, 7)
+    dead_v1 = owners.v1_owner(2 ** 31 - 7, 1)
     with index.write() as t:
         _insert(t, b"k", slot=0)
+        _insert(t, b"j", slot=1)
         t.pin(b"k", dead)
+        t.pin(b"j", me)
         t.reserve(5, 2, dead)
-        t.register_owner(dead, writable=True)
-        assert t.reap_dead() == {"reservations": 1, "pins": 1, "owners": 1}
-        assert t.reservations() == [] and (5, 2) in set(t.free_slots())
+        t.reserve(6, 2, dead_v1)
+        t.reserve(7, 2, me)
+        for who in (dead, dead_v1, me):
+            t.register_owner(who, writable=True)
+        assert t.reap_dead() == {"reservations": 2, "pins": 1, "owners": 2}
+        assert t.reservations() == [(7, 2, me)] and {(5, 2), (6, 2)} <= set(t.free_slots())
+        assert t.pin_count(b"j") == 1 and [w for w, _t, _wr in t.owners()] == [me]
+
+
+def test_a_lock_is_proof_of_life_whatever_the_pid(index, tmp_path):
+    """Owners are judged by the lock they hold, not by /proc: one whose pid
+    names no process here (another PID namespace) is alive while its lock
+    is held, and dead once its descriptor is closed."""
+    fd = os.open(tmp_path / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    own = index.liveness.claim(fd)
+    elsewhere = owners.OWNER.pack(2 ** 31 - 7, *owners.OWNER.unpack(own)[1:])
+    assert index.alive(own) and index.alive(elsewhere)
+    os.close(fd)
+    assert not index.alive(own) and not index.alive(elsewhere)
 
 
 def test_one_environment_per_path_per_process(tmp_path, index):
