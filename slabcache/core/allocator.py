@@ -85,6 +85,8 @@ class SlotAllocator:
         self._last_reap = 0.0
         self._orphans: list[Reservation] = []  # see abandon()
         self._orphans_lock = threading.Lock()
+        if not index.readonly:
+            index.add_prelude(self)  # orphans go back in the next write (before_write)
         # Only for stores whose puts can take one transaction (put_inline).
         # MRU's next victim is the entry just stored: evicting it ahead of
         # need would evict what the put it serves has just written.
@@ -95,7 +97,7 @@ class SlotAllocator:
 
     def reserve(self, canon: bytes, ikey: bytes) -> Reservation | PutStatus:
         """A Reservation, or PRESENT (counted as a use) or REJECTED."""
-        return self.reserve_many([(canon, ikey)])[0]
+        return self.reserve_many([(canon, ikey)])[0]  # type: ignore[return-value]
 
     def _reap_due(self) -> bool:
         now = time.monotonic()
@@ -104,27 +106,22 @@ class SlotAllocator:
         self._last_reap = now
         return True
 
-    def reserve_many(self, keys: Sequence[tuple[bytes, bytes]]) -> list[Reservation | PutStatus]:
+    def reserve_many(self, keys: Sequence[tuple[bytes, bytes]]) -> list[Reservation | PutStatus | int]:
         """Reserve a slot for each (canonical key, index key) in one write
-        transaction.  A key already stored, or repeated in ``keys``, is
-        PRESENT (counted as a use); REJECTED when no slot can be had."""
-        out: list[Reservation | PutStatus] = []
-        seen: set[bytes] = set()
+        transaction.  A key already stored is PRESENT (counted as a use);
+        REJECTED when no slot can be had; a key repeated in ``keys`` gets
+        the position of its first occurrence, whose outcome it shares."""
+        out: list[Reservation | PutStatus | int] = []
+        first: dict[bytes, int] = {}
         now = time.time()
         n, owner, policy = self.geometry.slot_count, self.owner, self.policy
         evictions = rejected = 0
-        # Writers free the reader slots of killed readers as they go, so a
-        # long-lived writer beside crashing readers keeps its index small.
-        self.index.clear_stale_readers()
         with self.index.write(keys=len(keys)) as t:
-            self.uses.flush(t)
-            if self._orphans:
-                self.release_orphans(t)
-            for canon, ikey in keys:
-                if canon in seen:
-                    out.append(PutStatus.PRESENT)
+            for i, (canon, ikey) in enumerate(keys):
+                at = first.setdefault(canon, i)
+                if at != i:
+                    out.append(at)
                     continue
-                seen.add(canon)
                 got = t.claim(ikey, canon, n, owner, policy, now, self._reap_due, self.keep_free)
                 if got is True:
                     out.append(PutStatus.PRESENT)
@@ -136,6 +133,7 @@ class SlotAllocator:
                     # A free slot found, or one left free for the next put.
                     self._seems_full = bool(self._seems_full and got[2] and not self.keep_free)
                     out.append(Reservation(self, got[0], got[1]))
+            self._clear_vacated(t)
         if evictions:
             self.uses.count("evictions", evictions)
         if rejected:
@@ -157,35 +155,27 @@ class SlotAllocator:
             return None
         now = time.time()
         n, policy = self.geometry.slot_count, self.policy
-        self.index.clear_stale_readers()
         evicted = False
+        # The preludes run first (uses, so the victim below is chosen on an
+        # order that includes them); a failed write aborts the transaction,
+        # and what they took goes back to them.
         with self.index.write() as t:
-            # Uses first, so the victim below is chosen on an order that
-            # includes them.  A failed write aborts this transaction: what it
-            # took from the tracker and the orphans goes back to them.
-            taken = self.uses.flush(t)
-            orphans = self.release_orphans(t) if self._orphans else []
-            try:
-                if t.use_if_stored(ikey, canon, policy, now):
-                    status = PutStatus.PRESENT
-                else:
-                    got = t.take_free_slot(n)
-                    if got is None:
-                        self._seems_full = True
-                        return None
-                    if self.keep_free and not t.has_free_slot(n):
-                        # Chosen before this entry joins the order.
-                        evicted = t.free_next(policy)
-                    slot, gen = got[0], next_generation(got[1])
-                    t.add(ikey, canon, slot, gen, length, write(slot, gen), meta_raw, policy, now)
-                    status = PutStatus.STORED
-            except BaseException:
-                self.uses.give_back(taken)
-                with self._orphans_lock:
-                    self._orphans.extend(orphans)
-                raise
+            if t.use_if_stored(ikey, canon, policy, now):
+                status = PutStatus.PRESENT
+            else:
+                got = t.take_free_slot(n)
+                if got is None:
+                    self._seems_full = True
+                    return None
+                if self.keep_free and not t.has_free_slot(n):
+                    # Chosen before this entry joins the order.
+                    evicted = t.free_next(policy)
+                slot, gen = got[0], next_generation(got[1])
+                t.add(ikey, canon, slot, gen, length, write(slot, gen), meta_raw, policy, now)
+                status = PutStatus.STORED
+                self._clear_vacated(t)
         if status is PutStatus.STORED:
-            self.uses.count("puts")
+            self.uses.stored(1, length)
         if evicted:
             self.uses.count("evictions")
         return status
@@ -196,58 +186,92 @@ class SlotAllocator:
         out = []
         now = time.time()
         owner, policy = self.owner, self.policy
-        stored = 0
+        stored = nbytes = 0
         with self.index.write(durable=durable, keys=len(items)) as t:
             for r, canon, ikey, csum, meta_raw, length in items:
                 got = _SETTLED[t.settle(r.slot, r.generation, owner, ikey, canon, length, csum,
                                         meta_raw, policy, now)]
                 if got is PutStatus.STORED:
                     stored += 1
+                    nbytes += length
                 elif got is PutStatus.LOST:
                     log.warning("slot %d of %s was taken from this put (repair?); dropping it",
                                 r.slot, self.path)
                 out.append(got)
+            self._clear_vacated(t)
         if stored:
-            self.uses.count("puts", stored)
+            self.uses.stored(stored, nbytes)
         return out
 
     def abandon(self, reservations: Sequence[Reservation]) -> None:
         """Give back reservations whose put failed (or was never written).
         If even that fails (a full index map), they are kept here and given
-        back by the next write transaction that succeeds, so none stays
-        reserved for the life of the process."""
+        back by the next write transaction that succeeds (before_write), so
+        none stays reserved for the life of the process."""
         if not reservations:
             return
+        with self._orphans_lock:
+            self._orphans.extend(reservations)
         try:
-            with self.index.write() as t:
-                self._give_back(t, reservations)
+            self.index.flush()
         except StorageFullError:
-            with self._orphans_lock:
-                self._orphans.extend(reservations)
+            pass  # still owed: the next write that gets room gives them back
 
-    def release_orphans(self, t: IndexTxn) -> list[Reservation]:
-        """Give back abandoned reservations inside write transaction ``t``;
-        returns them."""
+    # -- the prelude of every write transaction (Index.add_prelude) --------
+
+    optional = False  # a slot reserved by nobody must not wait
+
+    def pending_keys(self) -> int:
+        return len(self._orphans)
+
+    def before_write(self, t: IndexTxn) -> list[Reservation] | None:
+        """Give back abandoned reservations inside ``t``; returns them."""
+        if not self._orphans:
+            return None
         with self._orphans_lock:
             orphans, self._orphans = self._orphans, []
-        self._give_back(t, orphans)
-        return orphans
-
-    def _give_back(self, t: IndexTxn, reservations: Sequence[Reservation]) -> None:
-        for r in reservations:
+        for r in orphans:
             if t.reservation(r.slot) == (r.generation, self.owner):  # not taken by a repair
                 t.unreserve(r.slot)
                 t.release_slot(r.slot, r.generation)
+        self._clear_vacated(t)
+        return orphans
+
+    def undo_write(self, orphans: list[Reservation]) -> None:
+        with self._orphans_lock:
+            self._orphans.extend(orphans)
+
+    def close(self) -> None:
+        """Stop running in this index's write transactions."""
+        self.index.remove_prelude(self)
+
+    # -- slots leaving the index --------------------------------------------
+
+    def _clear_vacated(self, t: IndexTxn) -> None:
+        """Clear the records of the slots ``t`` dropped an entry or a
+        reservation from, before it commits: a record outlives its entry
+        only until then, so an index rebuilt from the records never brings
+        back what was evicted, removed or never committed.  (Should the
+        transaction abort, an entry may keep a cleared record: fsck then
+        rewrites it from the entry once the payload is verified.)"""
+        if t.vacated:
+            for slot in set(t.vacated):
+                self.records.clear(slot)
+            t.vacated.clear()
+
+    def reap_dead(self) -> dict[str, int]:
+        """Release what dead handles left (reservations, pins, handle records)."""
+        with self.index.write() as t:
+            reaped = t.reap_dead()
+            self._clear_vacated(t)
+        return reaped
 
     def free(self, t: IndexTxn, e: Entry) -> None:
-        """Remove ``e`` inside write transaction ``t`` and free its slot.
-
-        The slot's record is cleared while the write lock keeps the slot
-        from being reused, so an index rebuild does not bring back what was
-        removed.
-        """
-        self.records.clear(e.slot)
+        """Remove ``e`` inside write transaction ``t`` and free its slot
+        (its record cleared while the write lock keeps the slot from being
+        reused)."""
         t.free_entry(e, self.policy)
+        self._clear_vacated(t)
         self._seems_full = False
 
     def free_if_current(self, e, then: Callable | None = None) -> bool:

@@ -106,8 +106,7 @@ class Reader:
     def _flush_if(self, due: bool) -> None:
         if due and self.allocator is not None:
             try:
-                with self.index.write() as t:
-                    self.uses.flush(t)
+                self.index.flush()  # the use tracker runs first in every write
             except StorageFullError as exc:
                 # The read itself succeeded; only its use statistics are lost.
                 now = time.monotonic()
@@ -125,4 +124,4 @@ class Reader:
             # The failure is recorded in the transaction that drops the entry,
             # not at the next counter flush: `slabcache stats` shows it even if
             # the process is killed next (as vLLM kills a slow engine at exit).
-            self.allocator.free_if_current(e, then=lambda t: self.uses.flush(t, force=True))
+            self.allocator.free_if_current(e, then=self.uses.flush_counters)

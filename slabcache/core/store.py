@@ -36,16 +36,15 @@ from ..format.records import record_meta
 from ..format.values import ValueDesc
 from ..index import Entry, IndexTxn
 from ..index.entry import EntryRef
-from ..index import owner as owners
 from ..runtime.workers import Priority, WorkerPool
-from .allocator import PutStatus, SlotAllocator
+from .allocator import PutStatus, Reservation, SlotAllocator
 from .opener import open_store
 from .options import StoreOptions
 from .reader import Reader
 from .uses import UseTracker
 from .values import (
     Plan, as_bytes, as_list, check_disjoint, described, direct_parts, host_parts, match_out, on_cuda,
-    plan_for, split,
+    out_bytes, plan_for, split,
 )
 
 log = logging.getLogger(__name__)
@@ -92,8 +91,10 @@ class SlabStore:
         self._index = o.index
         self._records = o.records
         self._lock_files = o.lock
-        self._owner = owners.new_handle()
-        self._uses = UseTracker(o.policy, opts.use_refresh_seconds)
+        # A writable handle proves it is alive by a lock on the lock file
+        # it holds open (index/owner.py); its pins and reservations are its.
+        self._owner = None if opts.readonly else o.index.liveness.claim(o.lock.fd)
+        self._uses = UseTracker(o.policy, opts.use_refresh_seconds, record_uses=not opts.readonly)
         self._inline_puts = o.engine.writes_to_cache and not opts.strict
         self._allocator = None if opts.readonly else SlotAllocator(
             o.index, o.records, o.geometry, o.policy, self._owner, self._uses, self.path,
@@ -110,11 +111,12 @@ class SlabStore:
         self._writers: ThreadPoolExecutor | None = None
         self._staging = None
         if not opts.readonly:
-            with self._index.write() as t:
-                reaped = t.reap_dead()
-                t.register_owner(self._owner, writable=True)
+            reaped = self._allocator.reap_dead()
             if any(reaped.values()):
                 log.info("released what dead processes left in %s: %s", self.path, reaped)
+            o.index.add_prelude(self._uses)  # uses and counters go with every write
+            with self._index.write() as t:
+                t.register_owner(self._owner, writable=True)
         _OPEN.add(self)
 
     @classmethod
@@ -210,18 +212,23 @@ class SlabStore:
         fail: the uses are dropped then, and what is left of this handle is
         reaped as a dead process's later."""
         try:
-            with self._index.write() as t:
-                self._uses.flush(t, force=True)
-                self._allocator.release_orphans(t)
-                t.release_owner(self._owner)
-            return
-        except StorageFullError as exc:
-            log.warning("store %s: %s; closing without recording this handle's last uses", self.path, exc)
-        try:
-            with self._index.write() as t:
-                t.release_owner(self._owner)
-        except StorageFullError as exc:
-            log.warning("store %s: %s; this handle's pins lapse when the process exits", self.path, exc)
+            try:
+                with self._index.write() as t:  # the preludes write uses and orphans first
+                    self._uses.flush_counters(t)
+                    t.release_owner(self._owner)
+                return
+            except StorageFullError as exc:
+                log.warning("store %s: %s; closing without recording this handle's last uses",
+                            self.path, exc)
+            self._index.remove_prelude(self._uses)
+            try:
+                with self._index.write() as t:
+                    t.release_owner(self._owner)
+            except StorageFullError as exc:
+                log.warning("store %s: %s; this handle's pins lapse when it closes", self.path, exc)
+        finally:
+            self._index.remove_prelude(self._uses)
+            self._allocator.close()
 
     def _forget_after_fork(self, parent: int) -> None:
         """In a forked child: this handle is the parent's.  Its worker
@@ -442,7 +449,7 @@ class SlabStore:
         alloc = self._writable()
         with self._guard:
             got = alloc.reserve_many([(c, i) for c, i, *_ in items])
-            todo = [(r, it) for r, it in zip(got, items) if not isinstance(r, PutStatus)]
+            todo = [(r, it) for r, it in zip(got, items) if isinstance(r, Reservation)]
             done, failed, error = [], [], None
             for (r, (canon, ikey, _parts, desc, meta_raw)), res in zip(todo, self._write_slots(todo)):
                 if isinstance(res, int):
@@ -462,7 +469,12 @@ class SlabStore:
                 alloc.abandon([d[0] for d in done])
                 raise
         by_slot = {d[0].slot: st for d, st in zip(done, statuses)}
-        out = [r.ok if isinstance(r, PutStatus) else by_slot.get(r.slot, PutStatus.LOST).ok for r in got]
+        out = []
+        for r in got:
+            if isinstance(r, int):  # a repeated key shares its first occurrence's outcome
+                out.append(out[r])
+            else:
+                out.append(r.ok if isinstance(r, PutStatus) else by_slot.get(r.slot, PutStatus.LOST).ok)
         if error is not None:
             raise error
         return out
@@ -517,7 +529,7 @@ class SlabStore:
             if e is None:
                 self._uses.count("misses")
                 return None
-            buf = as_bytes(out)
+            buf = out_bytes(out)
             if buf.numel() < e.length:
                 raise ValueError(f"out holds {buf.numel()} bytes, the value {e.length}; pass a larger out")
             desc = self._plan(e).desc
@@ -725,7 +737,8 @@ class SlabStore:
         found or is no longer the entry that was looked up (evicted or
         replaced since: validated after reading, as every read is)."""
         jobs, parts = [], []
-        bufs = [None if f is None else as_bytes(o) for f, o in zip(found, outs, strict=True)]
+        bufs = [None if f is None else out_bytes(o, f"outs[{i}]")
+                for i, (f, o) in enumerate(zip(found, outs, strict=True))]
         check_disjoint([b for b in bufs if b is not None])
         for i, (f, buf) in enumerate(zip(found, bufs)):
             if f is None:
@@ -783,7 +796,7 @@ class SlabStore:
         pairs = [self._keys(k) for k in keys]
         self._writable()
         n = 0
-        with self._guard, self._index.write() as t:
+        with self._guard, self._index.write(keys=len(pairs)) as t:
             for canon, ikey in pairs:
                 if not t.has(ikey, canon):
                     break
@@ -809,8 +822,7 @@ class SlabStore:
         pairs = [self._keys(k) for k in keys]
         self._writable()
         now = time.time()
-        with self._guard, self._index.write() as t:
-            self._uses.flush(t)
+        with self._guard, self._index.write(keys=len(pairs)) as t:
             uses: dict[bytes, tuple] = {}
             for canon, ikey in pairs:
                 e = t.ref(ikey, canon)
@@ -858,7 +870,7 @@ class SlabStore:
         many pins were released."""
         pairs = [self._keys(k) for k in keys]
         self._writable()
-        with self._guard, self._index.write() as t:
+        with self._guard, self._index.write(keys=len(pairs)) as t:
             return sum(t.unpin(ikey, self._owner) for _canon, ikey in pairs)
 
     def pin_count(self, key: str | bytes) -> int:
@@ -888,7 +900,7 @@ class SlabStore:
     def clear(self) -> int:
         """Remove every entry, pinned or not.  Returns how many were removed."""
         alloc = self._writable()
-        with self._guard, self._index.write() as t:
+        with self._guard, self._index.write(keys=len(self)) as t:
             entries = list(t.entries())
             for e in entries:
                 alloc.free(t, e)
@@ -922,7 +934,7 @@ class SlabStore:
             used = t.entry_count()
             free = t.free_count(g.slot_count)
             reserved = len(t.reservations())
-            pinned = len({ikey for ikey, who, _ in t.all_pins() if owners.is_alive(who)})
+            pinned = len({ikey for ikey, who, _ in t.all_pins() if t.alive(who)})
         for k, v in self._uses.pending_counters().items():
             counters[k] += v
         return {
@@ -940,8 +952,6 @@ class SlabStore:
             "io": self.engine.name,
             "durability": self.durability,
             "checksum": self.checksum,
-            "bytes_read": self.engine.bytes_read,
-            "bytes_written": self.engine.bytes_written,
             "io_threads": self.options.io_threads,
             "queued": self._pool.queued() if self._pool else 0,
             **counters,
@@ -1022,7 +1032,7 @@ class Snapshot:
 
     def pinned(self) -> set[bytes]:
         """Index keys pinned by live processes."""
-        return {ikey for ikey, who, _n in self._t.all_pins() if owners.is_alive(who)}
+        return {ikey for ikey, who, _n in self._t.all_pins() if self._t.alive(who)}
 
     def open_pids(self) -> list[int]:
         return self._t.live_pids()

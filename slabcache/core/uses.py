@@ -16,13 +16,22 @@ from ..index import COUNTERS, IndexTxn
 from ..index.policy import Policy
 
 USE_BATCH = 256
+# Uses kept while the index cannot take them (a full filesystem); past
+# this many, those a failed transaction gives back are forgotten.
+MAX_PENDING_USES = 1 << 16
 USE_FLUSH_SECONDS = 0.2
 COUNTER_FLUSH_SECONDS = 1.0
 
 
 class UseTracker:
-    def __init__(self, policy: Policy, refresh_seconds: float = 0.0):
+    """Counters and uses owed to the index.  It runs first in every write
+    transaction (Index.add_prelude): what is due is written there, and
+    given back if that transaction aborts.  ``record_uses=False`` (a
+    read-only handle, which never writes) keeps counters only."""
+
+    def __init__(self, policy: Policy, refresh_seconds: float = 0.0, record_uses: bool = True):
         self.policy = policy
+        self.record_uses = record_uses
         # A read of an entry used less than this long ago moves nothing in
         # the policy's order (CacheLib's LRU refresh time): recording a use
         # is about a quarter of a small read.
@@ -39,6 +48,12 @@ class UseTracker:
         with self._lock:
             self._pending[name] += n
 
+    def stored(self, puts: int, nbytes: int) -> None:
+        """Count ``puts`` values of ``nbytes`` in all stored."""
+        with self._lock:
+            self._pending["puts"] += puts
+            self._pending["bytes_written"] += nbytes
+
     def pending_counters(self) -> dict[str, int]:
         with self._lock:
             return dict(self._pending)
@@ -52,11 +67,19 @@ class UseTracker:
         """:meth:`hit` for each of ``refs``, under one lock."""
         if not refs:
             return False
+        pending = self._pending
+        if not self.record_uses:
+            with self._lock:
+                pending["hits"] += len(refs)
+                pending["bytes_read"] += sum(e.length for e in refs)
+            return False
         now = time.monotonic()
         wall = time.time()
         refresh = self.refresh
         with self._lock:
-            self._pending["hits"] += len(refs)
+            pending = self._pending
+            pending["hits"] += len(refs)
+            pending["bytes_read"] += sum(e.length for e in refs)
             for e in refs:
                 if refresh and wall - e.used < refresh:
                     continue
@@ -70,20 +93,21 @@ class UseTracker:
             return (n and (n >= USE_BATCH or now - self._last_use_flush >= USE_FLUSH_SECONDS)
                     or now - self._last_counter_flush >= COUNTER_FLUSH_SECONDS)
 
-    def flush(self, t: IndexTxn, force: bool = False):
+    def flush(self, t: IndexTxn):
         """Write batched uses, and counters when due, inside transaction ``t``;
         returns what it took (for :meth:`give_back`), None when nothing.
+        (The write that runs this asked for room for ``pending_keys``.)
 
         Uses of an entry that was evicted or replaced meanwhile are dropped.
         """
         now = time.monotonic()
-        if not (force or self._uses or now - self._last_counter_flush >= COUNTER_FLUSH_SECONDS):
+        if not (self._uses or now - self._last_counter_flush >= COUNTER_FLUSH_SECONDS):
             return  # nothing due (read without the lock: a miss only delays a flush)
         with self._lock:
             uses, self._uses = self._uses, {}
             self._last_use_flush = now
             delta = None
-            if force or now - self._last_counter_flush >= COUNTER_FLUSH_SECONDS:
+            if now - self._last_counter_flush >= COUNTER_FLUSH_SECONDS:
                 delta, self._pending = self._pending, dict.fromkeys(COUNTERS, 0)
                 self._last_counter_flush = now
         if uses:
@@ -92,6 +116,25 @@ class UseTracker:
             t.add_counters(delta)
         return uses, delta
 
+    def flush_counters(self, t: IndexTxn) -> None:
+        """Write the counters now, inside ``t`` (one record: no room asked)."""
+        with self._lock:
+            delta, self._pending = self._pending, dict.fromkeys(COUNTERS, 0)
+            self._last_counter_flush = time.monotonic()
+        t.add_counters(delta)
+
+    # The prelude of every write transaction (Index.add_prelude).
+
+    optional = True  # uses can wait while the index has no room for them
+
+    def pending_keys(self) -> int:
+        return len(self._uses)
+
+    before_write = flush
+
+    def undo_write(self, taken) -> None:
+        self.give_back(taken)
+
     def give_back(self, taken) -> None:
         """Take back what :meth:`flush` returned when its transaction was
         aborted, so those uses and counts are written by a later flush."""
@@ -99,6 +142,8 @@ class UseTracker:
             return
         uses, delta = taken
         with self._lock:
+            if len(self._uses) + len(uses) > MAX_PENDING_USES:
+                uses = {}  # the index keeps refusing them (full): forget the oldest
             for ikey, (count, wall, slot, gen) in uses.items():
                 u = self._uses.get(ikey)
                 if u is None:

@@ -139,6 +139,20 @@ def check_disjoint(tensors: Sequence[torch.Tensor], where: str = "outs") -> None
             )
 
 
+def _overlaps_itself(t: torch.Tensor) -> bool:
+    """True when two elements of ``t`` may share memory (an expanded or
+    as_strided view): a value cannot be copied into it.  Exact for every
+    layout torch's own views make; conservative for exotic strides."""
+    if t.is_contiguous() or t.numel() <= 1:
+        return False
+    reach = 0  # the furthest element offset the dims taken so far cover
+    for stride, n in sorted((st, n) for n, st in zip(t.shape, t.stride()) if n > 1):
+        if stride <= reach:
+            return True
+        reach += (n - 1) * stride
+    return False
+
+
 def match_out(out, meta: ValueDesc) -> list[torch.Tensor]:
     """Check ``out`` against ``meta``; raises UnsupportedValueError naming the difference."""
     tensors, is_list = as_list(out)
@@ -153,6 +167,12 @@ def match_out(out, meta: ValueDesc) -> list[torch.Tensor]:
             raise UnsupportedValueError(
                 f"out[{i}] is {dtype_name(t.dtype)}{list(t.shape)} but the stored tensor is "
                 f"{dt}{list(shape)}; allocate out with the stored dtype and shape"
+            )
+        if _overlaps_itself(t):
+            raise UnsupportedValueError(
+                f"out[{i}] has elements that share memory (an expanded or as_strided view), so "
+                "it cannot hold a value; pass a tensor with storage of its own, e.g. "
+                "torch.empty(shape, dtype=dtype)"
             )
     if len(tensors) > 1:
         check_disjoint(tensors)
@@ -279,6 +299,42 @@ def as_bytes(data) -> torch.Tensor:
         # Read-only buffers are only ever read from (written to the slab).
         warnings.simplefilter("ignore", UserWarning)
         return torch.frombuffer(view, dtype=torch.uint8)
+
+
+def out_bytes(out, where: str = "out") -> torch.Tensor:
+    """A 1-D uint8 view of ``out``'s own memory, to read raw bytes into:
+    a contiguous CPU tensor (any dtype) or a writable buffer.  Never a copy:
+    a read into a copy would leave ``out`` untouched.  Raises
+    UnsupportedValueError naming what to pass instead."""
+    if (type(out) is torch.Tensor and out.dtype is torch.uint8 and out.dim() == 1
+            and out.is_cpu and out.is_contiguous()):
+        return out
+    if isinstance(out, torch.Tensor):
+        if out.device.type != "cpu":
+            raise UnsupportedValueError(
+                f"{where} is on {out.device}; raw reads fill CPU memory: pass a CPU tensor "
+                "(get_into takes CUDA outs)")
+        if not out.is_contiguous():
+            raise UnsupportedValueError(
+                f"{where} is not contiguous (a slice with a step, or a transposed view), so the "
+                "bytes cannot land in it in order; pass a contiguous tensor (read into "
+                "torch.empty(n, dtype=torch.uint8), then copy where they belong)")
+        return byte_view(out.detach())
+    try:
+        view = memoryview(out)
+    except TypeError:
+        raise UnsupportedValueError(
+            f"{where} is a {type(out).__name__}; pass a uint8 tensor or a writable buffer "
+            "(bytearray, writable memoryview)") from None
+    if view.readonly:
+        raise UnsupportedValueError(
+            f"{where} is read-only ({type(out).__name__}); pass a bytearray or a tensor to read into")
+    if not view.c_contiguous:
+        raise UnsupportedValueError(f"{where} is a buffer that is not contiguous; pass a contiguous one")
+    view = view.cast("B")
+    if not len(view):
+        return torch.empty(0, dtype=torch.uint8)
+    return torch.frombuffer(view, dtype=torch.uint8)
 
 
 def describe(shapes: Sequence[Sequence[int]], dtypes: Sequence[torch.dtype], *,

@@ -1,6 +1,8 @@
 """A store on a filesystem that fills up: run as
-``python -m slabcache.testing.fullfs DIR`` with DIR a small filesystem of
-its own (a tmpfs mounted for the run); prints a JSON report.
+``python -m slabcache.testing.fullfs DIR [reads]`` with DIR a small
+filesystem of its own (a tmpfs mounted for the run); prints a JSON report.
+``reads``: batched reads and key-list writes of thousands of keys instead
+(run_reads).
 
 The store is made, the filesystem is filled with another file, then puts
 and gets go on until puts fail; the handle is closed and reopened
@@ -118,7 +120,53 @@ def run(root: str) -> dict:
     return rep
 
 
+def run_reads(root: str, keys: int = 4000) -> dict:
+    """Batched reads and key-list writes of thousands of keys on a full
+    filesystem: each records a use or a pin per key in one transaction,
+    which must find its room first (a write into a hole of the index's
+    map is a SIGBUS there).  Per operation: "ok" or "full" (refused with
+    StorageFullError); anything else is listed in ``other_errors``."""
+    index_env.INDEX_HEADROOM = 256 << 10
+    index_env.INDEX_MIN_HEADROOM = 64 << 10
+    rep: dict = {"stored": 0, "ops": {}, "other_errors": [], "wrong": 0, "right_after": 0}
+    path = os.path.join(root, "s")
+    names = [f"k{i}" for i in range(keys - 1)]
+    with SlabStore.open(path, capacity_bytes=keys * 4096, slot_bytes=4096) as s:
+        for j in range(0, len(names), 16):  # batches small enough to fit before the filler
+            s.put_many(names[j:j + 16], [expected(k, 600) for k in names[j:j + 16]])
+        rep["stored"] = len(s)
+        _fill(os.path.join(root, "filler"))
+        ops = (("get_many", lambda: s.get_many(names)), ("touch", lambda: s.touch(names)),
+               ("pin_prefix", lambda: s.pin_prefix(names)), ("unpin_many", lambda: s.unpin_many(names)),
+               ("get_many again", lambda: s.get_many(names)), ("put", lambda: s.put("x", expected("x"))),
+               ("clear", s.clear))
+        for name, op in ops:
+            try:
+                got = op()
+                rep["ops"][name] = "ok"
+                if name.startswith("get_many"):
+                    rep["wrong"] += sum(1 for k, v in zip(names, got)
+                                        if v is not None and not bool((v == expected(k, 600)).all()))
+            except StorageFullError:
+                rep["ops"][name] = "full"
+            except Exception as exc:  # anything else is a defect
+                rep["other_errors"].append(f"{name}: {type(exc).__name__}: {exc}")
+    os.unlink(os.path.join(root, "filler"))
+    with SlabStore.open(path) as s:
+        got = s.get_many(names)
+        rep["right_after"] = sum(1 for k, v in zip(names, got)
+                                 if v is not None and bool((v == expected(k, 600)).all()))
+        rep["wrong"] += sum(1 for k, v in zip(names, got)
+                            if v is not None and not bool((v == expected(k, 600)).all()))
+    rep["fsck_exit"] = check(path, progress=False).exit_code
+    return rep
+
+
 if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[2] == "reads":
+        print(json.dumps(run_reads(sys.argv[1])))
+        sys.stdout.flush()
+        sys.exit(0)
     print(json.dumps(run(sys.argv[1])))
     sys.stdout.flush()
     sys.exit(0)
