@@ -18,12 +18,12 @@ from ..device.slabfile import SlotRecords, extend_slab, read_header_bytes, write
 from ..device.storedir import ExclusiveLock, keep_modes_of
 from ..errors import CorruptStoreError
 from ..format.checksum import checksum
-from ..format.header import Geometry, pack_header, unpack_header
+from ..format.header import Geometry, unpack_header
 from ..format.keys import index_key, key_hash
 from ..format.layout import StorePaths
-from ..format.records import unpack_record_meta
+from ..format.records import record_meta, unpack_record_meta
 from ..index import Entry, Index, default_map_size
-from ..index import owner as owners
+from ..index.owner import pid_of
 from ..index.policy import make_policy
 from .common import existing_store, open_index, store_users
 from .progress import Progress
@@ -94,14 +94,24 @@ def _add(res: CheckResult, kind: str, detail: str, fixed: bool, slot=None, key=N
 def _check(paths: StorePaths, res, *, repair, deep, rebuild, progress) -> None:
     idx = open_index(paths, repair)
     try:
-        g, creation_id = _check_header(paths.slab, idx, res, repair)
+        g, creation_id, foreign = _check_header(paths.slab, idx, res, repair)
         if g is None:
             return
         res.slots_total = g.slot_count
         found_size = _check_size(paths.slab, g, res, repair)
+        if foreign:
+            # Another store's index: every entry in it is wrong here, while
+            # the slot records still name every entry of this slab.  A
+            # repair is the rebuild; nothing is taken from that index.
+            _add(res, "index belongs to another slab",
+                 f"the index's creation id is not the slab's; run `slabcache fsck {paths.root} "
+                 "--rebuild-index`, which rebuilds it from the slot records", fixed=repair)
+            rebuild = repair
         if idx is None or rebuild:
             if idx is None:
-                _add(res, "index unreadable", f"the LMDB index of {paths.root} is missing or damaged",
+                _add(res, "index unreadable",
+                     f"the LMDB index of {paths.root} is missing or damaged; run `slabcache fsck "
+                     f"{paths.root} --rebuild-index`, which rebuilds it from the slot records",
                      fixed=rebuild)
             if not rebuild:
                 return
@@ -138,40 +148,70 @@ def _check(paths: StorePaths, res, *, repair, deep, rebuild, progress) -> None:
             idx.release()
 
 
-def _check_header(slab_path, idx, res, repair) -> tuple[Geometry | None, bytes | None]:
-    """The slab's geometry and creation id, repaired from the index's copy
-    of the header when the slab's own is damaged or disagrees with it."""
+def _check_header(slab_path, idx, res, repair) -> tuple[Geometry | None, bytes | None, bool]:
+    """The slab's geometry and creation id, and whether the index belongs
+    to another slab.  A damaged header is restored from the index's copy
+    only when that copy fits this slab; a sound header is never replaced
+    by the copy of a foreign index."""
     raw = read_header_bytes(slab_path)
-    copy = None
+    copy = index_id = None
     if idx is not None:
         try:
             with idx.read() as t:
-                copy = t.header_copy()
+                copy, index_id = t.header_copy(), t.creation_id()
         except CorruptStoreError:
             pass  # the index check reports it
 
     try:
         found = unpack_header(raw, slab_path)
     except CorruptStoreError as exc:
-        fixable = copy is not None and "newer than" not in str(exc)
+        fixable = copy is not None and "newer than" not in str(exc) and _copy_fits(
+            slab_path, copy, idx)
         if fixable and repair:
             write_header_bytes(slab_path, copy)
-        _add(res, "slab header damaged", str(exc), fixed=fixable and repair)
-        return unpack_header(copy, slab_path) if fixable else (None, None)
+        detail = str(exc) if copy is None or fixable else (
+            f"{exc}; the index's copy of the header does not fit this slab (another store's "
+            "index?), so nothing restores it")
+        _add(res, "slab header damaged", detail, fixed=fixable and repair)
+        return (*unpack_header(copy, slab_path), False) if fixable else (None, None, False)
+    if index_id is not None and index_id != found[1]:
+        return (*found, True)
     if copy is None or copy == raw[:len(copy)]:
-        return found
+        return (*found, False)
     # The header's checksum holds but it disagrees with the copy the index
     # took at creation: the entries were laid out by the copy, so trust it.
     try:
         expected = unpack_header(copy, slab_path)
     except CorruptStoreError:
-        return found
+        return (*found, False)
+    if expected[0] == found[0] and expected[1] == found[1]:
+        return (*found, False)  # the same store, only the version differs (an upgrade)
     if repair:
         write_header_bytes(slab_path, copy)
     _add(res, "slab header differs from the index's copy",
          f"the header says {found[0].slot_count} slots of {found[0].slot_bytes} bytes, the "
          f"index's copy {expected[0].slot_count} of {expected[0].slot_bytes}", fixed=repair)
-    return expected
+    return (*expected, False)
+
+
+def _copy_fits(slab_path: str, copy: bytes, idx: Index) -> bool:
+    """Whether the index's copy of the header describes this slab: the size
+    matches, and the slot records agree with the index's entries (a copied
+    index of a store with the same geometry passes the first test only)."""
+    try:
+        g, _ = unpack_header(copy, slab_path)
+    except CorruptStoreError:
+        return False
+    if os.path.getsize(slab_path) != g.file_bytes:
+        return False
+    with idx.read() as t:
+        sample = [e for _, e in zip(range(16), t.entries())]
+    if not sample:
+        return True  # nothing to go wrong: the index names no entry
+    with SlotRecords(slab_path, g, writable=False) as records:
+        agree = sum(1 for e in sample if 0 <= e.slot < g.slot_count
+                    and (rec := records.read(e.slot)) is not None and rec.key_hash == key_hash(e.canon))
+    return agree * 2 > len(sample)
 
 
 def _check_size(slab_path, g: Geometry, res, repair) -> int:
@@ -190,6 +230,10 @@ def _check_size(slab_path, g: Geometry, res, repair) -> int:
 
 def _check_index(records: SlotRecords, g, creation_id, idx: Index, res, repair, deep, progress,
                  size) -> None:
+    """Check the index against the slot records (and, with ``deep``, the
+    payloads).  Without ``repair`` the store may be in use: what disagrees
+    with the snapshot read here is a finding only if it still disagrees in
+    a fresh transaction (see _confirmed)."""
     with idx.read() as t:
         if t.creation_id() != creation_id:
             _add(res, "index belongs to another slab", "creation ids differ; use --rebuild-index",
@@ -203,6 +247,7 @@ def _check_index(records: SlotRecords, g, creation_id, idx: Index, res, repair, 
         pins = t.all_pins()
         handles = t.owners()
         order = dict(t.order_keys())
+    in_use = not repair
 
     drop: dict[bytes, Entry] = {}
     bad_raw: list[bytes] = []
@@ -236,23 +281,39 @@ def _check_index(records: SlotRecords, g, creation_id, idx: Index, res, repair, 
             continue
         by_slot.setdefault(e.slot, []).append(e)
 
+    stored = {e.canon for e in entries}
+    rewrite: list[Entry] = []  # entries kept whose record is rewritten from them
+    restore: list[tuple[int, object, bytes, object]] = []  # records that become entries again
     for slot, es in by_slot.items():
         rec = records.read(slot)
-        good = [e for e in es if rec is not None and rec.key_hash == key_hash(e.canon)
-                and rec.generation == e.generation and rec.length == e.length
-                and rec.checksum == e.checksum]
+        good = [e for e in es if _agrees(rec, e)]
         if len(es) > 1:
             _add(res, "shared slot", f"{len(es)} entries point at slot {slot}", repair, slot,
                  [x.canon for x in es])
-        for e in es:
-            if e not in good:
-                if len(es) == 1:
-                    _add(res, "record mismatch", "the slot's own record disagrees with the index "
-                         "(key hash, generation, length or checksum)", repair, slot, e.canon)
-                drop[e.ikey] = e
-        if len(good) > 1:  # cannot tell which is right: keep none
-            for e in good:
-                drop[e.ikey] = e
+            for e in es:
+                if e not in good or len(good) > 1:  # cannot tell which is right: keep none
+                    drop[e.ikey] = e
+            continue
+        e = es[0]
+        if good or not _confirmed(idx, lambda t, e=e: _still_disagrees(t, records, e), in_use):
+            continue
+        # The record and the entry disagree: keep whichever the payload proves.
+        data = records.read_payload(slot, g.slot_bytes)
+        if not e.checksum or checksum([data[:e.length]]) == e.checksum:
+            _add(res, "record mismatch", "the slot's own record disagrees with the index; the "
+                 "payload matches the index entry, so the record is rewritten from it", repair,
+                 slot, e.canon)
+            rewrite.append(e)
+            continue
+        drop[e.ikey] = e
+        own = _record_entry(rec, data, g)
+        if own is not None and own[0] not in stored:
+            _add(res, "record mismatch", "the index entry does not match the payload; the slot's "
+                 "own record does, so its entry is restored", repair, slot, e.canon)
+            restore.append((slot, rec, *own))
+        else:
+            _add(res, "record mismatch", "neither the index entry nor the slot's record matches "
+                 "the payload; the entry is dropped", repair, slot, e.canon)
 
     if deep:
         bar = Progress(sum(e.length for e in entries if e.ikey not in drop), "scrub ", progress)
@@ -262,23 +323,33 @@ def _check_index(records: SlotRecords, g, creation_id, idx: Index, res, repair, 
             data = records.read_payload(e.slot, e.length)
             res.bytes_scrubbed += len(data)
             bar.add(len(data))
-            if e.checksum and checksum([data]) != e.checksum:
+            if e.checksum and checksum([data]) != e.checksum and _confirmed(
+                    idx, lambda t, e=e: _still_fails(t, records, e), in_use):
                 _add(res, "checksum mismatch", "payload bytes differ from their checksum",
                      repair, e.slot, e.canon)
                 drop[e.ikey] = e
 
     live = {e.slot: e for e in entries if e.ikey not in drop and 0 <= e.slot < g.slot_count}
-    live_res = {s: (gen, who) for s, gen, who in reserved if owners.is_alive(who)}
+    live.update({slot: None for slot, *_ in restore})
+    live_res = {s: (gen, who) for s, gen, who in reserved if idx.alive(who)}
     for s, _gen, who in reserved:
-        if not owners.is_alive(who):
+        if not idx.alive(who):
             _add(res, "stale reservation", f"slot {s} was being written by dead pid "
-                 f"{owners.pid_of(who)}", repair, s)
+                 f"{pid_of(who)}", repair, s)
     both = sorted(set(free) & set(live))
     for s in both:
         _add(res, "slot free and used", f"slot {s} is on the free list and holds an entry", repair, s)
     beyond = sorted(s for s in free if s >= g.slot_count)
     for s in beyond:
         _add(res, "free slot out of range", f"free list names slot {s}", repair, s)
+    # A free slot keeps no record: an index rebuilt from the records would
+    # bring back what was evicted, removed or never committed.
+    stale = [s for s in sorted(free) if s < g.slot_count and s not in live
+             and records.read(s) is not None
+             and _confirmed(idx, lambda t, s=s: _still_free_with_record(t, records, s), in_use)]
+    for s in stale:
+        _add(res, "stale record", f"free slot {s} still has a record (a put or an eviction was "
+             "cut short); a rebuilt index would bring its entry back", repair, s)
     high = max([next_unused - 1, *live.keys(), *free.keys(), *live_res.keys()], default=-1)
     if next_unused < g.slot_count and any(s >= next_unused for s in live):
         _add(res, "allocation mark too low", f"entries above the mark {next_unused}", repair)
@@ -294,13 +365,14 @@ def _check_index(records: SlotRecords, g, creation_id, idx: Index, res, repair, 
     if expected != order:
         _add(res, "policy order out of step",
              f"{len(set(order) ^ set(expected))} order records disagree with the entries", repair)
-    stale_pins = [(k, w) for k, w, _n in pins if not owners.is_alive(w)]
+    stale_pins = [(k, w) for k, w, _n in pins if not idx.alive(w)]
     for k, w in stale_pins:
-        _add(res, "stale pin", f"pin held by dead pid {owners.pid_of(w)}", repair, key=k)
-    stale_handles = [w for w, _t, _wr in handles if not owners.is_alive(w)]
+        _add(res, "stale pin", f"pin held by dead pid {pid_of(w)}", repair, key=k)
+    stale_handles = [w for w, _t, _wr in handles if not idx.alive(w)]
 
     if not repair:
         return
+    now = time.time()
     with idx.write(durable=True) as t:
         for k in bad_raw:
             t.drop_entry_key(k)
@@ -309,34 +381,110 @@ def _check_index(records: SlotRecords, g, creation_id, idx: Index, res, repair, 
         for s in both + beyond:
             t.forget_free(s)
         for s, _gen, who in reserved:
-            if not owners.is_alive(who):
+            if not idx.alive(who):
                 t.unreserve(s)
         t.set_next_unused(mark)
         for s in range(mark):
             if s not in live and s not in live_res and (s not in free or s in both):
                 t.release_slot(s, free.get(s, 0) if s not in both else 0)
-        t.rebuild_order(policy, live.values())
+        t.rebuild_order(policy, [e for e in live.values() if e is not None])
+        for slot, rec, canon, meta in restore:
+            t.insert(index_key(canon), canon, slot, rec.generation, rec.length, rec.checksum,
+                     meta.encode(), policy, now)
         for k, w in stale_pins:
             t.delete_pin(k, w)
         for w in stale_handles:
             t.unregister_owner(w)
-    for s in sorted(dropped_slots):
-        if s not in live:
-            records.clear(s)
+        vacated = set(t.vacated)
+    for e in rewrite:
+        records.write_fields(e.slot, e.generation, e.length, e.checksum, key_hash(e.canon),
+                             record_meta(e.canon, e.meta_raw))
+    # Every slot left free has no record: what was dropped, reaped or stale.
+    for s in sorted((vacated | set(stale) | dropped_slots) - set(live)):
+        records.clear(s)
+
+
+CONFIRM_TRIES = 5
+CONFIRM_PAUSE = 0.02  # seconds: a writer between its record write and its commit
+
+
+def _confirmed(idx: Index, still_wrong, in_use: bool) -> bool:
+    """Whether a disagreement found against the snapshot is real.  In a
+    store others may be writing, records and payloads are read after the
+    snapshot was taken: the disagreement must hold in fresh transactions,
+    a few times over, since a writer writes a slot's record before it
+    commits the entry (and clears it before committing an eviction)."""
+    if not in_use:
+        return True
+    for i in range(CONFIRM_TRIES):
+        if i:
+            time.sleep(CONFIRM_PAUSE)
+        with idx.read() as t:
+            if not still_wrong(t):
+                return False
+    return True
+
+
+def _agrees(rec, e: Entry) -> bool:
+    return (rec is not None and rec.key_hash == key_hash(e.canon) and rec.generation == e.generation
+            and rec.length == e.length and rec.checksum == e.checksum)
+
+
+def _current(t, e: Entry) -> bool:
+    cur = t.entry_at(e.ikey)
+    return cur is not None and (cur.slot, cur.generation) == (e.slot, e.generation)
+
+
+def _still_disagrees(t, records: SlotRecords, e: Entry) -> bool:
+    return _current(t, e) and not _agrees(records.read(e.slot), e)
+
+
+def _still_fails(t, records: SlotRecords, e: Entry) -> bool:
+    return _current(t, e) and checksum([records.read_payload(e.slot, e.length)]) != e.checksum
+
+
+def _still_free_with_record(t, records: SlotRecords, slot: int) -> bool:
+    return t.is_free(slot) and records.read(slot) is not None
+
+
+def _record_entry(rec, data: bytes, g: Geometry):
+    """(key, value description) of a record that describes the payload
+    ``data`` (its key, length and checksum all hold), or None."""
+    if rec is None or not rec.meta or not rec.checksum or rec.length > g.slot_bytes:
+        return None
+    try:
+        canon, meta = unpack_record_meta(rec.meta)
+    except (CorruptStoreError, struct.error):
+        return None
+    if (key_hash(canon) != rec.key_hash or meta.length != rec.length
+            or checksum([data[:rec.length]]) != rec.checksum):
+        return None
+    return canon, meta
 
 
 def _rebuild(paths: StorePaths, g: Geometry, creation_id: bytes, res: CheckResult, progress) -> None:
-    """Rebuild the index from the slot records, keeping every intact entry."""
+    """Rebuild the index from the slot records, keeping every intact entry.
+
+    A free slot has no record (the store clears it before the slot leaves
+    the index), so every record names an entry that was stored, unless a
+    crash cut a put or an eviction short.  A key found in two slots cannot
+    be told apart (generations count per slot), so neither is restored.
+    The new index takes the modes and owner of the old one, or the slab's.
+    """
     tmp = paths.index_rebuild
     shutil.rmtree(tmp, ignore_errors=True)
-    found: dict[bytes, tuple] = {}
-    with SlotRecords(paths.slab, g, writable=False) as records:
+    found: dict[bytes, list[tuple]] = {}
+    unused: list[int] = []  # slots whose record no entry will match: cleared
+    with SlotRecords(paths.slab, g, writable=True) as records:
         size = records.file_size()
         bar = Progress(g.slot_count, "rebuild ", progress)
         for slot in range(g.slot_count):
             bar.step()
             rec = records.read(slot)
-            if rec is None or rec.length > g.slot_bytes or g.slot_offset(slot) + rec.length > size:
+            if rec is None:
+                continue
+            if rec.length > g.slot_bytes or g.slot_offset(slot) + rec.length > size:
+                unused.append(slot)
                 continue
             if not rec.meta:
                 _add(res, "unrecoverable entry", "the slot's record had no room for its key",
@@ -345,38 +493,74 @@ def _rebuild(paths: StorePaths, g: Geometry, creation_id: bytes, res: CheckResul
             try:
                 canon, meta = unpack_record_meta(rec.meta)
             except (CorruptStoreError, struct.error):
+                unused.append(slot)
                 continue
             data = records.read_payload(slot, rec.length)
             res.bytes_scrubbed += len(data)
             if key_hash(canon) != rec.key_hash or (rec.checksum and checksum([data]) != rec.checksum):
                 _add(res, "damaged entry", "payload fails its checksum; not restored", fixed=True,
                      slot=slot, key=canon)
+                unused.append(slot)
                 continue
-            prev = found.get(canon)
-            if prev is None or rec.generation > prev[1].generation:
-                found[canon] = (slot, rec, canon, meta)
-    idx = Index.acquire(tmp, map_size=default_map_size(g.slot_count), create=True)
-    try:
-        idx.ensure_room(len(found) * 512)  # one large transaction follows
-        used = set()
-        with idx.write(durable=True) as t:
-            pol = make_policy("lru")
-            t.init_store(creation_id, pack_header(g, creation_id), pol)
-            now = time.time()
-            for slot, rec, canon, meta in sorted(found.values(), key=lambda x: x[0]):
-                t.insert(index_key(canon), canon, slot, rec.generation, rec.length, rec.checksum,
-                         meta.encode(), pol, now)
-                used.add(slot)
-            mark = max(used) + 1 if used else 0
-            t.set_next_unused(mark)
-            for s in range(mark):
-                if s not in used:
-                    t.release_slot(s, 0)
-    finally:
-        idx.release()
+            found.setdefault(canon, []).append((slot, rec, canon, meta))
+        for canon, copies in list(found.items()):
+            if len(copies) > 1:
+                slots = [c[0] for c in copies]
+                _add(res, "ambiguous entry", f"the key has records in slots {slots}, and which is "
+                     "newer cannot be told; neither is restored", fixed=True, key=canon)
+                unused += slots
+                del found[canon]
+        header = read_header_bytes(paths.slab)
+        idx = Index.acquire(tmp, map_size=default_map_size(g.slot_count), create=True)
+        try:
+            idx.ensure_room(len(found) * 512)  # one large transaction follows
+            with idx.write(durable=True) as t:
+                pol = make_policy("lru")
+                t.init_store(creation_id, header, pol)
+                now = time.time()
+                used = set()
+                for slot, rec, canon, meta in sorted((c[0] for c in found.values()),
+                                                     key=lambda x: x[0]):
+                    t.insert(index_key(canon), canon, slot, rec.generation, rec.length, rec.checksum,
+                             meta.encode(), pol, now)
+                    used.add(slot)
+                mark = max(used) + 1 if used else 0
+                t.set_next_unused(mark)
+                for s in range(mark):
+                    if s not in used:
+                        t.release_slot(s, 0)
+        finally:
+            idx.release()
+        for slot in unused:  # free now: a record there would come back at the next rebuild
+            records.clear(slot)
     res.entries = len(found)
+    _take_modes(paths, tmp)
     if os.path.exists(paths.index):
-        keep_modes_of(paths.index, tmp)
         shutil.rmtree(paths.index)
     os.rename(tmp, paths.index)
     _add(res, "index rebuilt", f"restored {len(found)} entries from the slot records", fixed=True)
+
+
+def _take_modes(paths: StorePaths, new: str) -> None:
+    """Give a rebuilt index the modes and owner of the one it replaces, or,
+    when that is gone, the slab's (a directory also searchable where the
+    slab is readable): run by root, fsck must not leave an index the
+    store's owner cannot open."""
+    if os.path.exists(paths.lmdb_data):
+        keep_modes_of(paths.index, new)
+        return
+    st = os.stat(paths.slab)
+    file_mode = st.st_mode & 0o666
+    dir_mode = file_mode | (file_mode & 0o444) >> 2
+    for name in os.listdir(new):
+        os.chmod(os.path.join(new, name), file_mode)
+        _chown(os.path.join(new, name), st)
+    os.chmod(new, dir_mode)
+    _chown(new, st)
+
+
+def _chown(path: str, st: os.stat_result) -> None:
+    try:
+        os.chown(path, st.st_uid, st.st_gid)
+    except PermissionError:
+        pass  # not root: the files are ours, as the slab is
