@@ -1,0 +1,566 @@
+"""The second round of hardening: odd read targets, processes in other PID
+namespaces, rebuilds after eviction, foreign indexes, files that are not
+what they seem, duplicate keys in a batch, failed transactions, a map grown
+elsewhere, modes, a live fsck, read-only handles, sizes and counters."""
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from slabcache import ConfigError, SlabStore, UnsupportedValueError
+from slabcache.admin.fsck import check
+from slabcache.cli import main as cli_main
+from slabcache.core.values import describe
+from slabcache.format.keys import canonical_key, index_key
+from slabcache.format.layout import StorePaths
+from slabcache.index import IndexTxn
+from slabcache.testing import child_env, expected
+from tests.helpers import rand_tensor, run_py
+
+
+def _fsck(p, *flags):
+    return check(p, repair="--repair" in flags, deep="--deep" in flags,
+                 rebuild_index="--rebuild-index" in flags, progress=False)
+
+
+# ------------------------------------------------------------------ odd outs
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = SlabStore.open(tmp_path / "s", capacity_bytes=16 * 4096, slot_bytes=4096)
+    s.put("k", rand_tensor(1000, 1))
+    yield s
+    s.close()
+
+
+@pytest.mark.parametrize("make_out", [
+    lambda: torch.zeros(2000, dtype=torch.uint8)[::2],  # a slice with a step
+    lambda: torch.zeros(40, 25, dtype=torch.uint8).t(),  # transposed
+], ids=["stepped", "transposed"])
+def test_a_raw_read_never_fills_a_hidden_copy(store, make_out):
+    """Each raw read path refuses an out its bytes cannot land in, instead
+    of filling a copy and reporting a hit."""
+    for read in (lambda o: store.get_raw_into("k", o),
+                 lambda o: store.get_many_raw_into(["k"], [o]),
+                 lambda o: store.read_many_raw_into(store.lookup_many(["k"]), [o])):
+        out = make_out()
+        with pytest.raises(UnsupportedValueError, match="not contiguous"):
+            read(out)
+        assert not out.any()  # untouched
+    assert torch.equal(store.get("k"), rand_tensor(1000, 1))  # nothing lost
+
+
+def test_bytes_are_never_written_into(store):
+    frozen = bytes(1000)
+    with pytest.raises(UnsupportedValueError, match="read-only"):
+        store.get_raw_into("k", frozen)
+    assert frozen == bytes(1000)
+    room = bytearray(1000)  # a writable buffer works
+    assert store.get_raw_into("k", room) is not None
+    assert bytes(room) == rand_tensor(1000, 1).numpy().tobytes()
+
+
+def test_an_expanded_out_is_refused_with_a_clear_error(store):
+    assert store.put("m", rand_tensor(1000, 2).view(10, 100))
+    for key, out in (("k", torch.zeros(1, dtype=torch.uint8).expand(1000)),
+                     ("m", torch.zeros(1, 100, dtype=torch.uint8).expand(10, 100))):
+        with pytest.raises(UnsupportedValueError, match="share memory"):
+            store.get_into(key, out)
+        with pytest.raises(UnsupportedValueError, match="share memory"):
+            store.get_many_into([key], [out])
+    # Non-contiguous outs whose elements are distinct still work.
+    big = torch.zeros(2000, dtype=torch.uint8)
+    assert store.get_into("k", big[::2]) and torch.equal(big[::2], rand_tensor(1000, 1))
+    t = torch.zeros(100, 10, dtype=torch.uint8).t()
+    assert store.get_into("m", t) and torch.equal(t, rand_tensor(1000, 2).view(10, 100))
+
+
+# ------------------------------------------------------------------ PID namespaces
+
+
+def _private_pid_namespace() -> str | None:
+    """Why a process cannot be started in a PID namespace of its own with
+    its own /proc here (as in another container), or None when it can."""
+    if not shutil.which("unshare"):
+        return "needs util-linux `unshare` to start a process in another PID namespace"
+    r = subprocess.run(["unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount-proc",
+                        "sh", "-c", "echo $$"], capture_output=True, text=True)
+    if r.returncode != 0 or r.stdout.strip() != "1":
+        return f"this machine does not allow a private PID namespace ({r.stderr.strip()[:80]})"
+    return None
+
+
+def _in_namespace(code: str, *args: str, timeout: float = 120) -> subprocess.Popen:
+    return subprocess.Popen(
+        ["unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount-proc", "--kill-child",
+         sys.executable, "-c", code, *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
+
+
+_CHURN = """
+import json, sys, os
+from slabcache import SlabStore
+from slabcache.testing import expected
+with SlabStore.open(sys.argv[1]) as s:
+    stored = 0
+    for i in range(400):  # four times the store: every unpinned entry is evicted
+        stored += s.put(f"ns{i}", expected(f"ns{i}"))
+    print(json.dumps({"pid": os.getpid(), "stored": stored}))
+"""
+
+
+def test_a_process_in_another_pid_namespace_respects_pins_and_reservations(tmp_path):
+    """The holder's pid means nothing (or another process) in the other
+    namespace's /proc; its locks still prove it alive."""
+    why = _private_pid_namespace()
+    if why:
+        pytest.skip(why)
+    p = tmp_path / "s"
+    with SlabStore.open(p, capacity_bytes=100 * 4096, slot_bytes=4096) as s:
+        for i in range(4):
+            assert s.put(f"pinned{i}", expected(f"pinned{i}")) and s.pin(f"pinned{i}")
+        # A put in flight: reserved, not yet written or committed.
+        canon = canonical_key("inflight")
+        r = s._allocator.reserve(canon, index_key(canon))
+        child = _in_namespace(_CHURN, str(p))
+        out, err = child.communicate(timeout=120)
+        assert child.returncode == 0, err[-2000:]
+        rep = json.loads(out.strip().splitlines()[-1])
+        assert rep["pid"] != os.getpid() and rep["stored"] > 0
+        for i in range(4):  # pins held: not one evicted
+            assert torch.equal(s.get(f"pinned{i}"), expected(f"pinned{i}"))
+        # The reservation was not reaped: this put completes and reads back.
+        v = expected("inflight")
+        meta = describe([v.shape], [v.dtype], is_list=False).encoded
+        csum = s._write_slot(r.slot, r.generation, canon, [v], v.numel(), meta)
+        assert r.commit(canon, index_key(canon), csum, meta, v.numel()).ok
+        assert torch.equal(s.get("inflight"), v)
+        assert s.stats()["slots_reserved"] == 0
+
+
+_HOLD = """
+import sys, time
+from slabcache import SlabStore
+from slabcache.testing import expected
+s = SlabStore.open(sys.argv[1])
+assert s.put("held", expected("held")) and s.pin("held")
+print("holding", flush=True)
+time.sleep(float(sys.argv[2]))
+"""
+
+
+def test_pins_of_a_namespaced_process_hold_while_it_lives_and_lapse_when_it_dies(tmp_path):
+    why = _private_pid_namespace()
+    if why:
+        pytest.skip(why)
+    p = tmp_path / "s"
+    SlabStore.open(p, capacity_bytes=64 * 4096, slot_bytes=4096).close()
+    holder = _in_namespace(_HOLD, str(p), "60")
+    assert holder.stdout.readline().strip() == "holding"
+    try:
+        with SlabStore.open(p) as s:
+            for i in range(200):
+                s.put(f"x{i}", expected(f"x{i}"))
+            assert s.pin_count("held") == 1 and torch.equal(s.get("held"), expected("held"))
+    finally:
+        holder.kill()
+        holder.communicate()
+    with SlabStore.open(p) as s:  # its process is gone: the pin lapses
+        assert s.pin_count("held") == 0
+        for i in range(200):
+            s.put(f"y{i}", expected(f"y{i}"))
+        assert "held" not in s
+
+
+def test_the_same_pid_in_two_namespaces_is_refused_with_what_to_change(tmp_path):
+    why = _private_pid_namespace()
+    if why:
+        pytest.skip(why)
+    p = tmp_path / "s"
+    SlabStore.open(p, capacity_bytes=16 * 4096, slot_bytes=4096).close()
+    first = _in_namespace(_HOLD, str(p), "60")  # pid 1 in its namespace
+    assert first.stdout.readline().strip() == "holding"
+    try:
+        second = _in_namespace("""
+import sys
+from slabcache import SlabStore, ConfigError
+try:
+    SlabStore.open(sys.argv[1]).close()
+    print("opened")
+except ConfigError as exc:
+    print(exc)
+""", str(p))
+        out, err = second.communicate(timeout=120)
+    finally:
+        first.kill()
+        first.communicate()
+    assert second.returncode == 0, err[-2000:]
+    assert "another PID namespace" in out and "--pid=host" in out and "own store path" in out
+
+
+# ------------------------------------------------------------------ rebuild after eviction
+
+
+def test_a_rebuilt_index_never_brings_back_what_was_evicted_or_replaced(tmp_path):
+    """Stores of 256+ slots keep one free by evicting ahead of need; puts at
+    capacity evict too.  Every evicted slot's record is cleared, so a
+    rebuild restores exactly what the index held."""
+    p = tmp_path / "s"
+    with SlabStore.open(p, capacity_bytes=256 * 4096, slot_bytes=4096) as s:
+        assert s.put("x", rand_tensor(1000, 1))  # the old value
+        for i in range(600):  # evicts x and hundreds more, both ways
+            s.put(f"k{i}", expected(f"k{i}"))
+        assert "x" not in s
+        assert s.put("x", rand_tensor(1000, 2))  # stored again, elsewhere
+        before = {k: s.get(k) for k in s.keys()}
+    assert _fsck(p, "--deep").exit_code == 0
+    shutil.rmtree(StorePaths(p).index)
+    res = _fsck(p, "--rebuild-index")
+    assert res.exit_code == 1, res.findings
+    assert [f.kind for f in res.findings] == ["index unreadable", "index rebuilt"]
+    with SlabStore.open(p) as s:
+        assert sorted(s.keys()) == sorted(before)
+        for k, v in before.items():
+            assert torch.equal(s.get(k), v), k
+        assert torch.equal(s.get("x"), rand_tensor(1000, 2))
+
+
+def test_a_key_in_two_slots_is_restored_in_neither(tmp_path):
+    """Two records of one key cannot be ordered (generations count per
+    slot): a rebuild keeps none of them rather than possibly the older."""
+    p = tmp_path / "s"
+    with SlabStore.open(p, capacity_bytes=16 * 4096, slot_bytes=4096) as s:
+        s.put("a", rand_tensor(1000, 1))
+        s.put("keep", rand_tensor(1000, 3))
+        slot = s.entry("a").slot
+        g = s.geometry
+    with open(p / "slab", "r+b") as f:  # a second copy of a's record and payload
+        f.seek(g.record_offset(slot))
+        rec = f.read(g.record_bytes)
+        f.seek(g.slot_offset(slot))
+        payload = f.read(g.slot_bytes)
+        f.seek(g.record_offset(9))
+        f.write(rec)
+        f.seek(g.slot_offset(9))
+        f.write(payload)
+    res = _fsck(p, "--rebuild-index")
+    assert "ambiguous entry" in [f.kind for f in res.findings]
+    with SlabStore.open(p) as s:
+        assert "a" not in s and torch.equal(s.get("keep"), rand_tensor(1000, 3))
+    assert _fsck(p, "--rebuild-index").findings[-1].detail.startswith("restored 1 ")
+
+
+# ------------------------------------------------------------------ foreign index
+
+
+def _two_stores(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for p, tag in ((a, "a"), (b, "b")):
+        with SlabStore.open(p, capacity_bytes=16 * 4096, slot_bytes=4096) as s:
+            for i in range(10):
+                s.put(f"{tag}{i}", expected(f"{tag}{i}"))
+    return a, b
+
+
+def test_a_foreign_index_is_named_and_rebuilt_never_written_over_the_slab(tmp_path):
+    a, b = _two_stores(tmp_path)
+    header = (a / "slab").read_bytes()[:4096]
+    shutil.rmtree(a / "index")
+    shutil.copytree(b / "index", a / "index")
+    res = _fsck(a)
+    assert res.exit_code == 4 and res.findings[0].kind == "index belongs to another slab"
+    assert "--rebuild-index" in res.findings[0].detail
+    assert (a / "slab").read_bytes()[:4096] == header  # nothing written
+    res = _fsck(a, "--repair")
+    assert res.exit_code == 1, res.findings
+    assert (a / "slab").read_bytes()[:4096] == header
+    with SlabStore.open(a) as s:
+        assert sorted(s.keys()) == sorted(f"a{i}" for i in range(10))
+        assert all(torch.equal(s.get(f"a{i}"), expected(f"a{i}")) for i in range(10))
+    assert _fsck(a, "--deep").exit_code == 0
+
+
+def test_a_damaged_header_is_not_restored_from_a_foreign_index(tmp_path):
+    a, b = _two_stores(tmp_path)
+    shutil.rmtree(a / "index")
+    shutil.copytree(b / "index", a / "index")
+    with open(a / "slab", "r+b") as f:
+        f.seek(24)
+        f.write(b"\x00\x00\x10\x00")
+    damaged = (a / "slab").read_bytes()
+    res = _fsck(a, "--repair")
+    assert res.exit_code == 4
+    assert res.findings[0].kind == "slab header damaged" and "does not fit" in res.findings[0].detail
+    assert (a / "slab").read_bytes() == damaged
+
+
+# ------------------------------------------------------------------ links, FIFOs, directories
+
+
+def test_repair_never_writes_through_a_symlinked_slab(tmp_path):
+    p = tmp_path / "s"
+    with SlabStore.open(p, capacity_bytes=16 * 4096, slot_bytes=4096) as s:
+        s.put("a", expected("a"))
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious" * 100)
+    os.replace(p / "slab", tmp_path / "slab.moved")
+    os.symlink(victim, p / "slab")
+    for argv in (["fsck", str(p), "--repair"], ["fsck", str(p)], ["stats", str(p)]):
+        assert cli_main(argv) == 8
+    with pytest.raises(ConfigError, match="symbolic link"):
+        SlabStore.open(p)
+    assert victim.read_bytes() == b"precious" * 100
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+def test_a_slab_that_is_a_fifo_or_a_directory_is_refused_at_once(tmp_path, kind):
+    p = tmp_path / "s"
+    SlabStore.open(p, capacity_bytes=16 * 4096, slot_bytes=4096).close()
+    os.unlink(p / "slab")
+    if kind == "fifo":
+        os.mkfifo(p / "slab")
+    else:
+        os.mkdir(p / "slab")
+    out = run_py("""
+        import sys
+        from slabcache import SlabStore, ConfigError, cli
+        try:
+            SlabStore.open(sys.argv[1])
+        except ConfigError as exc:
+            print("open:", exc)
+        for cmd in ("stats", "ls", "fsck"):
+            print(cmd, cli.main([cmd, sys.argv[1]]))
+    """, str(p), timeout=60).stdout  # a FIFO used to block forever here
+    name = "a FIFO" if kind == "fifo" else "a directory"
+    assert f"is {name}, not a regular file" in out
+    assert "stats 8" in out and "ls 8" in out and "fsck 8" in out
+
+
+# ------------------------------------------------------------------ duplicate keys in a batch
+
+
+def test_a_repeated_key_in_a_batch_shares_its_first_outcome(tmp_path):
+    with SlabStore.open(tmp_path / "s", capacity_bytes=4 * 4096, slot_bytes=4096) as s:
+        for i in range(4):
+            assert s.put(f"p{i}", expected(f"p{i}")) and s.pin(f"p{i}")
+        v = expected("new")
+        desc = describe([v.shape], [v.dtype], is_list=False)
+        assert s.put_many(["new", "new"], [v, v]) == [False, False]
+        assert s.put_many_raw(["new", "new"], [v, v], [desc, desc]) == [False, False]
+        assert s.put_many_raw_async(["new", "new"], [v, v], [desc, desc]).result() == [False, False]
+        assert "new" not in s
+        s.unpin("p0")
+        assert s.put_many(["new", "other", "new"], [v, v, v]) == [True, False, True]
+        assert torch.equal(s.get("new"), v) and len(s) == 4
+
+
+# ------------------------------------------------------------------ failed transactions
+
+
+def test_a_failed_reserve_gives_back_the_orphans_and_uses_it_took(tmp_path, monkeypatch):
+    with SlabStore.open(tmp_path / "s", capacity_bytes=16 * 4096, slot_bytes=4096) as s:
+        s.put("a", expected("a"))
+        # An orphan (a reservation whose give-back failed) and a pending use.
+        canon = canonical_key("orphan")
+        r = s._allocator.reserve(canon, index_key(canon))
+        s._allocator._orphans.append(r)
+        uses_before = s.entry("a").use.hits
+        s.get("a")
+        assert s._uses.pending_keys() == 1
+        boom = RuntimeError("injected failure inside the transaction")
+        claim = IndexTxn.claim
+
+        def fail(*a, **kw):
+            raise boom
+
+        monkeypatch.setattr(IndexTxn, "claim", fail)
+        with pytest.raises(RuntimeError, match="injected"):
+            s.put_many(["b", "c"], [expected("b"), expected("c")])
+        monkeypatch.setattr(IndexTxn, "claim", claim)
+        assert s.stats()["slots_reserved"] == 1  # the aborted transaction released nothing...
+        assert s._uses.pending_keys() == 1 and s._allocator.pending_keys() == 1  # ...and owes it still
+        assert s.put("b", expected("b"))  # the next write does it
+        assert s.stats()["slots_reserved"] == 0
+        assert s.entry("a").use.hits == uses_before + 1
+
+
+# ------------------------------------------------------------------ a map grown elsewhere
+
+
+def test_a_map_another_process_grew_and_filled_is_followed(tmp_path):
+    p = tmp_path / "s"
+    with SlabStore.open(p, capacity_bytes=4096 * 4096, slot_bytes=4096, index_map_bytes=1 << 20) as s:
+        assert s.put("before", expected("before"))
+        # Another process, with a larger map, writes past the end of ours.
+        run_py("""
+            import sys
+            from slabcache import SlabStore
+            from slabcache.testing import expected
+            with SlabStore.open(sys.argv[1], index_map_bytes=64 << 20) as o:
+                for i in range(1500):
+                    assert o.put(f"{i}-" + "k" * 300, expected("x"))
+        """, str(p), timeout=300)
+        assert torch.equal(s.get("before"), expected("before"))
+        assert s.put("after", expected("after")) and torch.equal(s.get("after"), expected("after"))
+        assert len(s) == 1502
+
+
+# ------------------------------------------------------------------ modes
+
+
+def test_a_group_shared_lock_file_is_group_writable_whatever_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        SlabStore.open(tmp_path / "s", capacity_bytes=16 * 4096, slot_bytes=4096, share_group=True).close()
+    finally:
+        os.umask(old)
+    for name in ("lock", "slab", "index/data.mdb", "index/lock.mdb"):
+        assert stat.S_IMODE(os.stat(tmp_path / "s" / name).st_mode) == 0o660, name
+
+
+@pytest.mark.parametrize("share_group", [False, True])
+def test_a_rebuilt_index_takes_the_slabs_modes(tmp_path, share_group):
+    p = tmp_path / "s"
+    with SlabStore.open(p, capacity_bytes=16 * 4096, slot_bytes=4096, share_group=share_group) as s:
+        s.put("a", expected("a"))
+    shutil.rmtree(p / "index")
+    assert _fsck(p, "--rebuild-index").exit_code == 1
+    file_mode, dir_mode = (0o660, 0o770) if share_group else (0o600, 0o700)
+    assert stat.S_IMODE(os.stat(p / "index").st_mode) == dir_mode
+    for name in os.listdir(p / "index"):
+        assert stat.S_IMODE(os.stat(p / "index" / name).st_mode) == file_mode
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give the store's files another owner")
+def test_an_index_rebuilt_by_root_belongs_to_the_stores_owner(tmp_path):
+    p = tmp_path / "s"
+    with SlabStore.open(p, capacity_bytes=16 * 4096, slot_bytes=4096) as s:
+        s.put("a", expected("a"))
+    shutil.rmtree(p / "index")
+    os.chown(p / "slab", 12345, 12345)
+    assert _fsck(p, "--rebuild-index").exit_code == 1
+    for part in ("index", "index/data.mdb", "index/lock.mdb"):
+        assert os.stat(p / part).st_uid == 12345, part
+
+
+# ------------------------------------------------------------------ fsck beside a writer
+
+
+_WRITER = """
+import sys, time
+from slabcache import SlabStore
+from slabcache.testing import expected
+with SlabStore.open(sys.argv[1]) as s:
+    print("writing", flush=True)
+    end = time.monotonic() + float(sys.argv[2])
+    i = 0
+    while time.monotonic() < end:  # three times the store: evictions all along
+        k = f"w{i % 3000}"
+        s.put(k, expected(k))
+        if i % 7 == 0:
+            s.remove(f"w{(i * 13) % 3000}")
+        i += 1
+"""
+
+
+def test_plain_fsck_on_a_store_in_use_finds_nothing(tmp_path):
+    p = tmp_path / "s"
+    SlabStore.open(p, capacity_bytes=1000 * 4096, slot_bytes=4096).close()
+    w = subprocess.Popen([sys.executable, "-c", _WRITER, str(p), "30"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=child_env())
+    assert w.stdout.readline().strip() == "writing"
+    try:
+        time.sleep(1.0)
+        runs = [_fsck(p, *(("--deep",) if i % 2 else ())) for i in range(8)]
+    finally:
+        w.kill()
+        w.communicate()
+    assert [r.findings for r in runs] == [[]] * 8
+    assert all(r.entries > 0 for r in runs)
+
+
+# ------------------------------------------------------------------ read-only handles
+
+
+def test_a_read_only_handle_keeps_no_uses(tmp_path):
+    p = tmp_path / "s"
+    with SlabStore.open(p, capacity_bytes=600 * 4096, slot_bytes=4096) as s:
+        s.put_many([f"k{i}" for i in range(500)], [expected(f"k{i}", 100) for i in range(500)])
+    with SlabStore.open(p, readonly=True) as r:
+        assert all(v is not None for v in r.get_many([f"k{i}" for i in range(500)]))
+        for i in range(500):
+            assert r.get(f"k{i}") is not None
+        assert r._uses.pending_keys() == 0
+        assert r.stats()["hits"] == 1000
+
+
+# ------------------------------------------------------------------ sizes
+
+
+def test_infinite_and_huge_sizes_are_clear_errors(tmp_path, capsys):
+    p = tmp_path / "s"
+    SlabStore.open(p, capacity_bytes=16 * 4096, slot_bytes=4096).close()
+    for size in ("inf", "1e400", "nan", "2000000T"):
+        with pytest.raises(SystemExit) as exc:
+            cli_main(["compact", str(p), "--capacity", size])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and ("cannot read size" in err or "1 EiB" in err), err
+    from slabcache.admin.compact import compact
+    with pytest.raises(ConfigError, match="1 EiB"):
+        compact(p, capacity_bytes=2 ** 63)
+    from slabcache.integrations.vllm.settings import tier_config
+    for cap in ("inf", "1e400", 2 ** 63):
+        with pytest.raises(ConfigError, match="capacity"):
+            tier_config({"path": str(p), "capacity": cap}, block_size_bytes=4096)
+    with pytest.raises(ConfigError, match="io_threads"):
+        tier_config({"path": str(p), "capacity": "1G", "io_threads": 100_000}, block_size_bytes=4096)
+
+
+# ------------------------------------------------------------------ counters
+
+
+def test_byte_counters_are_kept_with_the_others(tmp_path, capsys):
+    p = tmp_path / "s"
+    with SlabStore.open(p, capacity_bytes=16 * 4096, slot_bytes=4096) as s:
+        for i in range(3):
+            s.put(f"k{i}", rand_tensor(1000 + i, i))
+        s.get("k0")
+        s.get_many(["k1", "k2", "missing"])
+    assert cli_main(["stats", str(p), "--json"]) == 0
+    st = json.loads(capsys.readouterr().out)
+    assert st["bytes_written"] == 3003 and st["bytes_read"] == 3003
+    with SlabStore.open(p) as s:  # and they add up across handles
+        s.get("k0")
+        assert s.stats()["bytes_read"] == 4003
+
+
+# ------------------------------------------------------------------ a full filesystem
+
+
+def test_batched_reads_and_key_lists_on_a_full_filesystem_are_never_a_signal(tmp_path):
+    from tests.reliability.test_hostile import _can_mount_tmpfs
+
+    why = _can_mount_tmpfs(tmp_path)
+    if why:
+        pytest.skip(why)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    script = (f"mount -t tmpfs -o size=24m slabfull {mnt} && "
+              f"exec {sys.executable} -m slabcache.testing.fullfs {mnt} reads")
+    r = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
+                       capture_output=True, text=True, env=child_env(), timeout=300)
+    assert r.returncode == 0, f"exit {r.returncode} (-7/135 is SIGBUS): {r.stderr[-2000:]}"
+    rep = json.loads(r.stdout.strip().splitlines()[-1])
+    assert rep["other_errors"] == [] and rep["wrong"] == 0, rep
+    assert rep["stored"] == 3999 and rep["right_after"] >= 3998
+    assert rep["ops"]["get_many"] == "ok" and rep["ops"]["get_many again"] == "ok"
+    assert set(rep["ops"].values()) <= {"ok", "full"} and rep["fsck_exit"] == 0
