@@ -300,20 +300,20 @@ def _check_index(records: SlotRecords, g, creation_id, idx: Index, res, repair, 
         # The record and the entry disagree: keep whichever the payload proves.
         data = records.read_payload(slot, g.slot_bytes)
         if not e.checksum or checksum([data[:e.length]]) == e.checksum:
-            _add(res, "record mismatch", "the slot's own record disagrees with the index; the "
+            _add(res, "record out of date", "the slot's own record disagrees with the index; the "
                  "payload matches the index entry, so the record is rewritten from it", repair,
                  slot, e.canon)
             rewrite.append(e)
             continue
         drop[e.ikey] = e
         own = _record_entry(rec, data, g)
-        if own is not None and own[0] not in stored:
-            _add(res, "record mismatch", "the index entry does not match the payload; the slot's "
-                 "own record does, so its entry is restored", repair, slot, e.canon)
+        if own is not None and (own[0] == e.canon or own[0] not in stored):
+            _add(res, "entry does not match its payload", "the slot's own record does, so the "
+                 "entry is restored from the record", repair, slot, e.canon)
             restore.append((slot, rec, *own))
         else:
-            _add(res, "record mismatch", "neither the index entry nor the slot's record matches "
-                 "the payload; the entry is dropped", repair, slot, e.canon)
+            _add(res, "entry does not match its payload", "nor does the slot's own record; the "
+                 "entry is dropped", repair, slot, e.canon)
 
     if deep:
         bar = Progress(sum(e.length for e in entries if e.ikey not in drop), "scrub ", progress)

@@ -171,7 +171,16 @@ class SlotAllocator:
                     # Chosen before this entry joins the order.
                     evicted = t.free_next(policy)
                 slot, gen = got[0], next_generation(got[1])
-                t.add(ikey, canon, slot, gen, length, write(slot, gen), meta_raw, policy, now)
+                try:
+                    t.add(ikey, canon, slot, gen, length, write(slot, gen), meta_raw, policy, now)
+                except BaseException:
+                    # The slot stays free: it must not keep what was written
+                    # (best effort: the write's own error is the one to raise).
+                    try:
+                        self.records.clear(slot)
+                    except OSError:
+                        pass
+                    raise
                 status = PutStatus.STORED
                 self._clear_vacated(t)
         if status is PutStatus.STORED:

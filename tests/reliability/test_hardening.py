@@ -564,3 +564,159 @@ def test_batched_reads_and_key_lists_on_a_full_filesystem_are_never_a_signal(tmp
     assert rep["stored"] == 3999 and rep["right_after"] >= 3998
     assert rep["ops"]["get_many"] == "ok" and rep["ops"]["get_many again"] == "ok"
     assert set(rep["ops"].values()) <= {"ok", "full"} and rep["fsck_exit"] == 0
+
+
+def test_a_one_transaction_put_that_fails_after_its_write_leaves_no_record(tmp_path, monkeypatch):
+    """The slot of a failed put stays free, and a free slot keeps no record
+    (a rebuilt index would bring the never-stored value back)."""
+    p = tmp_path / "s"
+    with SlabStore.open(p, capacity_bytes=16 * 4096, slot_bytes=4096) as s:
+        assert s.put("a", expected("a"))
+
+        def fail(*a, **kw):
+            raise RuntimeError("injected failure after the payload and record were written")
+
+        monkeypatch.setattr(IndexTxn, "add", fail)
+        with pytest.raises(RuntimeError, match="injected"):
+            s.put("b", expected("b"))
+        monkeypatch.undo()
+        assert "b" not in s
+    assert _fsck(p).findings == []
+    shutil.rmtree(StorePaths(p).index)
+    _fsck(p, "--rebuild-index")
+    with SlabStore.open(p) as s:
+        assert s.keys() == ["a"]
+
+
+# ------------------------------------------------------------------ format version 1
+
+
+def _as_version_1(p):
+    """Turn the store at ``p`` into what version 1 wrote (same layout)."""
+    import zlib
+
+    from slabcache.format.header import SLAB_HEADER
+
+    raw = bytearray((p / "slab").read_bytes()[:SLAB_HEADER.size])
+    fields = list(SLAB_HEADER.unpack(bytes(raw)))
+    fields[1], fields[2] = 1, 0
+    fields[2] = zlib.crc32(SLAB_HEADER.pack(*fields))
+    v1 = SLAB_HEADER.pack(*fields)
+    with open(p / "slab", "r+b") as f:
+        f.write(v1)
+    _put_meta(p, b"header", v1)
+    return v1
+
+
+def _put_meta(p, name, value, db=b"meta"):
+    import lmdb
+
+    env = lmdb.open(str(StorePaths(p).index), max_dbs=16)
+    with env.begin(write=True, db=env.open_db(db)) as t:
+        t.put(name, value)
+    env.close()
+
+
+def test_a_version_1_store_is_upgraded_only_while_no_version_1_process_has_it(tmp_path):
+    from slabcache.format.header import header_version
+    from slabcache.index import owner as owners
+
+    p = tmp_path / "s"
+    with SlabStore.open(p, capacity_bytes=16 * 4096, slot_bytes=4096) as s:
+        s.put("a", expected("a"))
+    _as_version_1(p)
+    # A live handle of version 1 (this process, as version 1 recorded it).
+    live_v1 = owners.v1_owner(os.getpid(), owners._start_time(os.getpid()))
+    _put_meta(p, live_v1, b"\0" * 9, db=b"owners")
+    with SlabStore.open(p, readonly=True) as r:  # readers write nothing: fine
+        assert torch.equal(r.get("a"), expected("a"))
+    with pytest.raises(ConfigError, match="open by an older slabcache"):
+        SlabStore.open(p)
+    assert header_version((p / "slab").read_bytes()) == 1
+    # Once it is gone (a dead process's record), the open upgrades.
+    import lmdb
+
+    env = lmdb.open(str(StorePaths(p).index), max_dbs=16)
+    with env.begin(write=True, db=env.open_db(b"owners")) as t:
+        t.delete(live_v1)
+        t.put(owners.v1_owner(2 ** 31 - 7, 1), b"\0" * 9)
+    env.close()
+    with SlabStore.open(p) as s:
+        assert torch.equal(s.get("a"), expected("a"))
+    assert header_version((p / "slab").read_bytes()) == 2
+    assert _fsck(p, "--deep").findings == []
+
+
+# ------------------------------------------------------------------ repairs that keep what they can
+
+
+def _slot_of(p, key):
+    with SlabStore.open(p, readonly=True) as s:
+        return s.entry(key).slot, s.geometry
+
+
+def test_a_cleared_record_is_rewritten_from_the_entry_the_payload_proves(tmp_path):
+    """An eviction's transaction clears the record before it commits; if it
+    aborts, the entry stays with no record.  The repair keeps the entry and
+    rewrites its record, so a later rebuild still finds it."""
+    from slabcache.format.records import EMPTY_RECORD
+
+    p = tmp_path / "s"
+    with SlabStore.open(p, capacity_bytes=16 * 4096, slot_bytes=4096) as s:
+        for k in ("a", "b"):
+            s.put(k, expected(k))
+    slot, g = _slot_of(p, "a")
+    with open(p / "slab", "r+b") as f:
+        f.seek(g.record_offset(slot))
+        f.write(EMPTY_RECORD)
+    res = _fsck(p)
+    assert res.exit_code == 4 and [f.kind for f in res.findings] == ["record out of date"]
+    assert _fsck(p, "--repair").exit_code == 1
+    assert _fsck(p, "--deep").findings == []
+    shutil.rmtree(StorePaths(p).index)
+    _fsck(p, "--rebuild-index")
+    with SlabStore.open(p) as s:
+        assert sorted(s.keys()) == ["a", "b"] and torch.equal(s.get("a"), expected("a"))
+
+
+def test_an_entry_that_does_not_match_its_payload_is_restored_from_the_record(tmp_path):
+    p = tmp_path / "s"
+    with SlabStore.open(p, capacity_bytes=16 * 4096, slot_bytes=4096) as s:
+        for k in ("a", "b"):
+            s.put(k, expected(k))
+    import lmdb
+
+    env = lmdb.open(str(StorePaths(p).index), max_dbs=16)
+    with env.begin(write=True, db=env.open_db(b"entries")) as t:
+        raw = bytearray(t.get(b"sa"))
+        raw[20:28] = (12345).to_bytes(8, "little")  # the entry's checksum
+        t.put(b"sa", bytes(raw))
+    env.close()
+    with SlabStore.open(p) as s:
+        assert s.get("a") is None  # a checksum failure: a miss, and the entry is dropped
+        assert torch.equal(s.get("b"), expected("b"))
+    # The slot went free and its record was cleared with it: nothing to restore.
+    assert _fsck(p, "--deep").findings == []
+
+
+def test_a_repair_restores_an_entry_from_its_record_instead_of_dropping_it(tmp_path):
+    p = tmp_path / "s"
+    with SlabStore.open(p, capacity_bytes=16 * 4096, slot_bytes=4096) as s:
+        for k in ("a", "b"):
+            s.put(k, expected(k))
+    import lmdb
+
+    env = lmdb.open(str(StorePaths(p).index), max_dbs=16)
+    with env.begin(write=True, db=env.open_db(b"entries")) as t:
+        raw = bytearray(t.get(b"sa"))
+        raw[8:12] = (77).to_bytes(4, "little")  # the entry's generation
+        raw[20:28] = (12345).to_bytes(8, "little")  # and its checksum
+        t.put(b"sa", bytes(raw))
+    env.close()
+    res = _fsck(p)
+    assert res.exit_code == 4 and [f.kind for f in res.findings] == ["entry does not match its payload"]
+    assert "restored from the record" in res.findings[0].detail
+    assert _fsck(p, "--repair").exit_code == 1
+    assert _fsck(p, "--deep").findings == []
+    with SlabStore.open(p) as s:
+        assert torch.equal(s.get("a"), expected("a")) and torch.equal(s.get("b"), expected("b"))
