@@ -433,15 +433,17 @@ class SlabStore:
                 except BaseException as exc:  # every write is waited for first
                     out.append(exc)
             return out
-        out = []
+        out: list = []
+        failed = False
         for r, it in todo:
-            if out and isinstance(out[-1], BaseException):
+            if failed:  # stop at the first failure: the rest are not tried
                 out.append(None)
                 continue
             try:
                 out.append(self._write_slot(r.slot, r.generation, it[0], it[2], it[3].length, it[4]))
             except BaseException as exc:
                 out.append(exc)
+                failed = True
         return out
 
     def _put_batch(self, items) -> list[bool]:
