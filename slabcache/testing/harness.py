@@ -34,26 +34,37 @@ from .values import child_env, expected
 _WRITER = r"""
 import os, random, sys
 from slabcache import SlabStore
-from slabcache.testing import expected
-path, log_path, seed, durability, io = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
-rng = random.Random(seed)
+from slabcache.testing import FaultyEngine, expected
+path, log_path, seed, durability, io, slow = sys.argv[1:7]
+rng = random.Random(int(seed))
 log = open(log_path, "a", buffering=1)
-s = SlabStore.open(path, io=io, durability=durability)
+s = SlabStore.open(path, io=io, durability=durability, engine_wrapper=FaultyEngine)
+if slow == "1":
+    # Every write waits before it lands, so kills fall inside puts in flight.
+    s.engine.delay = 0.005
+    s.engine.inject("slow")
 print("ready", flush=True)
 while True:
-    k = f"k{rng.randrange(400)}"
     op = rng.random()
-    log.write(f"try {k}\n")  # a kill before the next line leaves k uncertain
-    if op < 0.7:
+    if op < 0.5:
+        k = f"k{rng.randrange(400)}"
+        log.write(f"try {k}\n")  # a kill before the next line leaves k uncertain
         if s.put(k, expected(k)):
             log.write(f"put {k}\n")
+    elif op < 0.7:  # a batch: one transaction reserves, one commits
+        ks = sorted({f"k{rng.randrange(400)}" for _ in range(3)})
+        for k in ks:
+            log.write(f"try {k}\n")
+        for k, ok in zip(ks, s.put_many(ks, [expected(k) for k in ks])):
+            log.write(f"{'put' if ok else 'failed'} {k}\n")
     elif op < 0.85:
-        if s.remove(k, force=True):
-            log.write(f"rm {k}\n")
+        k = f"k{rng.randrange(400)}"
+        log.write(f"try {k}\n")
+        log.write(f"{'rm' if s.remove(k, force=True) else 'absent'} {k}\n")
     elif op < 0.95:
-        s.pin(k)
+        s.pin(f"k{rng.randrange(400)}")
     else:
-        s.get(k)
+        s.get(f"k{rng.randrange(400)}")
 """
 
 
@@ -71,6 +82,9 @@ class CrashReport(_Report):
     served_right: int = 0
     misses: int = 0
     wrong: int = 0
+    lost: int = 0  # acknowledged, never removed, and missing: the store holds every key
+    torn: int = 0  # an entry whose payload is not what it names (a kill must never cause one)
+    checksum_failures: int = 0
     fsck_unfixable: int = 0
     fsck_repairs: int = 0
     leaks: int = 0
@@ -78,10 +92,24 @@ class CrashReport(_Report):
     notes: list = field(default_factory=list)
 
 
+# fsck's findings that mean a committed entry names bytes that were never
+# (fully) written: a SIGKILL, unlike a power loss, can never cause one.
+TORN = ("checksum mismatch", "entry does not match its payload")
+
+
 def crash_loop(path: str, kills: int = 50, durability: str = "fast", io: str = "mmap",
-               seed: int = 1, capacity_slots: int = 256, max_run: float = 0.6,
+               seed: int = 1, capacity_slots: int = 512, max_run: float = 0.6,
                progress=None) -> CrashReport:
-    """Kill a writer with SIGKILL ``kills`` times; verify the store after each kill."""
+    """Kill a writer with SIGKILL ``kills`` times; verify the store after each kill.
+
+    The writer's 400 keys fit the store, so nothing is evicted: every key
+    whose last acknowledged operation is a put must read back (the page
+    cache outlives a killed process, so this holds in every durability
+    mode).  Every other run slows each write down, so kills land inside
+    puts in flight.  After each kill ``fsck --repair --deep`` runs: what it
+    repairs is counted, and a payload that does not match its committed
+    entry is ``torn``.
+    """
     rep = CrashReport()
     rng = random.Random(seed)
     SlabStore.open(path, capacity_bytes=capacity_slots * 4096, slot_bytes=4096, io=io).close()
@@ -92,7 +120,7 @@ def crash_loop(path: str, kills: int = 50, durability: str = "fast", io: str = "
     uncertain: set[str] = set()  # keys whose last operation was never acknowledged
     for i in range(kills):
         proc = subprocess.Popen([sys.executable, "-c", _WRITER, path, log_path, str(seed * 1000 + i),
-                                 durability, io], stdout=subprocess.PIPE, env=env)
+                                 durability, io, str(i % 2)], stdout=subprocess.PIPE, env=env)
         proc.stdout.readline()  # ready: the store is open
         time.sleep(rng.uniform(0.01, max_run))
         proc.send_signal(signal.SIGKILL)
@@ -102,25 +130,29 @@ def crash_loop(path: str, kills: int = 50, durability: str = "fast", io: str = "
         with open(log_path) as f:
             lines = f.read().splitlines()
         open(log_path, "w").close()
-        last_try = None
+        tried: set[str] = set()
         for line in lines:
             if not line.endswith(tuple("0123456789")):
                 continue  # the kill cut this line short: not acknowledged
             op, k = line.split()
             if op == "try":
-                last_try = k
+                tried.add(k)
                 continue
-            last_try = None
+            tried.discard(k)
             uncertain.discard(k)
-            state[k] = op
+            if op in ("put", "rm"):
+                state[k] = op
             rep.acked_puts += op == "put"
             rep.acked_removes += op == "rm"
-        if last_try is not None:
-            # The kill came between this operation and its acknowledgement:
-            # until a later acknowledged operation, either outcome is right.
-            uncertain.add(last_try)
-        res = check(path, repair=True, progress=False)
+        # Killed between trying and acknowledging: until a later
+        # acknowledged operation, either outcome is right.
+        uncertain |= tried
+        res = check(path, repair=True, deep=True, progress=False)
         rep.fsck_repairs += sum(1 for f in res.findings if f.fixed)
+        torn = [f for f in res.findings if f.kind in TORN]
+        rep.torn += len(torn)
+        if torn:
+            rep.notes.append(f"kill {i}: {[(f.kind, f.key) for f in torn]}")
         if res.exit_code not in (0, 1):
             rep.fsck_unfixable += 1
             rep.notes.append(f"kill {i}: fsck left {[f.kind for f in res.findings if not f.fixed]}")
@@ -128,12 +160,16 @@ def crash_loop(path: str, kills: int = 50, durability: str = "fast", io: str = "
             st = s.stats()
             if st["slots_used"] + st["slots_free"] + st["slots_reserved"] != st["slots_total"]:
                 rep.leaks += 1
+            rep.checksum_failures = st["checksum_failures"]
             present = set(s.keys())
             for k, op in state.items():
                 rep.verified += 1
                 v = s.get(k)
                 if v is None:
                     rep.misses += 1
+                    if op == "put" and k not in uncertain:
+                        rep.lost += 1
+                        rep.notes.append(f"kill {i}: {k} acknowledged, then missing")
                 elif torch.equal(v, expected(k)):
                     rep.served_right += 1
                 else:
@@ -151,10 +187,10 @@ def crash_loop(path: str, kills: int = 50, durability: str = "fast", io: str = "
 
 _READER = r"""
 import json, sys
-from slabcache import SlabStore
+from slabcache import CorruptStoreError, SlabStore
 from slabcache.testing import expected
 path, keys = sys.argv[1], json.loads(sys.argv[2])
-out = {"right": 0, "miss": 0, "wrong": 0, "open_error": None}
+out = {"right": 0, "miss": 0, "wrong": 0, "corrupt": 0, "raw": [], "open_error": None}
 try:
     s = SlabStore.open(path)
 except Exception as exc:
@@ -163,8 +199,12 @@ else:
     for k in keys:
         try:
             v = s.get(k)
-        except Exception:
-            v = None
+        except CorruptStoreError:  # a clear error naming fsck: a refusal, not a miss
+            out["corrupt"] += 1
+            continue
+        except Exception as exc:  # anything else is a defect
+            out["raw"].append(f"{type(exc).__name__}: {exc}"[:200])
+            continue
         if v is None:
             out["miss"] += 1
         elif bool((v == expected(k)).all()) and v.shape == expected(k).shape:
@@ -182,10 +222,13 @@ class CorruptionReport(_Report):
     by_target: dict = field(default_factory=dict)
     open_refused: int = 0
     open_refused_naming_fsck: int = 0
-    crashed: int = 0
+    crashed: int = 0  # the reader died: LMDB aborts on some damaged pages of its own file
+    crashed_by_target: dict = field(default_factory=dict)
     reads: int = 0
     right: int = 0
     misses: int = 0
+    corrupt_errors: int = 0  # CorruptStoreError naming fsck
+    raw_errors: list = field(default_factory=list)  # any other exception: a defect
     wrong: int = 0
 
 
@@ -228,15 +271,18 @@ def corruption_trials(workdir: str, trials: int = 40, seed: int = 7, flips: int 
         rep.trials += 1
         rep.by_target[target] = rep.by_target.get(target, 0) + 1
         if r.returncode != 0:
-            rep.crashed += 1  # refused loudly (LMDB aborts on some damaged pages)
+            rep.crashed += 1
+            rep.crashed_by_target[target] = rep.crashed_by_target.get(target, 0) + 1
         else:
             out = json.loads(r.stdout.strip().splitlines()[-1])
             if out["open_error"]:
                 rep.open_refused += 1
                 rep.open_refused_naming_fsck += "slabcache fsck" in out["open_error"]
-            rep.reads += out["right"] + out["miss"] + out["wrong"]
+            rep.reads += out["right"] + out["miss"] + out["wrong"] + out["corrupt"] + len(out["raw"])
             rep.right += out["right"]
             rep.misses += out["miss"]
+            rep.corrupt_errors += out["corrupt"]
+            rep.raw_errors += out["raw"]
             rep.wrong += out["wrong"]
         shutil.rmtree(p, ignore_errors=True)
     shutil.rmtree(base, ignore_errors=True)

@@ -94,6 +94,33 @@ def test_partial_hit_is_a_prefix(disk):
         h.destroy(cfg)
 
 
+def test_a_damaged_chunk_is_a_miss_and_the_retrieve_stops_before_it(disk):
+    """Retrieves read through the store's batch path: a chunk whose bytes
+    fail their checksum is never handed to the engine."""
+    cfg = h.config(disk)
+    eng = h.engine(cfg)
+    try:
+        tokens, kv = _store_prompt(eng, n_tokens=4 * h.CHUNK, seed=5)
+        b = h.backend(eng)
+        keys = [canonical_key(k) for _, _, k in eng.token_database.process_tokens(tokens=tokens)]
+        e = b.store.entry(keys[2])
+        with open(os.path.join(b.path, "slab"), "r+b") as f:  # one bit of the third chunk
+            f.seek(b.store.geometry.slot_offset(e.slot) + e.length // 2)
+            byte = f.read(1)
+            f.seek(b.store.geometry.slot_offset(e.slot) + e.length // 2)
+            f.write(bytes([byte[0] ^ 0x01]))
+        b.store.engine.drop_cache()
+        out = torch.zeros_like(kv)
+        mask = eng.retrieve(tokens, kv=out)
+        assert int(mask.sum()) == 2 * h.CHUNK
+        assert torch.equal(out[:, :, :2 * h.CHUNK], kv[:, :, :2 * h.CHUNK])
+        assert not out[:, :, 2 * h.CHUNK:].any()
+        st = b.store.stats()
+        assert st["checksum_failures"] == 1 and keys[2] not in b.store
+    finally:
+        h.destroy(cfg)
+
+
 def test_warm_restart_serves_the_prompt(disk):
     cfg = h.config(disk)
     eng = h.engine(cfg)

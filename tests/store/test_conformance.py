@@ -13,8 +13,7 @@ from slabcache import (
 )
 from slabcache.format.checksum import CHECKSUM_BLOCK
 from slabcache.format.values import DTYPE_NAMES
-from slabcache.testing import FaultyEngine
-from slabcache.testing import child_env
+from slabcache.testing import FaultyEngine, child_env, expected
 
 from tests.helpers import rand_tensor, run_py
 
@@ -480,34 +479,63 @@ def test_sigkill_then_reopen(tmp_path, engine, durability):
             assert torch.equal(s.get(k), rand_tensor(4000, i))
 
 
-def test_two_processes_share_a_path(tmp_path, engine):
-    p = tmp_path / "s"
-    SlabStore.open(p, capacity_bytes=256 * 4096, slot_bytes=4096, io=engine).close()
-    import subprocess, sys
-    code = """
-import sys, torch
+_SHARER = """
+import json, os, sys, time
 from slabcache import SlabStore
-who, path, io = sys.argv[1], sys.argv[2], sys.argv[3]
+from slabcache.testing import expected
+who, other, path, io, go = sys.argv[1:6]
+out = {"stored": 0, "right": 0, "miss": 0, "wrong": 0}
 with SlabStore.open(path, io=io) as s:
-    for i in range(100):
-        g = torch.Generator().manual_seed(i)
-        assert s.put(f"{who}{i}", torch.randint(0, 256, (3000,), dtype=torch.uint8, generator=g))
-        if i % 10 == 0:
-            s.get(f"{who}{i}")
+    while not os.path.exists(go):  # both start together
+        time.sleep(0.001)
+    for i in range(600):
+        k = f"{who}{i}"
+        out["stored"] += s.put(k, expected(k))
+        for j in (i, i - 3):  # its own, and the other's, evicted by now or not
+            for key in (f"{who}{j}", f"{other}{j}"):
+                v = s.get(key) if j >= 0 else None
+                if v is None:
+                    out["miss"] += 1
+                elif bool((v == expected(key)).all()) and v.shape == expected(key).shape:
+                    out["right"] += 1
+                else:
+                    out["wrong"] += 1
+print(json.dumps(out))
 """
+
+
+def test_two_processes_share_a_path(tmp_path, engine):
+    """Two processes put ten times what the store holds, evicting each
+    other's entries while reading them: never a wrong byte, and the index
+    (entries, free list, counters) adds up afterwards."""
+    import json
+    import subprocess
+    import sys
+
+    p = tmp_path / "s"
+    SlabStore.open(p, capacity_bytes=64 * 4096, slot_bytes=4096, io=engine).close()
+    go = tmp_path / "go"
     env = child_env()
-    procs = [subprocess.Popen([sys.executable, "-c", code, w, str(p), engine], env=env,
-                              stderr=subprocess.PIPE, text=True) for w in "ab"]
+    procs = [subprocess.Popen([sys.executable, "-c", _SHARER, w, o, str(p), engine, str(go)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for w, o in (("a", "b"), ("b", "a"))]
+    time.sleep(1.0)  # both open
+    go.touch()
+    reps = []
     for pr in procs:
-        _, err = pr.communicate(timeout=120)
-        assert pr.returncode == 0, err
+        out, err = pr.communicate(timeout=300)
+        assert pr.returncode == 0, err[-2000:]
+        reps.append(json.loads(out.strip().splitlines()[-1]))
+    assert [r["wrong"] for r in reps] == [0, 0] and all(r["right"] > 0 for r in reps), reps
+    assert [r["stored"] for r in reps] == [600, 600]
     with SlabStore.open(p, io=engine) as s:
-        assert len(s) == 200
-        for w in "ab":
-            for i in range(100):
-                assert torch.equal(s.get(f"{w}{i}"), rand_tensor(3000, i))
         st = s.stats()
-        assert st["puts"] == 200 and st["slots_used"] + st["slots_free"] == st["slots_total"]
+        assert st["puts"] == 1200 and st["evictions"] == 1200 - len(s)
+        assert st["slots_used"] + st["slots_free"] == st["slots_total"] and len(s) == st["slots_used"]
+        keys = s.keys()
+        assert 48 <= len(keys) <= 64
+        for k in keys:
+            assert torch.equal(s.get(k), expected(k))
 
 
 def test_put_by_one_handle_is_visible_to_another(tmp_path, engine):

@@ -84,11 +84,15 @@ def test_a_put_of_a_stored_key_is_a_use_not_a_write(make_store):
     assert "k0" in s and "k1" not in s  # the put counted as a use of k0
 
 
-def test_a_put_killed_inside_its_write_leaves_the_index_usable(tmp_path, engine):
+@pytest.mark.parametrize("call", ["put", "put_many"])
+def test_a_put_killed_inside_its_write_leaves_the_index_usable(tmp_path, engine, call):
     # A small put holds the index's write lock while it writes: a process
-    # killed there must not leave the lock held, the slot taken or the key half
-    # stored.
+    # killed there must not leave the lock held, the slot taken or the key
+    # half stored.  A batch commits only after every write: a kill inside
+    # one leaves none of its keys stored.
     p = tmp_path / "s"
+    doomed = ("s.put('doomed', expected('doomed'))" if call == "put" else
+              "s.put_many(['doomed', 'doomed2'], [expected('doomed'), expected('doomed2')])")
     code = textwrap.dedent(f"""
         import sys
         from slabcache import SlabStore
@@ -99,7 +103,7 @@ def test_a_put_killed_inside_its_write_leaves_the_index_usable(tmp_path, engine)
         s.engine.delay = 60
         s.engine.inject("slow")
         print("writing", flush=True)
-        s.put("doomed", expected("doomed"))
+        {doomed}
         print("put returned", flush=True)
     """)
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
@@ -116,7 +120,8 @@ def test_a_put_killed_inside_its_write_leaves_the_index_usable(tmp_path, engine)
         proc.stdout.close()
     assert proc.returncode == -signal.SIGKILL
     with SlabStore.open(p, io=engine) as s:
-        assert "doomed" not in s and torch.equal(s.get("before"), expected("before"))
+        assert "doomed" not in s and "doomed2" not in s
+        assert torch.equal(s.get("before"), expected("before"))
         assert s.put("after", expected("after"))  # the write lock was recovered
         st = s.stats()
         assert st["slots_used"] == 2 and st["slots_used"] + st["slots_free"] == st["slots_total"]

@@ -310,11 +310,12 @@ def test_close_racing_put_async_leaves_no_threads_and_no_late_failures(tmp_path,
     for attempt in range(5):
         s = SlabStore.open(tmp_path / f"s{attempt}", capacity_bytes=64 * 4096, slot_bytes=4096, io=engine,
                            queue_full="wait")
-        accepted, refused, stop = [], [], threading.Event()
+        accepted, refused = [], []
+        deadline = time.monotonic() + 30
 
         def submitter():
             i = 0
-            while not stop.is_set():
+            while time.monotonic() < deadline:  # until close refuses one
                 try:
                     accepted.append(s.put_async(f"k{i % 40}", rand_tensor(100, i)))
                 except StoreClosedError:
@@ -326,8 +327,9 @@ def test_close_racing_put_async_leaves_no_threads_and_no_late_failures(tmp_path,
         t.start()
         time.sleep(0.05)
         s.close()
-        stop.set()
-        t.join(10)
-        # Every put accepted before close finished; none fails later.
+        t.join(30)
+        # Every put accepted before close finished; none fails later; the
+        # first one after close was refused at once, with StoreClosedError.
         assert accepted and all(f.done() and f.result() is True for f in accepted)
+        assert refused == [len(accepted)]
         assert not [th for th in threading.enumerate() if th.name.startswith("slabcache-io")]
