@@ -513,7 +513,8 @@ def _rebuild(paths: StorePaths, g: Geometry, creation_id: bytes, res: CheckResul
         header = read_header_bytes(paths.slab)
         idx = Index.acquire(tmp, map_size=default_map_size(g.slot_count), create=True)
         try:
-            idx.ensure_room(len(found) * 512)  # one large transaction follows
+            # One large transaction follows: every entry with its key.
+            idx.ensure_room(len(found), sum(len(c[0][2]) * 2 + 256 for c in found.values()))
             with idx.write(durable=True) as t:
                 pol = make_policy("lru")
                 t.init_store(creation_id, header, pol)

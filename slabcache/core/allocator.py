@@ -33,6 +33,11 @@ log = logging.getLogger(__name__)
 # transaction instead of two, at the price of one slot in this many or fewer.
 KEEP_FREE_FROM = 256
 
+# Index bytes a new entry takes besides its keys and description (the
+# fixed head, an order record, LMDB's node headers), and a reservation.
+ENTRY_OVERHEAD = 160
+RESERVATION_BYTES = 64
+
 # With no free slot, dead processes' reservations are reclaimed at most
 # this often (they are also reclaimed at every open and by fsck --repair);
 # reaping on every put at capacity would scan three tables per put.
@@ -116,7 +121,7 @@ class SlotAllocator:
         now = time.time()
         n, owner, policy = self.geometry.slot_count, self.owner, self.policy
         evictions = rejected = 0
-        with self.index.write(keys=len(keys)) as t:
+        with self.index.write(keys=len(keys), adds=len(keys) * RESERVATION_BYTES) as t:
             for i, (canon, ikey) in enumerate(keys):
                 at = first.setdefault(canon, i)
                 if at != i:
@@ -196,7 +201,11 @@ class SlotAllocator:
         now = time.time()
         owner, policy = self.owner, self.policy
         stored = nbytes = 0
-        with self.index.write(durable=durable, keys=len(items)) as t:
+        # Each new entry: its key twice (the full key in the entry, and its
+        # index key), its description, the fixed head and an order record.
+        adds = sum(len(canon) + len(ikey) + len(meta_raw) + ENTRY_OVERHEAD
+                   for _r, canon, ikey, _c, meta_raw, _n in items)
+        with self.index.write(durable=durable, keys=len(items), adds=adds) as t:
             for r, canon, ikey, csum, meta_raw, length in items:
                 got = _SETTLED[t.settle(r.slot, r.generation, owner, ikey, canon, length, csum,
                                         meta_raw, policy, now)]

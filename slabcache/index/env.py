@@ -36,7 +36,7 @@ READER_CHECK_SECONDS = 1.0
 # two and a large one 64 MiB.
 INDEX_HEADROOM = 64 << 20
 INDEX_MIN_HEADROOM = 1 << 20
-ROOM_PER_KEY = 8192  # what a batch may need per key: a few copied pages
+ROOM_PER_KEY = 8192  # pages a changed key may copy (a leaf of each table it is in)
 ROOM_FREE_KEYS = 16  # transactions changing fewer keys fit the headroom kept anyway
 SPACE_CHECK_WRITES = 16  # write transactions between checks of the headroom
 
@@ -111,12 +111,18 @@ class Index:
                 os.close(fd)
                 setattr(self, name, None)
 
-    def ensure_room(self, extra: int = 0) -> None:
+    def ensure_room(self, keys: int = 0, adds: int = 0) -> None:
         """Allocate the index's file ahead of its last page in use (see
-        INDEX_HEADROOM; ``extra`` more for a large transaction to come).
+        INDEX_HEADROOM), and more for a large transaction to come: one that
+        changes ``keys`` keys copies at most that many pages a key and never
+        more than the index holds, and the ``adds`` bytes of records it
+        inserts take at most twice that in half-full pages.
         Raises StorageFullError when not even INDEX_MIN_HEADROOM can be had."""
         info = self.env.info()
         used = (info["last_pgno"] + 1) * self._page_bytes
+        extra = 0
+        if keys > ROOM_FREE_KEYS or adds > INDEX_MIN_HEADROOM // 4:
+            extra = min(keys * ROOM_PER_KEY, used) + 2 * adds
         ahead = max(INDEX_MIN_HEADROOM, min(used, INDEX_HEADROOM)) + extra
         end = min(info["map_size"], used + ahead)
         self._writes_to_check = SPACE_CHECK_WRITES
@@ -338,16 +344,17 @@ class Index:
         """A read transaction: ``with index.read() as t:`` (t is an IndexTxn)."""
         return _Read(self)
 
-    def write(self, durable: bool = False, keys: int = 0) -> "_Write":
+    def write(self, durable: bool = False, keys: int = 0, adds: int = 0) -> "_Write":
         """A write transaction; ``durable`` syncs it to disk before returning.
-        ``keys``: how many keys it will change (room is made for them, and
-        for what the preludes will write, first).  Every registered prelude
-        runs first inside it (see add_prelude).
+        ``keys``: how many keys it will change, ``adds``: about how many
+        bytes of records it will insert (room is made for them, and for
+        what the preludes will write, first; see ensure_room).  Every
+        registered prelude runs first inside it (see add_prelude).
 
         Raises StorageFullError when the index's map is full or its
         filesystem has no room.
         """
-        return _Write(self, durable, keys)
+        return _Write(self, durable, keys, adds)
 
     def add_prelude(self, prelude: "Prelude") -> None:
         """Run ``prelude`` first in every write transaction of this process
@@ -581,12 +588,13 @@ class _Write:
     """``with index.write() as t``: the preludes, then the caller's work;
     commit on success, abort (and undo the preludes) on error."""
 
-    __slots__ = ("_index", "_durable", "_keys", "_txn", "_taken", "_preludes")
+    __slots__ = ("_index", "_durable", "_keys", "_adds", "_txn", "_taken", "_preludes")
 
-    def __init__(self, index: Index, durable: bool, keys: int):
+    def __init__(self, index: Index, durable: bool, keys: int, adds: int):
         self._index = index
         self._durable = durable
         self._keys = keys
+        self._adds = adds
         self._taken: list = []
 
     def __enter__(self) -> IndexTxn:
@@ -619,15 +627,15 @@ class _Write:
             self._preludes = idx._preludes
             keys = self._keys + sum(p.pending_keys() for p in self._preludes)
             idx._writes_to_check -= 1
-            if idx._writes_to_check < 0 or keys > ROOM_FREE_KEYS:
+            if idx._writes_to_check < 0 or keys > ROOM_FREE_KEYS or self._adds:
                 try:
-                    idx.ensure_room(_room(keys))
+                    idx.ensure_room(keys, self._adds)
                 except StorageFullError:
                     # Owed work that can wait (recording uses) must not
                     # keep a write that fits from happening.
                     self._preludes = tuple(p for p in self._preludes if not p.optional)
                     keys = self._keys + sum(p.pending_keys() for p in self._preludes)
-                    idx.ensure_room(_room(keys))
+                    idx.ensure_room(keys, self._adds)
             self._txn = idx.env.begin(write=True)
             return True
         except BaseException as exc:
@@ -683,11 +691,6 @@ def _fallocate(fd: int, offset: int, length: int) -> None:
         err = ctypes.get_errno()
         if err not in (errno.EOPNOTSUPP, errno.ENOSYS):
             raise OSError(err, os.strerror(err))
-
-
-def _room(keys: int) -> int:
-    """Bytes a transaction changing ``keys`` keys may add to the index."""
-    return keys * ROOM_PER_KEY if keys > ROOM_FREE_KEYS else 0
 
 
 def _pid_clash(store: str, exc: lmdb.Error) -> ConfigError:

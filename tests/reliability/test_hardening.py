@@ -720,3 +720,21 @@ def test_a_repair_restores_an_entry_from_its_record_instead_of_dropping_it(tmp_p
     assert _fsck(p, "--deep").findings == []
     with SlabStore.open(p) as s:
         assert torch.equal(s.get("a"), expected("a")) and torch.equal(s.get("b"), expected("b"))
+
+
+# ------------------------------------------------------------------ index room
+
+
+def test_room_made_for_a_large_batch_is_sized_by_what_it_writes(tmp_path):
+    """A batch asks for room before it writes (the index is mapped writable:
+    a write into a hole of a full filesystem is a SIGBUS), and the file
+    never shrinks: so the room must be what the batch can write, not a
+    multiple of it."""
+    p = tmp_path / "s"
+    v = torch.zeros(100, dtype=torch.uint8)
+    with SlabStore.open(p, capacity_bytes=12000 * 4096, slot_bytes=4096) as s:
+        s.put_many([f"k{i}" for i in range(10000)], [v] * 10000)
+        s.touch([f"k{i}" for i in range(10000)])
+        used = (s._index.env.info()["last_pgno"] + 1) * 4096
+    allocated = os.stat(StorePaths(p).lmdb_data).st_blocks * 512
+    assert allocated < 3 * used + (2 << 20), (allocated, used)
