@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
 """One run of every reliability exercise, with the figures README quotes.
 
-    python tools/reliability.py [--kills 50] [--corruptions 80] [--only NAME,...] [--json FILE]
+    python tools/reliability.py [--kills 50] [--corruptions 80] [--rounds 10] [--outs 2000]
+                                [--only NAME,...] [--json FILE]
+
+Exits non-zero when any exercise served a wrong byte.
 """
 
 import argparse
@@ -19,6 +22,7 @@ from slabcache import SlabIOError, SlabStore  # noqa: E402
 from slabcache.testing import (  # noqa: E402
     FaultyEngine, child_env, corruption_trials, crash_loop, expected, hammer, inject, verify,
 )
+from slabcache.testing import attacks  # noqa: E402
 from slabcache.testing.damage import index_damage_trials  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -115,12 +119,31 @@ def full_filesystem(work: str) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def full_filesystem_reads(work: str) -> dict:
+    """fullfs's batched reads and key lists of 4,000 keys on a full tmpfs."""
+    mnt = os.path.join(work, "fullfs-reads")
+    os.makedirs(mnt)
+    script = (f"mount -t tmpfs -o size=24m slabfull {mnt} && "
+              f"exec {sys.executable} -m slabcache.testing.fullfs {mnt} reads")
+    try:
+        r = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
+                           capture_output=True, text=True, env=child_env(), cwd=ROOT, timeout=600)
+    except FileNotFoundError:
+        return {"skipped": "needs util-linux unshare"}
+    if r.returncode != 0:
+        return {"exit": r.returncode, "stderr": r.stderr[-500:]}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kills", type=int, default=50)
     ap.add_argument("--corruptions", type=int, default=80)
     ap.add_argument("--forks", type=int, default=10, help="fork rounds (4 children each)")
     ap.add_argument("--damage", type=int, default=40, help="index damage trials")
+    ap.add_argument("--rounds", type=int, default=10,
+                    help="rounds of the namespace, rebuild and foreign-index attacks (fsck runs: 4x)")
+    ap.add_argument("--outs", type=int, default=2000, help="odd-out reads (duplicate-key batches: a quarter)")
     ap.add_argument("--only", help="comma list of exercises to run (default: all)")
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -137,16 +160,34 @@ def main() -> int:
         "forks": lambda: forks(work, args.forks),
         "full_filesystem": lambda: full_filesystem(work),
         "index_damage": lambda: index_damage_trials(work, trials=args.damage, flips=12).to_dict(),
+        # The second round (slabcache.testing.attacks).
+        "odd_outs": lambda: attacks.odd_outs(work, trials=args.outs),
+        "pid_namespaces": lambda: attacks.pid_namespaces(work, rounds=args.rounds),
+        "rebuild_after_eviction": lambda: attacks.rebuild_after_eviction(work, rounds=args.rounds),
+        "foreign_index": lambda: attacks.foreign_index(work, trials=args.rounds),
+        "odd_files": lambda: attacks.odd_files(work),
+        "duplicate_keys": lambda: attacks.duplicate_keys(work, trials=args.outs // 4),
+        "full_filesystem_reads": lambda: full_filesystem_reads(work),
+        "modes": lambda: attacks.modes(work),
+        "live_fsck": lambda: attacks.live_fsck(work, runs=4 * args.rounds),
+        "sizes": lambda: attacks.sizes(work),
     }
     chosen = args.only.split(",") if args.only else list(exercises)
     unknown = set(chosen) - set(exercises)
     if unknown:
         ap.error(f"unknown exercise(s) {sorted(unknown)}; choose from {sorted(exercises)}")
-    report = {name: exercises[name]() for name in chosen}
+    report = {}
+    for name in chosen:
+        t1 = time.time()
+        report[name] = exercises[name]()
+        print(f"{name}: {time.time() - t1:.0f} s", file=sys.stderr, flush=True)
+        if args.json:  # as it goes: a later exercise's failure loses nothing
+            with open(args.json, "w") as f:
+                json.dump(report, f, indent=1)
     report["seconds"] = time.time() - t0
     shutil.rmtree(work, ignore_errors=True)
     wrong = sum(r.get("wrong", 0) + r.get("wrong_after_repair", 0)
-                for r in report.values() if isinstance(r, dict))
+                for r in report.values() if isinstance(r, dict) and "wrong" in r)
     report["wrong_bytes_served"] = wrong
     text = json.dumps(report, indent=1)
     print(text)

@@ -16,7 +16,8 @@ from dataclasses import asdict, dataclass, field
 
 from ..device.slabfile import SlotRecords, extend_slab, read_header_bytes, write_header_bytes
 from ..device.storedir import ExclusiveLock, keep_modes_of
-from ..errors import CorruptStoreError
+from ..errors import ConfigError, CorruptStoreError
+from ..format.files import check_regular
 from ..format.checksum import checksum
 from ..format.header import Geometry, unpack_header
 from ..format.keys import index_key, key_hash
@@ -92,6 +93,10 @@ def _add(res: CheckResult, kind: str, detail: str, fixed: bool, slot=None, key=N
 
 
 def _check(paths: StorePaths, res, *, repair, deep, rebuild, progress) -> None:
+    try:
+        check_regular(paths.lock, "lock file")
+    except ConfigError as exc:  # every open would refuse the store: say so
+        _add(res, "lock file not a regular file", str(exc), fixed=False)
     idx = open_index(paths, repair)
     try:
         g, creation_id, foreign = _check_header(paths.slab, idx, res, repair)
