@@ -394,7 +394,7 @@ def _check_index(records: SlotRecords, g, creation_id, idx: Index, res, repair, 
                 t.release_slot(s, free.get(s, 0) if s not in both else 0)
         t.rebuild_order(policy, [e for e in live.values() if e is not None])
         for slot, rec, canon, meta in restore:
-            t.insert(index_key(canon), canon, slot, rec.generation, rec.length, rec.checksum,
+            t.add(index_key(canon), canon, slot, rec.generation, rec.length, rec.checksum,
                      meta.encode(), policy, now)
         for k, w in stale_pins:
             t.delete_pin(k, w)
@@ -436,7 +436,7 @@ def _agrees(rec, e: Entry) -> bool:
 
 
 def _current(t, e: Entry) -> bool:
-    cur = t.entry_at(e.ikey)
+    cur = t.entry(e.ikey)
     return cur is not None and (cur.slot, cur.generation) == (e.slot, e.generation)
 
 
@@ -527,7 +527,7 @@ def _rebuild(paths: StorePaths, g: Geometry, creation_id: bytes, res: CheckResul
                 used = set()
                 for slot, rec, canon, meta in sorted((c[0] for c in found.values()),
                                                      key=lambda x: x[0]):
-                    t.insert(index_key(canon), canon, slot, rec.generation, rec.length, rec.checksum,
+                    t.add(index_key(canon), canon, slot, rec.generation, rec.length, rec.checksum,
                              meta.encode(), pol, now)
                     used.add(slot)
                 mark = max(used) + 1 if used else 0

@@ -297,7 +297,7 @@ class SlotAllocator:
         replaced or evicted meanwhile; ``then(txn)`` runs in the same write
         transaction either way."""
         with self.index.write() as t:
-            cur = t.entry_at(e.ikey)
+            cur = t.entry(e.ikey)
             freed = cur is not None and cur.slot == e.slot and cur.generation == e.generation
             if freed:
                 self.free(t, cur)

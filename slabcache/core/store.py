@@ -843,7 +843,7 @@ class SlabStore:
         """The index entry for ``key`` (slot, generation, use stats); a peek."""
         canon, ikey = self._keys(key)
         with self._guard, self._index.read() as t:
-            return t.get_entry(ikey, canon)
+            return t.entry(ikey, canon)
 
     # ------------------------------------------------------------------ pins
 
@@ -891,7 +891,7 @@ class SlabStore:
         canon, ikey = self._keys(key)
         alloc = self._writable()
         with self._guard, self._index.write() as t:
-            e = t.get_entry(ikey, canon)
+            e = t.entry(ikey, canon)
             if e is None:
                 return False
             if not force and t.pin_count(ikey) > 0:

@@ -21,7 +21,7 @@ import sys
 from ..admin.fsck import check
 from ..core import SlabStore
 from ..errors import StorageFullError
-from ..index import env as index_env
+from ..index import room as index_room
 from .values import expected
 
 
@@ -62,8 +62,8 @@ def _check_all(s: SlabStore, keys) -> tuple[int, int, int]:
 
 def run(root: str) -> dict:
     # A small headroom, so the index runs out of room within the run.
-    index_env.INDEX_HEADROOM = 256 << 10
-    index_env.INDEX_MIN_HEADROOM = 64 << 10
+    index_room.INDEX_HEADROOM = 256 << 10
+    index_room.INDEX_MIN_HEADROOM = 64 << 10
     rep = {"acked_before": 0, "acked_full": 0, "refused_full": 0, "other_errors": [],
            "wrong": 0, "gets_full": 0, "reopen_full": None, "readonly_full": None,
            "acked_after": 0, "right_end": 0, "fsck_exit": None}
@@ -126,8 +126,8 @@ def run_reads(root: str, keys: int = 4000) -> dict:
     which must find its room first (a write into a hole of the index's
     map is a SIGBUS there).  Per operation: "ok" or "full" (refused with
     StorageFullError); anything else is listed in ``other_errors``."""
-    index_env.INDEX_HEADROOM = 256 << 10
-    index_env.INDEX_MIN_HEADROOM = 64 << 10
+    index_room.INDEX_HEADROOM = 256 << 10
+    index_room.INDEX_MIN_HEADROOM = 64 << 10
     rep: dict = {"stored": 0, "ops": {}, "other_errors": [], "wrong": 0, "right_after": 0}
     path = os.path.join(root, "s")
     names = [f"k{i}" for i in range(keys - 1)]

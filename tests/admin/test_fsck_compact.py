@@ -155,8 +155,8 @@ def test_two_entries_on_one_slot(store_path):
     from dataclasses import replace
 
     def clash(t):
-        a = t.entry_at(index_key(b"sk1"))
-        b = t.entry_at(index_key(b"sk2"))
+        a = t.entry(index_key(b"sk1"))
+        b = t.entry(index_key(b"sk2"))
         t.txn.put(b.ikey, replace(b, slot=a.slot).encode(), db=t.db["entries"])
 
     _edit_index(store_path, clash)

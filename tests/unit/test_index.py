@@ -18,8 +18,9 @@ def index(tmp_path):
     idx.release()
 
 
-def _insert(t, key, slot, gen=1):
-    return t.insert(key, key, slot, gen, 10, 99, b"", t.policy(), 0.0)
+def _insert(t, key, slot, gen=1, policy=None):
+    t.add(key, key, slot, gen, 10, 99, b"", policy or t.policy(), 0.0)
+    return t.entry(key)
 
 
 def test_store_settings_are_recorded(index):
@@ -50,7 +51,7 @@ def test_free_entry_is_the_one_way_out(index, me):
         assert t.pin_count(b"sk") == 1 and t.evict_next(t.policy()) is None  # pinned
         t.free_entry(e, t.policy())
     with index.read() as t:
-        assert t.entry_at(b"sk") is None and t.all_pins() == []
+        assert t.entry(b"sk") is None and t.all_pins() == []
         assert dict(t.free_slots()) == {4: 3} and list(t.order_keys()) == []
 
 
@@ -58,11 +59,11 @@ def test_victim_follows_the_policy(index):
     lru = LRU()
     with index.write() as t:
         t.set_policy(lru)
-        a = t.insert(b"a", b"a", 0, 1, 1, 0, b"", lru, 0.0)
-        t.insert(b"b", b"b", 1, 1, 1, 0, b"", lru, 0.0)
-        t.record_use(a, lru, 1.0)  # a is now the most recent
+        a = _insert(t, b"a", 0, policy=lru)
+        _insert(t, b"b", 1, policy=lru)
+        t.record_uses({a.ikey: (1, 1.0, a.slot, a.generation)}, lru)  # a is now the most recent
         assert t.evict_next(lru) == (1, 1)  # b's slot and generation, b gone
-        assert t.entry_at(b"b") is None and t.entry_at(b"a") is not None
+        assert t.entry(b"b") is None and t.entry(b"a") is not None
         assert [ikey for _k, ikey in t.order_keys()] == [b"a"]
 
 

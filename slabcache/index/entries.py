@@ -1,0 +1,108 @@
+"""The ``entries`` and ``order`` tables: what is stored, and in which order
+it goes.
+
+``entries`` maps an index key to its Entry (slot, generation, length,
+checksum, use statistics, value description, full key); ``order`` maps the
+policy's order key of each entry to its index key.  An entry leaves the
+index through one path, :meth:`EntryOps.free_entry`, which also drops its
+pins and frees its slot.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from .entry import Entry, EntryRef, canon_of, encode_entry, ref_of, slot_gen_of, use_of, with_use
+from .meta import U64
+from .policy import Policy, UseStats
+
+
+class EntryOps:
+    """Entries and the eviction order (a room of IndexTxn)."""
+
+    __slots__ = ()
+
+    def ref(self, ikey: bytes, canon: bytes) -> EntryRef | None:
+        """The entry for ``canon`` as an EntryRef (no full decode), or None."""
+        raw = self.txn.get(ikey, db=self.db["entries"])
+        return None if raw is None else ref_of(ikey, raw, canon)
+
+    def entry(self, ikey: bytes, canon: bytes | None = None) -> Entry | None:
+        """The whole entry at ``ikey`` (for ``canon``, when given), or None."""
+        raw = self.txn.get(ikey, db=self.db["entries"])
+        if raw is None:
+            return None
+        e = Entry.decode(ikey, raw)
+        return e if canon is None or e.canon == canon else None
+
+    def has(self, ikey: bytes, canon: bytes) -> bool:
+        raw = self.txn.get(ikey, db=self.db["entries"])
+        if raw is None:
+            return False
+        return ikey == canon or canon_of(raw) == canon
+
+    def add(self, ikey: bytes, canon: bytes, slot: int, generation: int, length: int,
+            checksum: int, meta_raw: bytes, policy: Policy, now: float) -> UseStats:
+        """A new entry, last in its use order; returns its use statistics."""
+        tick = self.next_tick()
+        use = UseStats(tick, 0, tick)
+        self.txn.put(ikey, encode_entry(slot, generation, length, checksum, use, now, now,
+                                        meta_raw, canon), db=self.db["entries"])
+        self.txn.put(policy.order_key(slot, use), ikey, db=self.db["order"])
+        return use
+
+    def free_entry(self, e: Entry, policy: Policy) -> None:
+        """Remove ``e``: its entry, its place in the eviction order, its pins;
+        its slot goes on the free list with the entry's generation."""
+        self._unlink_entry(e, policy)
+        self.drop_pins(e.ikey)
+        self.release_slot(e.slot, e.generation)
+
+    def _unlink_entry(self, e: Entry, policy: Policy) -> None:
+        self.txn.delete(e.ikey, db=self.db["entries"])
+        self.txn.delete(policy.order_key(e.slot, e.use), db=self.db["order"])
+
+    def record_uses(self, uses, policy: Policy) -> None:
+        """Record batched uses: ``uses`` maps index key -> (count, wall time,
+        slot, generation).  A use of an entry that was evicted or replaced
+        since (another slot or generation) is dropped.  Entries are patched
+        in place and the clock advanced once for the batch."""
+        entries, order = self.db["entries"], self.db["order"]
+        tick = self._u64("tick")
+        for ikey, (count, when, slot, gen) in uses.items():
+            raw = self.txn.get(ikey, db=entries)
+            if raw is None or slot_gen_of(raw) != (slot, gen):
+                continue
+            old = use_of(raw)
+            tick += 1
+            new = UseStats(tick, old.hits + count, old.inserted)
+            old_key, new_key = policy.order_key(slot, old), policy.order_key(slot, new)
+            self.txn.put(ikey, with_use(raw, new, when), db=entries)
+            if new_key != old_key:
+                self.txn.delete(old_key, db=order)
+                self.txn.put(new_key, ikey, db=order)
+        self.meta_put("tick", U64.pack(tick))
+
+    def use_if_stored(self, ikey: bytes, canon: bytes, policy: Policy, now: float) -> bool:
+        """True when ``canon`` is stored, recording a use of it."""
+        raw = self.txn.get(ikey, db=self.db["entries"])
+        if raw is not None and (ikey == canon or canon_of(raw) == canon):
+            slot, gen = slot_gen_of(raw)
+            self.record_uses({ikey: (1, now, slot, gen)}, policy)
+            return True
+        return False
+
+    def entries(self) -> Iterator[Entry]:
+        with self.txn.cursor(db=self.db["entries"]) as cur:
+            for k, v in cur:
+                yield Entry.decode(bytes(k), v)
+
+    def entry_count(self) -> int:
+        return self.txn.stat(self.db["entries"])["entries"]
+
+    def order_keys(self, reverse: bool = False) -> Iterator[tuple[bytes, bytes]]:
+        with self.txn.cursor(db=self.db["order"]) as cur:
+            ok = cur.last() if reverse else cur.first()
+            while ok:
+                yield bytes(cur.key()), bytes(cur.value())
+                ok = cur.prev() if reverse else cur.next()

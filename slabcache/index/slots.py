@@ -1,0 +1,175 @@
+"""The ``free`` and ``reserved`` tables: which slots are free, which are
+being written, and how a put gets a slot (a free one, or the policy's
+victim, evicted here).
+
+``free`` maps a slot to the generation of its last use; slots at or above
+the high-water mark ``next_unused`` were never used and are free without
+being listed, so creating a store of a million slots costs nothing here.
+``reserved`` maps a slot being written to its new generation and the
+owner writing it.  Every slot this transaction takes an entry or a
+reservation from is listed in ``vacated``, for whoever owns the slab to
+clear its record before the commit.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Iterator
+
+from ..errors import CorruptStoreError
+from .entry import Entry, canon_of, slot_gen_of
+from .meta import U64
+from .policy import Policy
+
+_U32 = struct.Struct("<I")
+
+
+def next_generation(gen: int) -> int:
+    """The generation a slot's next entry gets: readers that looked the old
+    entry up fail their check after copying, even if they copied new bytes."""
+    return (gen + 1) & 0xFFFFFFFF or 1
+
+
+class SlotOps:
+    """Free slots, reservations and eviction (a room of IndexTxn)."""
+
+    __slots__ = ()
+
+    def take_free_slot(self, slot_count: int) -> tuple[int, int] | None:
+        """Pop a free slot: (slot, last generation), or None when none is free."""
+        if self._no_free:
+            return None
+        with self.txn.cursor(db=self.db["free"]) as cur:
+            if cur.first():
+                slot = U64.unpack(cur.key())[0]
+                gen = _U32.unpack(cur.value())[0]
+                cur.delete()
+                return slot, gen
+        nxt = self._u64("next_unused")
+        if nxt < slot_count:
+            self.meta_put("next_unused", U64.pack(nxt + 1))
+            return nxt, 0
+        self._no_free = True  # until a slot is released in this transaction
+        return None
+
+    def release_slot(self, slot: int, generation: int) -> None:
+        self.txn.put(U64.pack(slot), _U32.pack(generation), db=self.db["free"])
+        self.vacated.append(slot)
+        self._no_free = False
+
+    def is_free(self, slot: int) -> bool:
+        """Whether ``slot`` is on the free list."""
+        return self.txn.get(U64.pack(slot), db=self.db["free"]) is not None
+
+    def free_slots(self) -> Iterator[tuple[int, int]]:
+        with self.txn.cursor(db=self.db["free"]) as cur:
+            for k, v in cur:
+                yield U64.unpack(k)[0], _U32.unpack(v)[0]
+
+    def free_count(self, slot_count: int) -> int:
+        listed = self.txn.stat(self.db["free"])["entries"]
+        return listed + max(0, slot_count - self._u64("next_unused"))
+
+    def has_free_slot(self, slot_count: int) -> bool:
+        with self.txn.cursor(db=self.db["free"]) as cur:
+            if cur.first():
+                return True
+        return self._u64("next_unused") < slot_count
+
+    def reserve(self, slot: int, generation: int, who: bytes) -> None:
+        self.txn.put(U64.pack(slot), _U32.pack(generation) + who, db=self.db["reserved"])
+
+    def reservation(self, slot: int) -> tuple[int, bytes] | None:
+        raw = self.txn.get(U64.pack(slot), db=self.db["reserved"])
+        if raw is None:
+            return None
+        return _U32.unpack_from(raw)[0], bytes(raw[4:])
+
+    def unreserve(self, slot: int) -> None:
+        self.txn.delete(U64.pack(slot), db=self.db["reserved"])
+
+    def reservations(self) -> list[tuple[int, int, bytes]]:
+        with self.txn.cursor(db=self.db["reserved"]) as cur:
+            return [(U64.unpack(k)[0], _U32.unpack_from(v)[0], bytes(v[4:])) for k, v in cur]
+
+    def claim(self, ikey: bytes, canon: bytes, slot_count: int, owner: bytes, policy: Policy,
+              now: float, reap_due, keep_free: bool = False) -> tuple[int, int, int] | bool | None:
+        """Reserve a slot for ``canon``: (slot, new generation, how many
+        entries were evicted for it), True when the key is already stored (its
+        use recorded), None when no slot can be had.  A free slot comes
+        first, then slots of dead processes' reservations (when
+        ``reap_due()`` says so), then the policy's victim, evicted here
+        (with ``keep_free``, the next victim too, onto the free list)."""
+        if self.use_if_stored(ikey, canon, policy, now):
+            return True
+        got = self.take_free_slot(slot_count)
+        if got is None and reap_due():
+            self.reap_dead()
+            got = self.take_free_slot(slot_count)
+        evicted = 0
+        if got is None:
+            got = self.evict_next(policy)
+            if got is None:
+                return None
+            evicted = 1 + (keep_free and self.free_next(policy))
+        slot, gen = got
+        gen = next_generation(gen)
+        self.txn.put(U64.pack(slot), _U32.pack(gen) + owner, db=self.db["reserved"])
+        return slot, gen, evicted
+
+    def settle(self, slot: int, generation: int, owner: bytes, ikey: bytes, canon: bytes,
+               length: int, checksum: int, meta_raw: bytes, policy: Policy, now: float) -> str:
+        """Turn the reservation (slot, generation) of ``owner`` into the entry
+        for ``canon``.  Returns "stored", "present" (someone stored the key
+        meanwhile; the slot is freed) or "lost" (the reservation is gone)."""
+        reserved = self.db["reserved"]
+        skey = U64.pack(slot)
+        raw = self.txn.get(skey, db=reserved)
+        if raw is None or _U32.unpack_from(raw)[0] != generation or raw[4:] != owner:
+            return "lost"
+        self.txn.delete(skey, db=reserved)
+        old = self.txn.get(ikey, db=self.db["entries"])
+        if old is not None:
+            if canon_of(old) == canon:
+                self.release_slot(slot, generation)
+                return "present"
+            self.free_entry(Entry.decode(ikey, old), policy)  # a long key's hash collided
+        self.add(ikey, canon, slot, generation, length, checksum, meta_raw, policy, now)
+        return "stored"
+
+    def evict_next(self, policy: Policy) -> tuple[int, int] | None:
+        """Evict the first entry in eviction order that nobody alive has
+        pinned and hand its (slot, generation) to the caller, who reuses the
+        slot; None when every entry is pinned.  The entry is removed through
+        its order key as found, without decoding more than its head (every
+        put at capacity runs this)."""
+        entries = self.db["entries"]
+        if self._pins_exist is None:
+            with self.txn.cursor(db=self.db["pins"]) as cur:
+                self._pins_exist = cur.first()
+        backward = policy.from_end
+        with self.txn.cursor(db=self.db["order"]) as cur:
+            ok = cur.last() if backward else cur.first()
+            while ok:
+                ikey = bytes(cur.value())
+                raw = self.txn.get(ikey, db=entries)
+                if raw is not None and not (self._pins_exist and self._held(ikey)):
+                    got = slot_gen_of(raw)
+                    if got is None:
+                        raise CorruptStoreError(
+                            "an index entry is truncated; run `slabcache fsck --repair`")
+                    cur.delete()
+                    self.txn.delete(ikey, db=entries)
+                    self.vacated.append(got[0])
+                    return got
+                ok = cur.prev() if backward else cur.next()
+        return None
+
+    def free_next(self, policy: Policy) -> bool:
+        """Evict the policy's next victim onto the free list; False when
+        every entry is pinned."""
+        got = self.evict_next(policy)
+        if got is None:
+            return False
+        self.release_slot(*got)
+        return True
