@@ -91,7 +91,7 @@ def main(argv=None) -> int:
         shutil.rmtree(path, ignore_errors=True)
         with SlabStore.open(path, capacity_bytes=n * size, slot_bytes=size, io=io) as s:
             t = time.perf_counter()
-            assert all(f.result() for f in [s.put_async(k, v) for k, v in zip(keys, vals)])
+            assert all(f.result() for f in [s.jobs.put(k, v) for k, v in zip(keys, vals)])
             put = _gbps(size * n, time.perf_counter() - t)
 
             def staged():

@@ -77,7 +77,7 @@ def measure(root: str, size: int, inline: bool, puts: int) -> dict:
     path = os.path.join(root, f"s{size}-{int(inline)}")
     shutil.rmtree(path, ignore_errors=True)
     with SlabStore.open(path, capacity_bytes=(puts + 8) * size, slot_bytes=size) as s:
-        s._inline_puts = inline
+        s._writer.inline = inline
         s._allocator.keep_free = inline and s.geometry.slot_count >= KEEP_FREE_FROM
         v = torch.randint(0, 256, (size,), dtype=torch.uint8)
         s.put("warm", v)

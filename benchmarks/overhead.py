@@ -56,7 +56,7 @@ def _one_transaction_puts(s: SlabStore, full: SlabStore, on: bool) -> None:
     """Switch the one-transaction put path of both stores (private switches,
     for this comparison only)."""
     for store in (s, full):
-        store._inline_puts = on
+        store._writer.inline = on
         store._allocator.keep_free = on and store.geometry.slot_count >= KEEP_FREE_FROM
 
 

@@ -148,7 +148,7 @@ def _copy(src: SlotRecords, ordered, entries, dst: SlabStore, res: CompactResult
             res.dropped.append({"key": repr(decode_key(e.canon)), "bytes": e.length,
                                 "why": "failed its checksum"})
             continue
-        dst.put_raw(decode_key(e.canon), bytearray(data), e.meta)
+        dst.write([decode_key(e.canon)], [bytearray(data)], [e.meta])
         res.kept += 1
         bar.add(e.length)
         on_phase("copy")

@@ -144,7 +144,7 @@ class SlabContender:
         return self.store.get_into(key, out)
 
     def batched_contains(self, keys):
-        return self.store.batched_contains(keys)
+        return self.store.prefix(keys)
 
     def drop_cache(self):
         self.store.engine.drop_cache()

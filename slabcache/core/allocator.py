@@ -1,12 +1,20 @@
 """The slot allocator: the one place slots are taken and given back.
 
-A put reserves a slot (a free one, or the policy's victim, whose entry is
-deleted in the same transaction), writes, then commits the entry; a failed
-write aborts.  Batches reserve and commit all their slots in one
-transaction each.  A small single put into a free slot takes one
-transaction instead: it writes while holding the index's write lock
-(:meth:`SlotAllocator.put_inline`).  Entries leave through
-:meth:`SlotAllocator.free`.
+A put asks for a slot and gets a descriptor back:
+
+- :meth:`SlotAllocator.claim_free` (a small put, mmap, fast durability):
+  the index's write transaction stays open while the caller writes the
+  slot, then :meth:`FreeSlot.commit` inserts the entry in it.  No entry
+  names a free slot, so no reader sees the bytes before the commit, and a
+  crash or a failed write leaves the slot free.
+- :meth:`SlotAllocator.reserve_many`: a :class:`Reservation` per key (a free
+  slot, or the policy's victim, evicted in the same transaction); the
+  caller writes, then commits them (:meth:`commit_many`, one transaction)
+  or aborts them.
+
+The allocator never calls back into its caller.  Entries leave through
+:meth:`SlotAllocator.free`; every slot a transaction vacates has its record
+cleared before the commit (:meth:`_clear_vacated`).
 """
 
 from __future__ import annotations
@@ -15,22 +23,23 @@ import enum
 import logging
 import threading
 import time
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import NamedTuple, Sequence
 
 from ..device.slabfile import SlotRecords
 from ..errors import StorageFullError
 from ..format.header import Geometry
+from ..format.keys import Key
 from ..index import Entry, Index, IndexTxn
-from ..index.txn import next_generation
 from ..index.policy import Policy
+from ..index.txn import next_generation
+from .items import Item
 from .uses import UseTracker
 
 log = logging.getLogger(__name__)
 
 # Stores of this many slots or more keep one slot free ahead of need (see
-# SlotAllocator.put_inline): a put at capacity then costs one index write
-# transaction instead of two, at the price of one slot in this many or fewer.
+# claim_free): a put at capacity then costs one index write transaction
+# instead of two, at the price of one slot in this many or fewer.
 KEEP_FREE_FROM = 256
 
 # Index bytes a new entry takes besides its keys and description (the
@@ -61,20 +70,91 @@ class PutStatus(enum.Enum):
 _SETTLED = {"stored": PutStatus.STORED, "present": PutStatus.PRESENT, "lost": PutStatus.LOST}
 
 
-@dataclass(frozen=True)
-class Reservation:
+class Reservation(NamedTuple):
     """A slot taken for one put: write it, then ``commit`` or ``abort``."""
 
     allocator: "SlotAllocator"
     slot: int
     generation: int
 
-    def commit(self, canon: bytes, ikey: bytes, checksum: int, meta_raw: bytes, length: int,
-               durable: bool = False) -> PutStatus:
-        return self.allocator.commit_many([(self, canon, ikey, checksum, meta_raw, length)], durable)[0]
+    def commit(self, item: Item, checksum: int, durable: bool = False) -> PutStatus:
+        return self.allocator.commit_many([(self, item, checksum)], durable)[0]
 
     def abort(self) -> None:
         self.allocator.abandon([self])
+
+
+class FreeSlot:
+    """``with allocator.claim_free(key) as c``: the index's write transaction
+    is open inside.  ``c.status`` is PRESENT (the key is stored: a use was
+    counted) or None; ``c.slot`` is a free slot with its new
+    ``c.generation`` to write, then :meth:`commit`, or None when no slot is
+    free (reserve instead, which evicts).  An error inside aborts the
+    transaction and clears the slot's record: it stays free and empty."""
+
+    __slots__ = ("_alloc", "_key", "_cm", "_t", "_now", "_evicted", "_length", "slot",
+                 "generation", "status")
+
+    def __init__(self, alloc: "SlotAllocator", key: Key):
+        self._alloc = alloc
+        self._key = key
+        self._cm = self._t = None
+        self.slot = self.status = None
+        self._evicted = False
+
+    def __enter__(self) -> "FreeSlot":
+        a = self._alloc
+        if a._seems_full:
+            return self
+        self._now = now = time.time()
+        self._cm = a.index.write()
+        t = self._t = self._cm.__enter__()  # the preludes run first: uses, orphans
+        try:
+            key, n, policy = self._key, a.geometry.slot_count, a.policy
+            if t.use_if_stored(key.ikey, key.canon, policy, now):
+                self.status = PutStatus.PRESENT
+                return self
+            got = t.take_free_slot(n)
+            if got is None:
+                a._seems_full = True  # puts at capacity reserve without asking again
+                return self
+            if a.keep_free and not t.has_free_slot(n):
+                # Chosen before this entry joins the order.
+                self._evicted = t.free_next(policy)
+            self.slot, self.generation = got[0], next_generation(got[1])
+        except BaseException as exc:
+            self._cm.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        return self
+
+    def commit(self, length: int, checksum: int, meta_raw: bytes) -> None:
+        """The slot is written: its entry joins the index with this transaction."""
+        key = self._key
+        self._t.add(key.ikey, key.canon, self.slot, self.generation, length, checksum, meta_raw,
+                    self._alloc.policy, self._now)
+        self.status = PutStatus.STORED
+        self._length = length
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if self._cm is None:
+            return False
+        a = self._alloc
+        if exc_type is None:
+            a._clear_vacated(self._t)
+        elif self.slot is not None:
+            # The slot stays free: it must not keep what was written (best
+            # effort: the write's own error is the one to raise).
+            try:
+                a.records.clear(self.slot)
+            except OSError:
+                pass
+        self._cm.__exit__(exc_type, exc, tb)
+        if exc_type is None:
+            if self.status is PutStatus.STORED:
+                a.uses.stored(1, self._length)
+            if self._evicted:
+                a.uses.count("evictions")
+        return False
 
 
 class SlotAllocator:
@@ -90,19 +170,24 @@ class SlotAllocator:
         self._last_reap = 0.0
         self._orphans: list[Reservation] = []  # see abandon()
         self._orphans_lock = threading.Lock()
-        if not index.readonly:
-            index.add_prelude(self)  # orphans go back in the next write (before_write)
-        # Only for stores whose puts can take one transaction (put_inline).
+        # Only for stores whose puts can take one transaction (claim_free).
         # MRU's next victim is the entry just stored: evicting it ahead of
         # need would evict what the put it serves has just written.
         self.keep_free = inline_puts and geometry.slot_count >= KEEP_FREE_FROM and not policy.from_end
-        # Set when put_inline found no free slot, so puts at capacity do not
-        # ask again each time; cleared when a reservation finds one free.
+        # Set when claim_free found no free slot, so puts at capacity do
+        # not ask again each time; cleared when a slot is freed.
         self._seems_full = False
+        index.add_prelude(self)  # orphans go back in the next write (before_write)
 
-    def reserve(self, canon: bytes, ikey: bytes) -> Reservation | PutStatus:
+    # -- taking slots --------------------------------------------------------
+
+    def claim_free(self, key: Key) -> FreeSlot:
+        """A free slot for ``key`` inside one write transaction (FreeSlot)."""
+        return FreeSlot(self, key)
+
+    def reserve(self, key: Key) -> Reservation | PutStatus:
         """A Reservation, or PRESENT (counted as a use) or REJECTED."""
-        return self.reserve_many([(canon, ikey)])[0]  # type: ignore[return-value]
+        return self.reserve_many([key])[0]  # type: ignore[return-value]
 
     def _reap_due(self) -> bool:
         now = time.monotonic()
@@ -111,11 +196,11 @@ class SlotAllocator:
         self._last_reap = now
         return True
 
-    def reserve_many(self, keys: Sequence[tuple[bytes, bytes]]) -> list[Reservation | PutStatus | int]:
-        """Reserve a slot for each (canonical key, index key) in one write
-        transaction.  A key already stored is PRESENT (counted as a use);
-        REJECTED when no slot can be had; a key repeated in ``keys`` gets
-        the position of its first occurrence, whose outcome it shares."""
+    def reserve_many(self, keys: Sequence[Key]) -> list[Reservation | PutStatus | int]:
+        """Reserve a slot for each key in one write transaction.  A key
+        already stored is PRESENT (counted as a use); REJECTED when no slot
+        can be had; a key repeated in ``keys`` gets the position of its
+        first occurrence, whose outcome it shares."""
         out: list[Reservation | PutStatus | int] = []
         first: dict[bytes, int] = {}
         now = time.time()
@@ -145,73 +230,26 @@ class SlotAllocator:
             self.uses.count("rejected_puts", rejected)
         return out
 
-    def put_inline(self, canon: bytes, ikey: bytes, length: int, meta_raw: bytes,
-                   write: Callable[[int, int], int]) -> PutStatus | None:
-        """Store a small value in one write transaction, when a slot is free:
-        ``write(slot, generation) -> checksum`` writes the payload and record
-        while this transaction holds the index's write lock.  No entry names
-        a free slot, so no reader can see the bytes before the commit, and a
-        crash or a failed write leaves the slot free.  PRESENT (a use
-        counted) when the key is stored; None when no slot is free (the
-        caller then reserves, which evicts).  With ``keep_free``, taking the
-        last free slot evicts the next victim onto the free list, so the
-        next put finds one."""
-        if self._seems_full:
-            return None
-        now = time.time()
-        n, policy = self.geometry.slot_count, self.policy
-        evicted = False
-        # The preludes run first (uses, so the victim below is chosen on an
-        # order that includes them); a failed write aborts the transaction,
-        # and what they took goes back to them.
-        with self.index.write() as t:
-            if t.use_if_stored(ikey, canon, policy, now):
-                status = PutStatus.PRESENT
-            else:
-                got = t.take_free_slot(n)
-                if got is None:
-                    self._seems_full = True
-                    return None
-                if self.keep_free and not t.has_free_slot(n):
-                    # Chosen before this entry joins the order.
-                    evicted = t.free_next(policy)
-                slot, gen = got[0], next_generation(got[1])
-                try:
-                    t.add(ikey, canon, slot, gen, length, write(slot, gen), meta_raw, policy, now)
-                except BaseException:
-                    # The slot stays free: it must not keep what was written
-                    # (best effort: the write's own error is the one to raise).
-                    try:
-                        self.records.clear(slot)
-                    except OSError:
-                        pass
-                    raise
-                status = PutStatus.STORED
-                self._clear_vacated(t)
-        if status is PutStatus.STORED:
-            self.uses.stored(1, length)
-        if evicted:
-            self.uses.count("evictions")
-        return status
-
-    def commit_many(self, items, durable: bool = False) -> list[PutStatus]:
-        """Commit written reservations in one transaction; ``items`` are
-        (reservation, canon, ikey, checksum, meta_raw, length)."""
+    def commit_many(self, done: Sequence[tuple[Reservation, Item, int]],
+                    durable: bool = False) -> list[PutStatus]:
+        """Commit written reservations, each with its item and payload
+        checksum, in one transaction."""
         out = []
         now = time.time()
         owner, policy = self.owner, self.policy
         stored = nbytes = 0
         # Each new entry: its key twice (the full key in the entry, and its
         # index key), its description, the fixed head and an order record.
-        adds = sum(len(canon) + len(ikey) + len(meta_raw) + ENTRY_OVERHEAD
-                   for _r, canon, ikey, _c, meta_raw, _n in items)
-        with self.index.write(durable=durable, keys=len(items), adds=adds) as t:
-            for r, canon, ikey, csum, meta_raw, length in items:
-                got = _SETTLED[t.settle(r.slot, r.generation, owner, ikey, canon, length, csum,
-                                        meta_raw, policy, now)]
+        adds = sum(len(it.key.canon) + len(it.key.ikey) + len(it.desc.encoded) + ENTRY_OVERHEAD
+                   for _r, it, _c in done)
+        with self.index.write(durable=durable, keys=len(done), adds=adds) as t:
+            for r, item, csum in done:
+                (canon, ikey), desc = item.key, item.desc
+                got = _SETTLED[t.settle(r.slot, r.generation, owner, ikey, canon, desc.length, csum,
+                                        desc.encoded, policy, now)]
                 if got is PutStatus.STORED:
                     stored += 1
-                    nbytes += length
+                    nbytes += desc.length
                 elif got is PutStatus.LOST:
                     log.warning("slot %d of %s was taken from this put (repair?); dropping it",
                                 r.slot, self.path)
@@ -292,15 +330,15 @@ class SlotAllocator:
         self._clear_vacated(t)
         self._seems_full = False
 
-    def free_if_current(self, e, then: Callable | None = None) -> bool:
+    def free_if_current(self, e, counters: UseTracker | None = None) -> bool:
         """Free the entry ``e`` (an Entry or EntryRef) names, unless it was
-        replaced or evicted meanwhile; ``then(txn)`` runs in the same write
-        transaction either way."""
+        replaced or evicted meanwhile; with ``counters``, their counts are
+        written in the same transaction either way."""
         with self.index.write() as t:
             cur = t.entry(e.ikey)
             freed = cur is not None and cur.slot == e.slot and cur.generation == e.generation
             if freed:
                 self.free(t, cur)
-            if then is not None:
-                then(t)
+            if counters is not None:
+                counters.flush_counters(t)
             return freed

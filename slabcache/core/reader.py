@@ -1,44 +1,109 @@
-"""Reading an entry's bytes and proving they are the entry's.
+"""Finding entries, reading their bytes, and proving the bytes are theirs.
 
 Readers look an entry up, copy its bytes, then check in the index that the
 entry still names the same slot and generation: a slot is rewritten only
 after its entry is gone and with a new generation, so a read that passes
 that check saw no rewrite, and a read that fails it is a miss.  A checksum
 mismatch is a miss too (counted, and the entry is dropped); wrong bytes
-are never served.
+are never served.  Every miss is counted here (:meth:`Reader.find`,
+:meth:`Reader.lookup`, :meth:`Reader._judge`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 
 from ..device import Engine
-from ..errors import StorageFullError
-from ..format.keys import display_key
+from ..errors import CorruptStoreError, StorageFullError
+from ..format.header import Geometry
+from ..format.keys import Key, display_key
+from ..format.values import ValueDesc
 from ..index import Entry, Index
 from ..index.entry import EntryRef
 from .allocator import SlotAllocator
 from .uses import UseTracker
+from .values import Plan, plan_for
 
 log = logging.getLogger(__name__)
 
 _IO_FAILED = object()  # what _copy returns when the engine failed
 
 
+class Found(NamedTuple):
+    """What is stored under one key: its entry (``ref``) and how to rebuild
+    its value (``plan``).  ``desc`` and ``length`` say what a caller must
+    allocate before SlabStore.read_into."""
+
+    ref: EntryRef
+    plan: Plan
+
+    @property
+    def desc(self) -> ValueDesc:
+        return self.plan.desc
+
+    @property
+    def length(self) -> int:
+        return self.ref.length
+
+
+_new_found = tuple.__new__
+
+
 class Reader:
     def __init__(self, engine: Engine, index: Index, allocator: SlotAllocator | None,
-                 uses: UseTracker, checksum: bool, path: str):
+                 uses: UseTracker, checksum: bool, geometry: Geometry, path: str):
         self.engine = engine
         self.index = index
         self.allocator = allocator  # None for a read-only handle
         self.uses = uses
         self.checksum = checksum
+        self.geometry = geometry
         self.path = path
         self._last_full_warning = -1e9
+
+    # -- finding -----------------------------------------------------------
+
+    def find(self, key: Key) -> Found | None:
+        """What is stored under ``key`` (one read transaction); None is a
+        miss, counted.  Raises CorruptStoreError for a damaged entry."""
+        ref = self.index.ref(key.ikey, key.canon)
+        if ref is None:
+            self.uses.count("misses")
+            return None
+        return _new_found(Found, (ref, self.plan(ref)))
+
+    def lookup(self, keys: Sequence[Key]) -> list[Found | None]:
+        """:meth:`find` for each key, in one read transaction."""
+        out: list[Found | None] = []
+        misses = 0
+        for ref in self.index.refs(keys):
+            if ref is None:
+                misses += 1
+                out.append(None)
+            else:
+                out.append(_new_found(Found, (ref, self.plan(ref))))
+        if misses:
+            self.uses.count("misses", misses)
+        return out
+
+    def plan(self, e: EntryRef) -> Plan:
+        """The entry's Plan, once what the index says is bounded by the
+        slab: a damaged entry must never make a read allocate or copy more
+        than its slot.  Raises CorruptStoreError."""
+        plan = plan_for(e.meta_raw)
+        g = self.geometry
+        if plan.length != e.length or e.length > g.slot_bytes or e.slot >= g.slot_count:
+            raise CorruptStoreError(
+                f"the index entry of {display_key(e.canon)!r} in {self.path} is damaged (slot "
+                f"{e.slot} of {g.slot_count}, {e.length} bytes, slots of {g.slot_bytes}); run "
+                f"`slabcache fsck {self.path} --repair`")
+        return plan
+
+    # -- reading -----------------------------------------------------------
 
     def read(self, e: Entry | EntryRef, parts: list[torch.Tensor]) -> bool:
         """Fill ``parts`` with ``e``'s bytes; False (a miss) unless they are
@@ -56,6 +121,8 @@ class Reader:
         ``submit(fn, *args) -> Future`` runs the reads in parallel (worker
         threads); without it they run here, one after another.
         """
+        if not refs:
+            return []
         if submit is None:
             digests = self.engine.read_many_into([e.slot for e in refs], parts_list, self.checksum)
             for i, d in enumerate(digests):
@@ -108,7 +175,7 @@ class Reader:
             try:
                 self.index.flush()  # the use tracker runs first in every write
             except StorageFullError as exc:
-                # The read itself succeeded; only its use statistics are lost.
+                # The read itself succeeded; only its use statistics wait.
                 now = time.monotonic()
                 if now - self._last_full_warning > 60:
                     self._last_full_warning = now
@@ -124,4 +191,4 @@ class Reader:
             # The failure is recorded in the transaction that drops the entry,
             # not at the next counter flush: `slabcache stats` shows it even if
             # the process is killed next (as vLLM kills a slow engine at exit).
-            self.allocator.free_if_current(e, then=self.uses.flush_counters)
+            self.allocator.free_if_current(e, counters=self.uses)

@@ -233,7 +233,7 @@ class Plan:
 
 
 _PLANS: dict[bytes, Plan] = {}
-_DESCS: dict[tuple, tuple[ValueDesc, bytes]] = {}
+_DESCS: dict[tuple, ValueDesc] = {}
 # Distinct layouts are few (a model has a handful of chunk shapes); the
 # caches are cleared if a workload makes them grow past this anyway.
 _CACHE_LIMIT = 4096
@@ -251,19 +251,20 @@ def plan_for(meta_raw: bytes) -> Plan:
     return plan
 
 
-def described(tensors: Sequence[torch.Tensor], is_list: bool, extra: bytes = b"") -> tuple[ValueDesc, bytes]:
-    """(description, its encoding) of checked tensors; cached per layout."""
+def described(tensors: Sequence[torch.Tensor], is_list: bool, extra: bytes = b"") -> ValueDesc:
+    """The description of checked tensors; cached per layout (its encoding
+    is cached with it, ``desc.encoded``)."""
     if not isinstance(extra, (bytes, bytearray)):
         raise UnsupportedValueError(f"extra must be bytes, got {type(extra).__name__}")
     key = (is_list, bytes(extra), *[(t.dtype, t.shape) for t in tensors])
-    got = _DESCS.get(key)
-    if got is None:
+    desc = _DESCS.get(key)
+    if desc is None:
         desc = meta_for(tensors, is_list, extra)
-        got = (desc, desc.encode())
+        desc.encoded  # noqa: B018 - encoded once, with the description
         if len(_DESCS) >= _CACHE_LIMIT:
             _DESCS.clear()
-        _DESCS[key] = got
-    return got
+        _DESCS[key] = desc
+    return desc
 
 
 def split(buf: torch.Tensor, nbytes) -> list[torch.Tensor]:

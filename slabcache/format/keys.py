@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from typing import NamedTuple
 
 from ..errors import InvalidKeyError
 
@@ -59,3 +60,21 @@ def index_key(canon: bytes) -> bytes:
 
 def key_hash(canon: bytes) -> bytes:
     return hashlib.blake2b(canon, digest_size=8).digest()
+
+
+class Key(NamedTuple):
+    """A key as the store uses it, built once per call: its canonical bytes
+    (type-tagged, compared) and its LMDB key (the same bytes, or a hash of
+    a long key)."""
+
+    canon: bytes
+    ikey: bytes
+
+
+_new_key = tuple.__new__  # a Key without NamedTuple's Python-level __new__ (hot path)
+
+
+def make_key(key: str | bytes) -> Key:
+    """The Key of ``key``.  Raises InvalidKeyError."""
+    canon = canonical_key(key)
+    return _new_key(Key, (canon, canon if len(canon) <= MAX_INLINE_KEY else index_key(canon)))

@@ -37,7 +37,7 @@ class ValueDesc:
     nbytes: tuple[int, ...]
     extra: bytes = b""  # opaque, caller-defined (e.g. LMCache's format tag)
 
-    @property
+    @functools.cached_property
     def length(self) -> int:
         return sum(self.nbytes)
 

@@ -281,10 +281,10 @@ class Index(Gate, Headroom, Failures):
             return None if raw is None else slot_gen_of(raw)
 
     def refs(self, keys) -> list[EntryRef | None]:
-        """:meth:`ref` for each (index key, canonical key), in one transaction."""
+        """:meth:`ref` for each Key (canonical key, index key), in one transaction."""
         with LookupTxn(self) as txn:
             out = []
-            for ikey, canon in keys:
+            for canon, ikey in keys:
                 raw = txn.get(ikey)
                 out.append(None if raw is None else ref_of(ikey, raw, canon))
             return out

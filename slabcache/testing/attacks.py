@@ -22,9 +22,10 @@ import torch
 
 from ..admin.fsck import check
 from ..core import SlabStore
+from ..core.items import Item
 from ..core.values import describe
 from ..errors import ConfigError, UnsupportedValueError
-from ..format.keys import canonical_key, index_key
+from ..format.keys import make_key
 from ..format.layout import StorePaths
 from .values import child_env, expected
 
@@ -67,15 +68,10 @@ def odd_outs(work: str, trials: int = 2000, seed: int = 5) -> dict:
         for _ in range(trials):
             k = rng.choice(keys)
             kind, o = _odd_out(rng, 2048)
-            how = rng.choice(["get_raw_into", "get_many_raw_into", "read_many_raw_into"])
+            how = "read_into"
             out["reads"] += 1
             try:
-                if how == "get_raw_into":
-                    got = s.get_raw_into(k, o)
-                elif how == "get_many_raw_into":
-                    got = s.get_many_raw_into([k], [o])[0]
-                else:
-                    got = s.read_many_raw_into(s.lookup_many([k]), [o])[0]
+                got = s.read_into(s.lookup([k]), [o])[0]
             except UnsupportedValueError:
                 out["refused"] += 1
                 continue
@@ -137,8 +133,7 @@ def pid_namespaces(work: str, rounds: int = 10) -> dict:
             for i in range(4):
                 s.put(f"pin{i}", expected(f"pin{i}"))
                 s.pin(f"pin{i}")
-            canon = canonical_key("inflight")
-            res = s._allocator.reserve(canon, index_key(canon))
+            res = s._allocator.reserve(make_key("inflight"))
             child = _unshare_pid(_CHURN, p, "400")
             _o, err = child.communicate(timeout=300)
             if child.returncode != 0:
@@ -152,13 +147,13 @@ def pid_namespaces(work: str, rounds: int = 10) -> dict:
                     out["wrong"] += 1
             out["reservations"] += 1
             with s.snapshot() as snap:
-                reserved = [x[0] for x in snap._t.reservations()]
+                reserved = [x[0] for x in snap.reservations()]
             if res.slot not in reserved:
                 out["reservations_reaped"] += 1
             v = expected("inflight")
-            meta = describe([v.shape], [v.dtype], is_list=False).encoded
-            csum = s._write_slot(res.slot, res.generation, canon, [v], v.numel(), meta)
-            if not res.commit(canon, index_key(canon), csum, meta, v.numel()).ok:
+            item = Item(make_key("inflight"), [v], describe([v.shape], [v.dtype], is_list=False))
+            csum = s._writer.write_slot(res.slot, res.generation, item)
+            if not res.commit(item, csum).ok:
                 out["inflight_puts_lost"] += 1
             got = s.get("inflight")
             if got is not None and not torch.equal(got, v):
@@ -374,9 +369,9 @@ def duplicate_keys(work: str, trials: int = 300, seed: int = 4) -> dict:
             if how == "put_many":
                 got = s.put_many(keys, vals)
             elif how == "put_many_raw":
-                got = s.put_many_raw(keys, vals, descs)
+                got = s.write(keys, vals, descs)
             else:
-                got = s.put_many_raw_async(keys, vals, descs).result()
+                got = s.jobs.write(keys, vals, descs).result()
             for k, ok in zip(keys, got):
                 out["answers"] += 1
                 out["untrue"] += ok != (k in s)

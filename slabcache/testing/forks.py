@@ -84,7 +84,7 @@ def fork_trials(path: str, out_dir: str, rounds: int = 3, children: int = 4,
     for r in range(rounds):
         rep.rounds += 1
         # The parent's workers are busy with queued puts when it forks.
-        futs = [s.put_async(f"a{r}-{i}", expected(f"a{r}-{i}")) for i in range(48)]
+        futs = [s.jobs.put(f"a{r}-{i}", expected(f"a{r}-{i}")) for i in range(48)]
         pids = []
         for c in range(children):
             pid = os.fork()

@@ -137,7 +137,7 @@ def run_reads(root: str, keys: int = 4000) -> dict:
         rep["stored"] = len(s)
         _fill(os.path.join(root, "filler"))
         ops = (("get_many", lambda: s.get_many(names)), ("touch", lambda: s.touch(names)),
-               ("pin_prefix", lambda: s.pin_prefix(names)), ("unpin_many", lambda: s.unpin_many(names)),
+               ("pin_prefix", lambda: s.prefix(names, pin=True)), ("unpin_many", lambda: s.unpin(names)),
                ("get_many again", lambda: s.get_many(names)), ("put", lambda: s.put("x", expected("x"))),
                ("clear", s.clear))
         for name, op in ops:

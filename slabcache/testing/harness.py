@@ -322,7 +322,7 @@ def hammer(store, threads: int = 8, seconds: float = 2.0, keys: int = 200, seed:
                     if store.pin(k):
                         store.unpin(k)
                 else:
-                    store.batched_contains([k, f"h{rng.randrange(keys)}"])
+                    store.prefix([k, f"h{rng.randrange(keys)}"])
             except Exception:
                 local["errors"] += 1
             local["ops"] += 1

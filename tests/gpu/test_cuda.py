@@ -20,7 +20,7 @@ def test_cuda_roundtrip(tmp_path, engine):
         assert torch.equal(out, v)
         assert torch.equal(s.get("k"), v.cpu())
         vals = [torch.randn(128, 1024, device="cuda") for _ in range(6)]
-        assert all(f.result() for f in [s.put_async(f"b{i}", x) for i, x in enumerate(vals)])
+        assert all(f.result() for f in [s.jobs.put(f"b{i}", x) for i, x in enumerate(vals)])
         outs = [torch.empty_like(x) for x in vals]
         assert s.get_many_into([f"b{i}" for i in range(6)], outs) == [True] * 6
         assert all(torch.equal(a, b) for a, b in zip(outs, vals))
@@ -53,7 +53,7 @@ def test_workers_order_cuda_copies_after_the_callers_stream(tmp_path):
             v = torch.zeros(n, device="cuda")
             torch.cuda._sleep(200_000_000)
             v.fill_(7.0)
-            assert s.put_async("k", v).result(30)
+            assert s.jobs.put("k", v).result(30)
         assert torch.equal(s.get("k"), torch.full((n,), 7.0))
         with torch.cuda.stream(side):
             # The out is still being read on the caller's stream: the worker

@@ -290,7 +290,9 @@ def test_several_paths_shard_by_device(tmp_path):
 @pytest.mark.parametrize("change,fragment", [
     (dict(extra={"slabcache.paths": ""}), "no disk path configured"),
     (dict(size=0), "max_local_disk_size is 0"),
-    (dict(extra={"disk_io_threads": 0}), "disk_io_threads must be a positive int"),
+    (dict(extra={"disk_io_threads": 0}), "disk_io_threads must be a whole number from 1 to 256"),
+    (dict(extra={"disk_io_threads": "many"}), "disk_io_threads must be a whole number"),
+    (dict(extra={"slabcache.durability": "paranoid"}), "for slabcache.durability; use one of fast, strict"),
     (dict(extra={"use_odirect": "yes"}), "use_odirect must be true or false"),
     (dict(extra={"slabcache.checksum": "maybe"}), "slabcache.checksum must be true or false"),
     (dict(extra={"slabcache.slot_bytes": 1 << 40}), "less than one slot"),
@@ -394,7 +396,7 @@ def test_allocator_close_waits_for_queued_puts(disk):
             assert gate.wait(30)
             return super().write(slot, parts, hashed)
 
-    b.store.engine = Held(b.store.engine)  # writes wait for the gate
+    b.store._writer.engine = Held(b.store._writer.engine)  # writes wait for the gate
     tokens, kv = h.prompt(2 * h.CHUNK)
     eng.store(tokens, kv=kv)
     assert b.pending_puts() == 2

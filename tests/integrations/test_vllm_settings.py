@@ -20,18 +20,21 @@ def cfg(**keys):
 
 def test_defaults():
     c = cfg()
-    assert c.paths == ("/kv",) and c.bytes_per_path == 1 << 30
-    assert c.slot_bytes is None  # one block, or an existing store's own
-    assert (c.io, c.durability, c.policy, c.io_threads, c.checksum) == ("mmap", "fast", None, 4, True)
-    assert c.use_refresh_seconds == 1.0
-    assert cfg(use_refresh_seconds=0).use_refresh_seconds == 0.0
+    o = c.options
+    assert c.paths == ("/kv",) and c.bytes_per_path == 1 << 30 and o.path == "/kv"
+    assert o.slot_bytes is None  # one block, or an existing store's own
+    assert (o.io, o.durability, o.policy, o.io_threads, o.checksum) == ("mmap", "fast", None, 4, True)
+    assert o.use_refresh_seconds == 1.0
+    assert cfg(use_refresh_seconds=0).options.use_refresh_seconds == 0.0
+    assert c.options_for("/other", 4096).path == "/other" and c.options_for("/o", 4096).slot_bytes == 4096
 
 
 def test_values_as_json_and_yaml_spell_them():
     c = cfg(path="file:///a/, /b", capacity=8 << 30, slot_bytes="128K", io="DIRECT", policy="LFU",
             durability="strict", io_threads=8, checksum="false", share_group=1, locality="remote")
-    assert c.paths == ("/a", "/b") and c.bytes_per_path == 4 << 30 and c.slot_bytes == 128 << 10
-    assert (c.io, c.policy, c.durability, c.io_threads, c.checksum, c.share_group, c.locality) == (
+    o = c.options
+    assert c.paths == ("/a", "/b") and c.bytes_per_path == 4 << 30 and o.slot_bytes == 128 << 10
+    assert (o.io, o.policy, o.durability, o.io_threads, o.checksum, o.share_group, c.locality) == (
         "direct", "lfu", "strict", 8, False, True, "REMOTE")
     assert cfg(path=["rel", "/b"]).paths == (os.path.abspath("rel"), "/b")
 
@@ -50,7 +53,7 @@ def test_by_engine_gives_each_data_parallel_engine_one_path():
     ({"capacity": "32K"}, "'capacity' gives each of 1 path"),
     ({"capacity": True}, "'capacity'"),
     ({"slot_bytes": "4K"}, "'slot_bytes' is 4096, smaller than one block"),
-    ({"io": "uring"}, "'io' must be one of mmap, direct"),
+    ({"io": "uring"}, "tier key 'io'; use one of mmap, direct"),
     ({"policy": "random"}, "'policy'"),
     ({"durability": "maybe"}, "'durability'"),
     ({"io_threads": 0}, "'io_threads'"),

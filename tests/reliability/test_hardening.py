@@ -18,7 +18,8 @@ from slabcache import ConfigError, SlabStore, UnsupportedValueError
 from slabcache.admin.fsck import check
 from slabcache.cli import main as cli_main
 from slabcache.core.values import describe
-from slabcache.format.keys import canonical_key, index_key
+from slabcache.core.items import Item
+from slabcache.format.keys import make_key
 from slabcache.format.layout import StorePaths
 from slabcache.index import IndexTxn
 from slabcache.testing import child_env, expected
@@ -48,12 +49,10 @@ def store(tmp_path):
 def test_a_raw_read_never_fills_a_hidden_copy(store, make_out):
     """Each raw read path refuses an out its bytes cannot land in, instead
     of filling a copy and reporting a hit."""
-    for read in (lambda o: store.get_raw_into("k", o),
-                 lambda o: store.get_many_raw_into(["k"], [o]),
-                 lambda o: store.read_many_raw_into(store.lookup_many(["k"]), [o])):
+    for found in (store.lookup(["k"]), store.lookup(["k", "k"])[:1]):
         out = make_out()
         with pytest.raises(UnsupportedValueError, match="not contiguous"):
-            read(out)
+            store.read_into(found, [out])
         assert not out.any()  # untouched
     assert torch.equal(store.get("k"), rand_tensor(1000, 1))  # nothing lost
 
@@ -61,10 +60,10 @@ def test_a_raw_read_never_fills_a_hidden_copy(store, make_out):
 def test_bytes_are_never_written_into(store):
     frozen = bytes(1000)
     with pytest.raises(UnsupportedValueError, match="read-only"):
-        store.get_raw_into("k", frozen)
+        store.read_into(store.lookup(["k"]), [frozen])
     assert frozen == bytes(1000)
     room = bytearray(1000)  # a writable buffer works
-    assert store.get_raw_into("k", room) is not None
+    assert store.read_into(store.lookup(["k"]), [room])[0] is not None
     assert bytes(room) == rand_tensor(1000, 1).numpy().tobytes()
 
 
@@ -128,8 +127,7 @@ def test_a_process_in_another_pid_namespace_respects_pins_and_reservations(tmp_p
         for i in range(4):
             assert s.put(f"pinned{i}", expected(f"pinned{i}")) and s.pin(f"pinned{i}")
         # A put in flight: reserved, not yet written or committed.
-        canon = canonical_key("inflight")
-        r = s._allocator.reserve(canon, index_key(canon))
+        r = s._allocator.reserve(make_key("inflight"))
         child = _in_namespace(_CHURN, str(p))
         out, err = child.communicate(timeout=120)
         assert child.returncode == 0, err[-2000:]
@@ -139,9 +137,8 @@ def test_a_process_in_another_pid_namespace_respects_pins_and_reservations(tmp_p
             assert torch.equal(s.get(f"pinned{i}"), expected(f"pinned{i}"))
         # The reservation was not reaped: this put completes and reads back.
         v = expected("inflight")
-        meta = describe([v.shape], [v.dtype], is_list=False).encoded
-        csum = s._write_slot(r.slot, r.generation, canon, [v], v.numel(), meta)
-        assert r.commit(canon, index_key(canon), csum, meta, v.numel()).ok
+        item = Item(make_key("inflight"), [v], describe([v.shape], [v.dtype], is_list=False))
+        assert r.commit(item, s._writer.write_slot(r.slot, r.generation, item)).ok
         assert torch.equal(s.get("inflight"), v)
         assert s.stats()["slots_reserved"] == 0
 
@@ -354,8 +351,8 @@ def test_a_repeated_key_in_a_batch_shares_its_first_outcome(tmp_path):
         v = expected("new")
         desc = describe([v.shape], [v.dtype], is_list=False)
         assert s.put_many(["new", "new"], [v, v]) == [False, False]
-        assert s.put_many_raw(["new", "new"], [v, v], [desc, desc]) == [False, False]
-        assert s.put_many_raw_async(["new", "new"], [v, v], [desc, desc]).result() == [False, False]
+        assert s.write(["new", "new"], [v, v], [desc, desc]) == [False, False]
+        assert s.jobs.write(["new", "new"], [v, v], [desc, desc]).result() == [False, False]
         assert "new" not in s
         s.unpin("p0")
         assert s.put_many(["new", "other", "new"], [v, v, v]) == [True, False, True]
@@ -369,8 +366,7 @@ def test_a_failed_reserve_gives_back_the_orphans_and_uses_it_took(tmp_path, monk
     with SlabStore.open(tmp_path / "s", capacity_bytes=16 * 4096, slot_bytes=4096) as s:
         s.put("a", expected("a"))
         # An orphan (a reservation whose give-back failed) and a pending use.
-        canon = canonical_key("orphan")
-        r = s._allocator.reserve(canon, index_key(canon))
+        r = s._allocator.reserve(make_key("orphan"))
         s._allocator._orphans.append(r)
         uses_before = s.entry("a").use.hits
         s.get("a")

@@ -73,7 +73,7 @@ def test_an_inherited_handle_says_to_open_again_and_leaves_the_parent_alone(tmp_
         if pid == 0:
             msgs = []
             for call in (lambda: s.get("a"), lambda: s.put("b", expected("b")),
-                         lambda: s.put_async("c", expected("c")), lambda: len(s)):
+                         lambda: s.jobs.put("c", expected("c")), lambda: len(s)):
                 try:
                     call()
                     msgs.append("worked")

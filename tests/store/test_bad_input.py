@@ -88,7 +88,7 @@ def test_full_store_evicts_nothing_for_a_bad_value(store, case, make, error, fra
         if how == "put":
             store.put("bad", make())
         elif how == "put_async":
-            store.put_async("bad", make()).result()
+            store.jobs.put("bad", make()).result()
         else:
             store.put_many(["ok", "bad"], [GOOD, make()])
     assert sorted(store.keys()) == before and store.stats()["evictions"] == 0
@@ -144,7 +144,7 @@ OPEN_CASES = [
     ("unknown io", dict(capacity_bytes=8192, slot_bytes=4096, io="aio"), ConfigError,
      "use one of mmap, direct"),
     ("unknown durability", dict(capacity_bytes=8192, slot_bytes=4096, durability="paranoid"),
-     ConfigError, "'fast' or 'strict'"),
+     ConfigError, "use one of fast, strict"),
     ("checksum not a bool", dict(capacity_bytes=8192, slot_bytes=4096, checksum="yes"), ConfigError,
      "True or False"),
 ]

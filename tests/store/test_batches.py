@@ -133,7 +133,7 @@ def test_a_damaged_payload_in_a_batch_is_a_miss_for_that_key_only(make_store, tm
     assert s.put_many(keys, vals) == [True] * 4
     _damage(s, tmp_path, "k1")
     outs = [torch.zeros(size, dtype=torch.uint8) for _ in keys]
-    got = s.read_many_raw_into(s.lookup_many(keys), outs)
+    got = s.read_into(s.lookup(keys), outs)
     assert [d is not None for d in got] == [True, False, True, True]
     assert all(torch.equal(outs[i], vals[i]) for i in (0, 2, 3))
     assert s.stats()["checksum_failures"] == 1 and "k1" not in s
@@ -145,35 +145,35 @@ def test_a_damaged_payload_in_a_batch_is_a_miss_for_that_key_only(make_store, tm
 
 def test_lookup_then_read_is_a_miss_if_the_entry_changed_between(make_store):
     s = make_store(capacity_bytes=2 * 4096)
-    s.put_raw("x", rand_tensor(64, 1), describe([(4, 4)], [torch.float32], is_list=False))
-    found = s.lookup_many(["x", "nothing"])
+    s.write(["x"], [rand_tensor(64, 1)], [describe([(4, 4)], [torch.float32], is_list=False)])
+    found = s.lookup(["x", "nothing"])
     assert found[1] is None and found[0].desc.shapes == ((4, 4),) and found[0].length == 64
     s.remove("x")
     s.put("y", rand_tensor(64, 2))
     s.put("z", rand_tensor(64, 3))  # x's slot is reused
     out = torch.empty(64, dtype=torch.uint8)
-    assert s.read_many_raw_into(found, [out, None]) == [None, None]
-    s.put_raw("x", rand_tensor(64, 4), describe([(64,)], [torch.uint8], is_list=False))
-    found = s.lookup_many(["x"])
-    assert s.read_many_raw_into(found, [out])[0].dtypes == ("uint8",)
+    assert s.read_into(found, [out, None]) == [None, None]
+    s.write(["x"], [rand_tensor(64, 4)], [describe([(64,)], [torch.uint8], is_list=False)])
+    found = s.lookup(["x"])
+    assert s.read_into(found, [out])[0].dtypes == ("uint8",)
     assert torch.equal(out, rand_tensor(64, 4))
 
 
 def test_prefix_pins_and_unpins_in_one_go(make_store):
     s = make_store()
     s.put_many(["a", "b", "d"], [rand_tensor(10, i) for i in range(3)])
-    assert s.contains_many(["a", "c", "d"]) == [True, False, True]
-    assert s.pin_prefix(["a", "b", "c", "d"]) == 2
+    assert s.contains(["a", "c", "d"]) == [True, False, True]
+    assert s.prefix(["a", "b", "c", "d"], pin=True) == 2
     assert [s.pin_count(k) for k in "abd"] == [1, 1, 0]
-    assert s.unpin_many(["a", "b", "d"]) == 2
+    assert s.unpin(["a", "b", "d"]) == [True, True, False]
     assert [s.pin_count(k) for k in "abd"] == [0, 0, 0]
 
 
 def test_put_many_raw_async_weighs_its_keys_against_the_queue(make_store):
     s = make_store(capacity_bytes=16 * 4096, max_pending_puts=4)
     desc = describe([(10,)], [torch.uint8], is_list=False)
-    fut = s.put_many_raw_async(["a", "b", "c"], [rand_tensor(10, i) for i in range(3)], [desc] * 3)
+    fut = s.jobs.write(["a", "b", "c"], [rand_tensor(10, i) for i in range(3)], [desc] * 3)
     assert fut.result(10) == [True, True, True]
-    big = s.put_many_raw_async([f"k{i}" for i in range(6)], [rand_tensor(10, i) for i in range(6)], [desc] * 6)
+    big = s.jobs.write([f"k{i}" for i in range(6)], [rand_tensor(10, i) for i in range(6)], [desc] * 6)
     assert big.result(10) == [True] * 6  # larger than the whole limit: runs alone
     assert torch.equal(s.get("k5"), rand_tensor(10, 5))

@@ -189,9 +189,9 @@ def test_contains_batched_contains_and_keys(make_store):
     for k in ["a", "b", "c", b"a"]:
         s.put(k, rand_tensor(10, 0))
     assert "a" in s and b"a" in s and "zz" not in s
-    assert s.batched_contains(["a", "b", "x", "c"]) == 2
-    assert s.batched_contains(["x", "a"]) == 0
-    assert s.batched_contains([]) == 0
+    assert s.prefix(["a", "b", "x", "c"]) == 2
+    assert s.prefix(["x", "a"]) == 0
+    assert s.prefix([]) == 0
     assert sorted(map(repr, s.keys())) == sorted(map(repr, ["a", "b", "c", b"a"]))
     assert len(s) == 4
     # str and bytes keys are distinct.

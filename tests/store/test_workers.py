@@ -44,7 +44,7 @@ def test_priority_is_an_intenum():
 
 def test_bad_pool_settings(tmp_path):
     for kw, frag in [(dict(io_threads=0), "io_threads"), (dict(max_pending_puts=-1), "max_pending_puts"),
-                     (dict(queue_full="drop"), "'reject' or 'wait'")]:
+                     (dict(queue_full="drop"), "use one of reject, wait")]:
         with pytest.raises(ConfigError, match=frag):
             SlabStore.open(tmp_path / "s", capacity_bytes=8192, slot_bytes=4096, **kw)
 
@@ -87,11 +87,11 @@ def test_prefetch_overtakes_queued_puts(make_store):
 
     puts = []
     for i in range(20):
-        f = s.put_async(f"p{i}", rand_tensor(4000, 100 + i))
+        f = s.jobs.put(f"p{i}", rand_tensor(4000, 100 + i))
         f.add_done_callback(record(f"p{i}"))
         puts.append(f)
     assert gate.started.wait(10)
-    pf = s.prefetch(["hot", "missing"])
+    pf = s.jobs.prefetch(["hot", "missing"])
     pf.add_done_callback(record("prefetch"))
     gate.release.set()
     vals = pf.result(30)
@@ -103,7 +103,7 @@ def test_prefetch_overtakes_queued_puts(make_store):
 
 def test_put_async_roundtrip_and_visibility(make_store):
     s = make_store(capacity_bytes=64 * 4096)
-    futs = [s.put_async(f"k{i}", rand_tensor(4096, i)) for i in range(32)]
+    futs = [s.jobs.put(f"k{i}", rand_tensor(4096, i)) for i in range(32)]
     assert all(f.result(30) is True for f in futs)
     vals = s.get_many([f"k{i}" for i in range(32)] + ["nope"])
     assert vals[-1] is None
@@ -113,7 +113,7 @@ def test_put_async_roundtrip_and_visibility(make_store):
 def test_entry_not_visible_before_written(make_store):
     s = make_store(io_threads=1, engine_wrapper=_Gate)
     gate = s.engine.arm()
-    f = s.put_async("k", rand_tensor(100, 1))
+    f = s.jobs.put("k", rand_tensor(100, 1))
     assert gate.started.wait(10)
     assert "k" not in s and s.get("k") is None  # being written: not visible yet
     gate.release.set()
@@ -123,21 +123,21 @@ def test_entry_not_visible_before_written(make_store):
 def test_bounded_queue_rejects(make_store):
     s = make_store(io_threads=1, max_pending_puts=3, engine_wrapper=_Gate)
     gate = s.engine.arm()
-    futs = [s.put_async(f"k{i}", rand_tensor(10, i)) for i in range(3)]
+    futs = [s.jobs.put(f"k{i}", rand_tensor(10, i)) for i in range(3)]
     with pytest.raises(QueueFullError, match="max_pending_puts=3"):
-        s.put_async("k3", rand_tensor(10, 3))
+        s.jobs.put("k3", rand_tensor(10, 3))
     assert s.stats()["queue_rejections"] == 1
     gate.release.set()
     assert all(f.result(10) for f in futs)
-    assert s.put_async("k3", rand_tensor(10, 3)).result(10)
+    assert s.jobs.put("k3", rand_tensor(10, 3)).result(10)
 
 
 def test_bounded_queue_waits(make_store):
     s = make_store(io_threads=1, max_pending_puts=2, queue_full="wait", engine_wrapper=_Gate)
     gate = s.engine.arm()
-    futs = [s.put_async(f"k{i}", rand_tensor(10, i)) for i in range(2)]
+    futs = [s.jobs.put(f"k{i}", rand_tensor(10, i)) for i in range(2)]
     third = []
-    t = threading.Thread(target=lambda: third.append(s.put_async("k2", rand_tensor(10, 2))))
+    t = threading.Thread(target=lambda: third.append(s.jobs.put("k2", rand_tensor(10, 2))))
     t.start()
     t.join(0.3)
     assert t.is_alive()  # waiting for room
@@ -149,7 +149,7 @@ def test_bounded_queue_waits(make_store):
 def test_close_finishes_queued_puts(tmp_path, engine):
     p = tmp_path / "s"
     s = SlabStore.open(p, capacity_bytes=64 * 4096, slot_bytes=4096, io=engine, io_threads=2)
-    futs = [s.put_async(f"k{i}", rand_tensor(4000, i)) for i in range(40)]
+    futs = [s.jobs.put(f"k{i}", rand_tensor(4000, i)) for i in range(40)]
     s.close()
     assert all(f.done() and f.result() for f in futs)
     with SlabStore.open(p, io=engine) as s:
@@ -159,7 +159,7 @@ def test_close_finishes_queued_puts(tmp_path, engine):
 def test_close_can_cancel_queued_puts(make_store):
     s = make_store(capacity_bytes=64 * 4096, io_threads=1, engine_wrapper=_Gate)
     gate = s.engine.arm()
-    futs = [s.put_async(f"k{i}", rand_tensor(100, i)) for i in range(10)]
+    futs = [s.jobs.put(f"k{i}", rand_tensor(100, i)) for i in range(10)]
     assert gate.started.wait(10)
     closer = threading.Thread(target=s.close, kwargs={"cancel_pending": True})
     closer.start()
@@ -171,7 +171,7 @@ def test_close_can_cancel_queued_puts(make_store):
     assert futs[0].result() is True  # already being written: finished
     assert all(f.cancelled() for f in futs[1:])
     with pytest.raises(StoreClosedError):
-        s.put_async("x", rand_tensor(1, 1))
+        s.jobs.put("x", rand_tensor(1, 1))
     with pytest.raises(StoreClosedError):
         s.get_many(["k0"])
 
@@ -235,9 +235,9 @@ def test_direct_puts_leave_no_page_cache(tmp_path):
 def test_remove_async(make_store):
     s = make_store()
     s.put("k", rand_tensor(10, 1))
-    assert s.remove_async("k").result(10) is True
+    assert s.jobs.remove("k").result(10) is True
     assert "k" not in s and s.stats()["slots_free"] == s.stats()["slots_total"]
-    assert s.remove_async("k").result(10) is False
+    assert s.jobs.remove("k").result(10) is False
 
 
 def test_cpu_tensors_never_touch_torch_cuda():
@@ -256,12 +256,12 @@ def test_cpu_tensors_never_touch_torch_cuda():
                 SlabStore.open(d + "/s", capacity_bytes=8 << 20, slot_bytes=1 << 20) as s:
             v = torch.arange(1000, dtype=torch.float32)
             assert s.put("a", v) and torch.equal(s.get("a"), v)
-            assert s.put_async("b", [v, v[:10]]).result()
+            assert s.jobs.put("b", [v, v[:10]]).result()
             assert s.get_many(["a", "b", "c"])[2] is None
             outs = [torch.empty(1000), [torch.empty(1000), torch.empty(10)]]
             assert s.get_many_into(["a", "b"], outs) == [True, True]
-            assert s.prefetch(["a"]).result()[0] is not None
-            assert s.remove_async("a").result()
+            assert s.jobs.prefetch(["a"]).result()[0] is not None
+            assert s.jobs.remove("a").result()
         print("transfer imported:", "slabcache.runtime.transfer" in sys.modules)
     """)
     assert out.stdout.strip().endswith("transfer imported: False"), out.stdout + out.stderr
@@ -317,7 +317,7 @@ def test_close_racing_put_async_leaves_no_threads_and_no_late_failures(tmp_path,
             i = 0
             while time.monotonic() < deadline:  # until close refuses one
                 try:
-                    accepted.append(s.put_async(f"k{i % 40}", rand_tensor(100, i)))
+                    accepted.append(s.jobs.put(f"k{i % 40}", rand_tensor(100, i)))
                 except StoreClosedError:
                     refused.append(i)
                     return

@@ -1,7 +1,7 @@
 """slabcache as LMCache's local disk tier (LMCache 0.5.6 storage plugin).
 
 ``backend``   SlabCacheBackend, the plugin class LMCache loads
-``settings``  StoreConfig from LMCache's config (its PathSharder, its extra config)
+``settings``  the store's options from LMCache's config (its PathSharder, its extra config)
 ``keys``      CacheEngineKey -> slabcache key
 ``cpu_connector``  lets the engine run with a CPU tensor as its KV cache (tests, benchmarks)
 

@@ -103,14 +103,7 @@ class SlabCacheBackend(StoragePluginInterface):
         try:
             self.settings = from_lmcache(config, metadata, dst_device)
             self.path = self.settings.path
-            self.store = SlabStore.open(
-                self.path, capacity_bytes=self.settings.bytes_per_path,
-                slot_bytes=self.settings.slot_bytes, policy=self.settings.policy,
-                io=self.settings.io, io_threads=self.settings.io_threads,
-                durability=self.settings.durability, checksum=self.settings.checksum,
-                share_group=self.settings.share_group, trust_directory=self.settings.trust_directory,
-                use_refresh_seconds=self.settings.use_refresh_seconds, queue_full="wait",
-            )
+            self.store = SlabStore(self.settings.options)
         except Exception as exc:
             # LMCache logs constructor failures briefly and runs on without
             # the tier; say loudly what is wrong and how to fix it.
@@ -127,7 +120,7 @@ class SlabCacheBackend(StoragePluginInterface):
         self._futures: set[Future] = set()
         self._drain_before_allocator_closes()
         log.info("slabcache: disk tier at %s (%s, %d slots of %d bytes)", self.path,
-                 self.settings.io, self.store.geometry.slot_count, self.store.geometry.slot_bytes)
+                 self.settings.options.io, self.store.geometry.slot_count, self.store.geometry.slot_bytes)
 
     def _drain_before_allocator_closes(self) -> None:
         """LMCache 0.5.6's StorageManager.close() closes LocalCPUBackend,
@@ -173,8 +166,8 @@ class SlabCacheBackend(StoragePluginInterface):
     def batched_contains(self, keys, pin: bool = False) -> int:
         ks = [canonical_key(k) for k in keys]
         if not pin:
-            return self.store.batched_contains(ks)
-        n = self.store.pin_prefix(ks)  # one transaction for the whole prefix
+            return self.store.prefix(ks)
+        n = self.store.prefix(ks, pin=True)  # one transaction for the whole prefix
         with self._lock:
             self._keys_in_request.extend(ks[:n])
         return n
@@ -216,7 +209,7 @@ class SlabCacheBackend(StoragePluginInterface):
         ks = [canonical_key(k) for k in keys]
         with self._lock:
             fresh = [i for i, k in enumerate(ks) if k not in self._inflight]
-        present = self.store.contains_many([ks[i] for i in fresh])
+        present = self.store.contains([ks[i] for i in fresh])
         stored = [ks[i] for i, p in zip(fresh, present) if p]
         if stored:
             self.store.touch(stored)
@@ -232,7 +225,7 @@ class SlabCacheBackend(StoragePluginInterface):
             obj.ref_count_up()
         try:
             descs = [_describe(obj) for _k, _key, obj in batch]
-            fut = self.store.put_many_raw_async(
+            fut = self.store.jobs.write(
                 [k for k, _key, _obj in batch],
                 [_bytes_of(obj)[:d.length] for (_k, _key, obj), d in zip(batch, descs)], descs)
         except (QueueFullError, SlabcacheError) as exc:
@@ -308,12 +301,12 @@ class SlabCacheBackend(StoragePluginInterface):
         """One lookup (which also gives each chunk's shapes and dtypes) and
         one validation for the whole batch; large batches read in parallel."""
         ks = [canonical_key(k) for k in keys]
-        found = self.store.lookup_many(ks)
+        found = self.store.lookup(ks)
         jobs = []
         for i, (k, f) in enumerate(zip(ks, found)):
             if f is not None and (got := self._allocate(k, f)) is not None:
                 jobs.append((i, got))
-        descs = self.store.read_many_raw_into([found[i] for i, _ in jobs],
+        descs = self.store.read_into([found[i] for i, _ in jobs],
                                               [got[1] for _, got in jobs]) if jobs else []
         results: list = [None] * len(ks)
         for (i, (obj, _out, d)), desc in zip(jobs, descs):
@@ -331,8 +324,8 @@ class SlabCacheBackend(StoragePluginInterface):
     async def batched_async_contains(self, lookup_id: str, keys, pin: bool = False) -> int:
         ks = [canonical_key(k) for k in keys]
         if not pin:
-            return self.store.batched_contains(ks)
-        n = self.store.pin_prefix(ks)
+            return self.store.prefix(ks)
+        n = self.store.prefix(ks, pin=True)
         if n:
             with self._lock:
                 self._lookup_pins.setdefault(lookup_id, []).extend(ks[:n])
@@ -348,7 +341,7 @@ class SlabCacheBackend(StoragePluginInterface):
             with self._lock:
                 pinned = self._lookup_pins.pop(lookup_id, [])
             if pinned:
-                self.store.unpin_many(pinned)
+                self.store.unpin(pinned)
         out = []
         for obj in objs:  # a prefix of hits, as the engine expects
             if obj is None:

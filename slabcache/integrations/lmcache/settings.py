@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 from lmcache.v1.storage_backend.path_sharder import PathSharder
 
+from ...core import StoreOptions
 from ...errors import ConfigError
 from ...format.sizes import MAX_BYTES
-from ...runtime.workers import MAX_THREADS
 from ..parsing import parse_bool, parse_seconds, split_paths
 
 GB = 1024 ** 3
@@ -37,30 +37,30 @@ def parse_paths(csv) -> list[str]:
     return out
 
 
-@dataclass(frozen=True)
-class StoreConfig:
-    """What a plugin instance needs to open its store."""
+# The store's settings as an LMCache configuration spells them (for errors).
+NAMES = {
+    "path": "slabcache.paths", "capacity_bytes": "max_local_disk_size (per path)",
+    "slot_bytes": "slabcache.slot_bytes", "policy": "cache_policy", "io": "use_odirect",
+    "durability": "slabcache.durability", "checksum": "slabcache.checksum",
+    "io_threads": "disk_io_threads", "share_group": "slabcache.share_group",
+    "trust_directory": "slabcache.trust_directory",
+    "use_refresh_seconds": "slabcache.use_refresh_seconds",
+}
 
-    path: str  # the one this worker uses
+
+@dataclass(frozen=True)
+class PluginSettings:
+    """What a plugin instance needs: the options of the store it opens (on
+    the path LMCache's PathSharder picked for it), and the whole layout."""
+
+    options: StoreOptions  # validated
     all_paths: tuple[str, ...]
     total_bytes: int  # over all paths
-    slot_bytes: int
-    policy: str = "lru"
-    io: str = "mmap"
-    io_threads: int = 4
     path_sharding: str = "by_gpu"
-    durability: str = "fast"
-    checksum: bool = True
-    share_group: bool = False
-    trust_directory: bool = False
-    # A read moves its chunk in the eviction order at most this often
-    # (CacheLib's LRU refresh time): recording every use costs a quarter of a
-    # small read, and an order exact to the millisecond buys a KV cache nothing.
-    use_refresh_seconds: float = 1.0
 
     @property
-    def bytes_per_path(self) -> int:
-        return self.total_bytes // len(self.all_paths)
+    def path(self) -> str:
+        return self.options.path
 
 
 def chunk_bytes(metadata, chunk_size: int) -> int:
@@ -85,19 +85,17 @@ def chunk_bytes(metadata, chunk_size: int) -> int:
     return total
 
 
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool):
-        raise ConfigError(f"{name} must be a positive int, got {value!r}")
+def _whole(name: str, value) -> int:
+    """A whole number as YAML or an environment variable gives it."""
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ConfigError(f"{name} must be a whole number, got {value!r}")
     try:
-        n = int(value)
+        return int(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be a positive int, got {value!r}") from None
-    if n <= 0 or (isinstance(value, float) and n != value):
-        raise ConfigError(f"{name} must be a positive int, got {value!r}")
-    return n
+        raise ConfigError(f"{name} must be a whole number, got {value!r}") from None
 
 
-def from_lmcache(config, metadata, dst_device: str = "cpu") -> StoreConfig:
+def from_lmcache(config, metadata, dst_device: str = "cpu") -> PluginSettings:
     """Settings from an LMCacheEngineConfig (+ metadata for the slot size).
 
     Raises ConfigError naming the setting and the fix.
@@ -137,27 +135,32 @@ def from_lmcache(config, metadata, dst_device: str = "cpu") -> StoreConfig:
     if slot is None:
         slot = chunk_bytes(metadata, int(getattr(config, "chunk_size", 256) or 256))
     else:
-        slot = _positive_int("slabcache.slot_bytes", slot)
-        if slot > MAX_BYTES:
-            raise ConfigError(f"slabcache.slot_bytes of {slot} is more than slabcache addresses (1 EiB)")
-    threads = _positive_int("disk_io_threads", setting("disk_io_threads", 4))
-    if threads > MAX_THREADS:
-        raise ConfigError(f"disk_io_threads must be at most {MAX_THREADS}, got {threads}")
-    odirect = parse_bool("use_odirect", setting("use_odirect", False))
-    durability = setting("slabcache.durability", "fast")
-    checksum = parse_bool("slabcache.checksum", setting("slabcache.checksum", True))
-    share_group = parse_bool("slabcache.share_group", setting("slabcache.share_group", False))
-    trust_directory = parse_bool("slabcache.trust_directory", setting("slabcache.trust_directory", False))
-    refresh = parse_seconds("slabcache.use_refresh_seconds", setting("slabcache.use_refresh_seconds", 1.0))
-    policy = str(getattr(config, "cache_policy", "LRU") or "LRU").lower()
+        slot = _whole("slabcache.slot_bytes", slot)
     per_path = total // len(paths)
     if per_path < slot:
         raise ConfigError(
             f"max_local_disk_size gives each of {len(paths)} path(s) {per_path} bytes, less "
             f"than one slot of {slot} bytes; raise max_local_disk_size or lower slabcache.slot_bytes"
         )
-    return StoreConfig(path=sharder.selected, all_paths=tuple(sharder.all_paths), total_bytes=total,
-                       slot_bytes=slot, policy=policy, io="direct" if odirect else "mmap",
-                       io_threads=threads, path_sharding=sharder.strategy, durability=durability,
-                       checksum=checksum, share_group=share_group, trust_directory=trust_directory,
-                       use_refresh_seconds=refresh)
+    odirect = parse_bool("use_odirect", setting("use_odirect", False))
+    options = StoreOptions(
+        path=sharder.selected, capacity_bytes=per_path, slot_bytes=slot,
+        policy=str(getattr(config, "cache_policy", "LRU") or "LRU"),
+        io="direct" if odirect else "mmap",
+        io_threads=_whole("disk_io_threads", setting("disk_io_threads", 4)),
+        durability=setting("slabcache.durability", "fast"),
+        checksum=parse_bool("slabcache.checksum", setting("slabcache.checksum", True)),
+        share_group=parse_bool("slabcache.share_group", setting("slabcache.share_group", False)),
+        trust_directory=parse_bool("slabcache.trust_directory",
+                                   setting("slabcache.trust_directory", False)),
+        # A read moves its chunk in the eviction order at most this often
+        # (CacheLib's LRU refresh time): recording every use costs a quarter
+        # of a small read, and an order exact to the millisecond buys a KV
+        # cache nothing.
+        use_refresh_seconds=parse_seconds("slabcache.use_refresh_seconds",
+                                          setting("slabcache.use_refresh_seconds", 1.0)),
+        # LMCache expects its puts to be taken: they wait for room.
+        queue_full="wait",
+    ).validate(NAMES)
+    return PluginSettings(options=options, all_paths=tuple(sharder.all_paths), total_bytes=total,
+                          path_sharding=sharder.strategy)

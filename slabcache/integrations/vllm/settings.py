@@ -9,11 +9,12 @@ working cache that never hits.  Nothing here imports vLLM.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
+from ...core import StoreOptions
 from ...errors import ConfigError
-from ...format.sizes import check_bytes, parse_size
-from ...runtime.workers import MAX_THREADS
+from ...format.sizes import parse_size
 from ..parsing import parse_bool, parse_seconds, split_paths
 
 # Every key the tier takes, with what it means (for the error that lists them).
@@ -37,26 +38,33 @@ EXAMPLE = ('{"type": "SlabCacheTier", "module_path": "slabcache.integrations.vll
            '"path": "/mnt/nvme0/kvcache", "capacity": "20G"}')
 
 
+# The store's settings as the tier's keys spell them (for errors).
+NAMES = {f: f"tier key '{k}'" for f, k in (
+    ("path", "path"), ("capacity_bytes", "capacity"), ("slot_bytes", "slot_bytes"),
+    ("policy", "policy"), ("io", "io"), ("durability", "durability"),
+    ("io_threads", "io_threads"), ("checksum", "checksum"), ("share_group", "share_group"),
+    ("trust_directory", "trust_directory"), ("use_refresh_seconds", "use_refresh_seconds"))}
+
+
 @dataclass(frozen=True)
 class TierConfig:
-    """What one tier needs to open its stores."""
+    """What one tier needs to open its stores: the paths this engine uses
+    (in shard order) and the options of each store, validated once
+    (``options_for`` gives one path's)."""
 
-    paths: tuple[str, ...]  # the ones this engine uses, in shard order
-    bytes_per_path: int
-    slot_bytes: int | None  # None: one block, or an existing store's own (at least a block)
-    policy: str | None = None
-    io: str = "mmap"
-    durability: str = "fast"
-    io_threads: int = 4
-    checksum: bool = True
+    paths: tuple[str, ...]
+    options: StoreOptions  # the first path's; the others differ only in path
     path_sharding: str = "by_key"
-    share_group: bool = False
-    trust_directory: bool = False
     locality: str | None = None  # "LOCAL" or "REMOTE"
-    # A block loaded again within a second keeps its place in the policy's
-    # order: recording each use is about a quarter of a small block's load,
-    # and second-resolution LRU loses nothing for a cache of minutes to hours.
-    use_refresh_seconds: float = 1.0
+
+    @property
+    def bytes_per_path(self) -> int:
+        return self.options.capacity_bytes
+
+    def options_for(self, path: str, slot_bytes: int | None) -> StoreOptions:
+        """The options of the store at ``path`` (``slot_bytes``: None to take
+        an existing store's own)."""
+        return dataclasses.replace(self.options, path=path, slot_bytes=slot_bytes)
 
 
 def _paths(value) -> list[str]:
@@ -72,25 +80,15 @@ def _paths(value) -> list[str]:
 
 
 def _size(name: str, value) -> int:
+    """A size as JSON or YAML gives it: bytes, or a string such as '20G'."""
     if isinstance(value, bool):
         raise ConfigError(f"tier key '{name}' must be a size such as '20G' or a number of bytes, got {value!r}")
     if isinstance(value, int):
-        n = value
-    else:
-        try:
-            n = parse_size(str(value))
-        except ValueError as exc:
-            raise ConfigError(f"tier key '{name}': {exc}") from None
+        return value
     try:
-        return check_bytes(f"tier key '{name}'", n)
+        return parse_size(str(value))
     except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"tier key '{name}' must be a positive whole number, got {value!r}")
-    return value
+        raise ConfigError(f"tier key '{name}': {exc}") from None
 
 
 def _choice(name: str, value, choices) -> str:
@@ -129,25 +127,23 @@ def tier_config(keys: dict, *, block_size_bytes: int, data_parallel_index: int =
         raise ConfigError(
             f"tier key 'capacity' gives each of {len(paths)} path(s) {per_path} bytes, less than "
             f"one slot of {slot or block_size_bytes} bytes; raise 'capacity' (e.g. '20G')")
-    policy = keys.get("policy")
-    if policy is not None:
-        policy = _choice("policy", policy, ("lru", "lfu", "fifo", "mru"))
-    io = _choice("io", keys.get("io", "mmap"), ("mmap", "direct"))
-    durability = _choice("durability", keys.get("durability", "fast"), ("fast", "strict"))
-    threads = _positive_int("io_threads", keys.get("io_threads", 4))
-    if threads > MAX_THREADS:
-        raise ConfigError(f"tier key 'io_threads' must be at most {MAX_THREADS}, got {threads}")
-
-    def flag(name, default):
-        return parse_bool(f"tier key '{name}'", keys.get(name, default))
-
     refresh = parse_seconds("tier key 'use_refresh_seconds'", keys.get("use_refresh_seconds", 1.0))
     locality = keys.get("locality")
     if locality is not None:
         locality = _choice("locality", locality, ("local", "remote")).upper()
-    return TierConfig(paths=tuple(use), locality=locality, use_refresh_seconds=refresh,
-                      bytes_per_path=per_path, slot_bytes=slot, policy=policy,
-                      io=io, durability=durability, io_threads=threads,
-                      checksum=flag("checksum", True), path_sharding=sharding,
-                      share_group=flag("share_group", False),
-                      trust_directory=flag("trust_directory", False))
+
+    def flag(name, default):
+        return parse_bool(f"tier key '{name}'", keys.get(name, default))
+
+    options = StoreOptions(
+        path=use[0], capacity_bytes=per_path, slot_bytes=slot, policy=keys.get("policy"),
+        io=keys.get("io", "mmap"), durability=keys.get("durability", "fast"),
+        io_threads=keys.get("io_threads", 4), checksum=flag("checksum", True),
+        share_group=flag("share_group", False), trust_directory=flag("trust_directory", False),
+        # A block loaded again within a second keeps its place in the
+        # policy's order: recording each use is about a quarter of a small
+        # block's load, and second-resolution LRU loses nothing for a cache
+        # of minutes to hours.
+        use_refresh_seconds=refresh,
+    ).validate(NAMES)
+    return TierConfig(paths=tuple(use), options=options, path_sharding=sharding, locality=locality)

@@ -114,16 +114,11 @@ class SlabCacheTier(SecondaryTierManager):
                  sum(s.geometry.slot_count for s in self._stores), self.block_size_bytes, self._ns)
 
     def _open(self, path: str) -> SlabStore:
-        s = self.settings
-        slot = s.slot_bytes
+        slot = self.settings.options.slot_bytes
         if slot is None and not os.path.exists(os.path.join(path, "slab")):
             slot = self.block_size_bytes  # new store: one block a slot
         try:
-            store = SlabStore.open(path, capacity_bytes=s.bytes_per_path, slot_bytes=slot,
-                                   policy=s.policy, io=s.io, durability=s.durability,
-                                   checksum=s.checksum, io_threads=s.io_threads,
-                                   share_group=s.share_group, trust_directory=s.trust_directory,
-                                   use_refresh_seconds=s.use_refresh_seconds)
+            store = SlabStore(self.settings.options_for(path, slot))
         except LayoutMismatchError as exc:
             raise LayoutMismatchError(
                 f"slabcache tier {self.tier_type!r} at {path}: {exc}. The tier keys 'capacity' "
@@ -183,7 +178,7 @@ class SlabCacheTier(SecondaryTierManager):
         out = [False] * len(keys)
         for si, idx in self._by_store(keys).items():
             try:
-                got = self._stores[si].contains_many([store_key(self._ns, keys[i]) for i in idx])
+                got = self._stores[si].contains([store_key(self._ns, keys[i]) for i in idx])
             except SlabcacheError as exc:
                 log.warning("slabcache tier: lookup failed, answering miss: %s", exc)
                 continue
@@ -277,7 +272,7 @@ class SlabCacheTier(SecondaryTierManager):
     def _store_job(self, job_id: int, keys: list, chunk_ids: list[int]) -> JobResult:
         rows, desc, ok = self._rows, self._desc, True
         for si, idx in self._by_store(keys).items():
-            stored = self._stores[si].put_many_raw(
+            stored = self._stores[si].write(
                 [store_key(self._ns, keys[i]) for i in idx], [rows[chunk_ids[i]] for i in idx],
                 [desc] * len(idx))
             n = sum(stored)
@@ -290,11 +285,11 @@ class SlabCacheTier(SecondaryTierManager):
         loaded = [False] * len(keys)
         for si, idx in self._by_store(keys).items():
             store = self._stores[si]
-            found = store.lookup_many([store_key(self._ns, keys[i]) for i in idx])
+            found = store.lookup([store_key(self._ns, keys[i]) for i in idx])
             # A block of another size under this key (a store shared with a
             # differently sized engine) is a miss, not a partial copy.
             found = [f if f is not None and f.length == bs else None for f in found]
-            got = store.read_many_raw_into(found, [rows[chunk_ids[i]] for i in idx])
+            got = store.read_into(found, [rows[chunk_ids[i]] for i in idx])
             for i, d in zip(idx, got):
                 loaded[i] = d is not None
         n = sum(loaded)

@@ -155,13 +155,13 @@ def test_submit_returns_before_the_io_and_drain_waits_for_it(primary, make_tier)
     tier = make_tier(primary)
     gate = threading.Event()
     store = tier._stores[0]
-    real = store.put_many_raw
+    real = store.write
 
     def slow(*args):
         gate.wait(10)
         return real(*args)
 
-    store.put_many_raw = slow
+    store.write = slow
     primary.fill([0], seed=8)
     t0 = time.perf_counter()
     tier.submit_store(s := job([key(0)], [0]))
@@ -181,7 +181,7 @@ def test_loads_run_before_queued_stores(primary, make_tier):
     wait_jobs(tier, [s.job_id])
     gate, order = threading.Event(), []
     store = tier._stores[0]
-    put, read = store.put_many_raw, store.read_many_raw_into
+    put, read = store.write, store.read_into
 
     def slow_put(keys, *a):
         order.append("store")
@@ -192,7 +192,7 @@ def test_loads_run_before_queued_stores(primary, make_tier):
         order.append("load")
         return read(*a)
 
-    store.put_many_raw, store.read_many_raw_into = slow_put, logged_read
+    store.write, store.read_into = slow_put, logged_read
     # Every tier thread stuck in a store, more stores queued, then one load.
     jobs = [job([key(10 + i)], [1]) for i in range(4)]
     for j in jobs:
@@ -299,8 +299,8 @@ def test_a_request_is_looked_up_in_one_transaction_per_step(primary, make_tier):
     tier.submit_store(s := job([key(i) for i in range(5)], range(5)))
     wait_jobs(tier, [s.job_id])
     store, calls = tier._stores[0], []
-    real = store.contains_many
-    store.contains_many = lambda keys: calls.append(len(keys)) or real(keys)
+    real = store.contains
+    store.contains = lambda keys: calls.append(len(keys)) or real(keys)
     ctx = ReqContext(req_id="r1")
     for i in range(10):  # vLLM's scheduler records the request's keys first
         ctx.set_offload_key_position(key(i), (i + 1) * 16)

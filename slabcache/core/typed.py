@@ -1,0 +1,255 @@
+"""Tensors in and out: the typed verbs over the store's byte core.
+
+A value is a tensor or a list of tensors; it is stored as its bytes, back
+to back, with a description of its dtypes and shapes, and comes back as
+fresh tensors (``get``) or in the caller's (``get_into``).  CUDA tensors
+go through pinned staging buffers (runtime/transfer.py, the only user of
+torch.cuda), which is only touched when a CUDA tensor is passed.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..errors import EntryTooLargeError
+from ..format.keys import Key, make_key
+from ..format.values import ValueDesc
+from .items import Item
+from .reader import Found
+from .values import (
+    as_bytes, as_list, check_disjoint, described, direct_parts, host_parts, match_out, on_cuda,
+    split,
+)
+
+
+class TensorVerbs:
+    """put / get / get_into and their batch forms (a mixin of SlabStore)."""
+
+    # -- put -------------------------------------------------------------
+
+    def put(self, key: str | bytes, value, *, extra: bytes = b"") -> bool:
+        """Store ``value`` (a tensor or list of tensors) under ``key``.
+
+        Returns True when stored or already present (then it counts as a use
+        and is not rewritten), False when no slot is free and every entry is
+        pinned.  Raises EntryTooLargeError, InvalidKeyError,
+        UnsupportedValueError, SlabIOError (nothing stored is lost).
+        """
+        writer = self._writable()
+        item, _marks = self._tensor_item(make_key(key), value, extra)
+        with self._guard:
+            if not on_cuda(item.parts):
+                return writer.put(item)
+            return self._put_tensor_item(item, None)
+
+    def put_many(self, keys: Sequence[str | bytes], values: Sequence, *,
+                 extra: bytes = b"") -> list[bool]:
+        """:meth:`put` for each (key, value) pair, with one index transaction
+        to reserve every slot and one to commit every entry.
+
+        Every key and value is checked before anything is reserved.  If a
+        write fails, the entries written without error are still committed
+        (a small batch stops writing at the failure; a large one, written
+        side by side, has written the rest too) and the SlabIOError is raised.
+        """
+        self._writable()
+        return self._put_tensor_items(self._tensor_items(keys, values, extra))
+
+    def _tensor_item(self, key: Key, value, extra: bytes, hold: bool = False):
+        """(Item, CUDA marks) for a value; a CUDA value's parts are its
+        tensors until staged.  ``hold``: for work queued for later (CUDA
+        copies then wait for the caller's streams).  Raises as put does."""
+        tensors, is_list = as_list(value)
+        desc = described(tensors, is_list, extra)
+        self._check_size(desc)
+        if not on_cuda(tensors):
+            return Item(key, host_parts(tensors), desc), None
+        marks = None
+        if hold:
+            from ..runtime.transfer import caller_marks
+
+            marks = caller_marks(tensors)
+        return Item(key, tensors, desc), marks
+
+    def _tensor_items(self, keys, values, extra: bytes, hold: bool = False) -> list[tuple]:
+        """(Item, CUDA marks) for each pair, every one checked first."""
+        keys, values = list(keys), list(values)
+        if len(keys) != len(values):
+            raise ValueError(f"got {len(keys)} keys but {len(values)} values; pass one value per key")
+        return [self._tensor_item(make_key(k), v, extra, hold) for k, v in zip(keys, values)]
+
+    def _put_tensor_items(self, pairs: list[tuple]) -> list[bool]:
+        with self._guard:
+            if all(marks is None and not on_cuda(it.parts) for it, marks in pairs):
+                return self._writer.put_many([it for it, _marks in pairs])
+            # Device values go through pinned staging one at a time.
+            return [self._put_tensor_item(it, marks) for it, marks in pairs]
+
+    def _put_tensor_item(self, item: Item, marks: dict | None) -> bool:
+        if not on_cuda(item.parts):
+            return self._writer.put(item)
+        from ..runtime.transfer import to_host
+
+        pool = self._staging_pool()
+        parts, buf = to_host(item.parts, pool, marks)
+        try:
+            return self._writer.put(item._replace(parts=parts))
+        finally:
+            pool.release(buf)
+
+    def _check_size(self, desc: ValueDesc) -> None:
+        if desc.length > self.geometry.slot_bytes:
+            raise EntryTooLargeError(
+                f"value of {desc.length} bytes does not fit a slot of "
+                f"{self.geometry.slot_bytes} bytes; split it, or re-slot the store with "
+                "`slabcache compact --slot-bytes`"
+            )
+
+    def _staging_pool(self):
+        from ..runtime.transfer import StagingPool
+
+        with self._lock:
+            if self._staging is None:
+                self._staging = StagingPool(count=2 * self.options.io_threads)
+            return self._staging
+
+    # -- get -------------------------------------------------------------
+
+    def get(self, key: str | bytes):
+        """The stored value (same dtypes, shapes, bytes), or None on a miss.
+
+        A checksum mismatch is a miss (counted in ``checksum_failures``, the
+        entry dropped); wrong bytes are never returned.
+        """
+        k = make_key(key)
+        with self._guard:
+            f = self._reader.find(k)
+            if f is None:
+                return None
+            value, parts = f.plan.allocate(self.engine.empty)
+            return value if self._reader.read(f.ref, parts) else None
+
+    def get_into(self, key: str | bytes, out) -> bool:
+        """Read the value into ``out`` (same dtypes and shapes).  False on a miss.
+
+        When False is returned the contents of ``out`` are unspecified.
+        Raises UnsupportedValueError when ``out`` does not match the entry.
+        """
+        return self._get_into(make_key(key), out, None)
+
+    def _get_into(self, key: Key, out, marks: dict | None) -> bool:
+        with self._guard:
+            f = self._reader.find(key)
+            if f is None:
+                return False
+            parts, copy, outs = self._target(f, out)
+            if parts is None:
+                return self._read_to_cuda(f, outs, marks)
+            ok = self._reader.read(f.ref, parts)
+            if ok and copy is not None:
+                _copy_back(copy)
+            return ok
+
+    def get_many(self, keys: Sequence[str | bytes]) -> list:
+        """Values for ``keys`` (None for misses): one lookup transaction and
+        one validation transaction for the batch; large reads run in
+        parallel on the workers."""
+        found = self.lookup(keys)
+        hits = [i for i, f in enumerate(found) if f is not None]
+        values, parts = {}, []
+        for i in hits:
+            values[i], p = found[i].plan.allocate(self.engine.empty)
+            parts.append(p)
+        oks = self._read_found([found[i] for i in hits], parts)
+        out: list = [None] * len(found)
+        for i, ok in zip(hits, oks):
+            if ok:
+                out[i] = values[i]
+        return out
+
+    def get_many_into(self, keys: Sequence[str | bytes], outs: Sequence) -> list[bool]:
+        """get_into for each (key, out) pair, batched like :meth:`get_many`.
+        CUDA outs go through pinned staging on the workers so disk reads and
+        device copies overlap, and are written only after the work queued so
+        far on the caller's current stream (which may still be using them)."""
+        keys, outs = list(keys), list(outs)
+        if len(keys) != len(outs):
+            raise ValueError(f"got {len(keys)} keys but {len(outs)} outs; pass one out per key")
+        flat = [t for o in outs for t in as_list(o)[0]]
+        if len(flat) > 1:
+            check_disjoint(flat)
+        if on_cuda(flat):
+            from ..runtime.transfer import caller_marks
+
+            marks = caller_marks(flat)
+            jobs = self.jobs
+            return [f.result() for f in [jobs.read(self._get_into, make_key(k), o, marks)
+                                         for k, o in zip(keys, outs)]]
+        found = self.lookup(keys)
+        jobs, parts, copies = [], [], {}
+        for i, (f, out) in enumerate(zip(found, outs)):
+            if f is not None:
+                p, copies[i], _outs = self._target(f, out)  # host outs only: CUDA went above
+                jobs.append(i)
+                parts.append(p)
+        oks = self._read_found([found[i] for i in jobs], parts)
+        res = [False] * len(keys)
+        for i, ok in zip(jobs, oks):
+            if ok and copies[i] is not None:
+                _copy_back(copies[i])
+            res[i] = ok
+        return res
+
+    def _target(self, f: Found, out):
+        """Where a read into ``out`` lands: (parts, copy, outs).  ``parts``
+        are out's own bytes when it is dense CPU memory; otherwise fresh
+        buffers, and ``copy`` says what to copy into out after the read.
+        ``parts`` is None when out is on CUDA (``outs`` are its tensors).
+        Raises UnsupportedValueError when out does not match the value."""
+        plan = f.plan
+        parts = plan.direct_parts(out)
+        if parts is not None:
+            return parts, None, None
+        outs = match_out(out, plan.desc)
+        parts = direct_parts(outs)
+        if parts is not None:
+            return parts, None, outs
+        if on_cuda(outs):
+            return None, None, outs
+        value, parts = plan.allocate(self.engine.empty)
+        return parts, (outs, value if plan.desc.is_list else [value]), outs
+
+    def _read_to_cuda(self, f: Found, outs: list[torch.Tensor], marks: dict | None) -> bool:
+        from ..runtime.transfer import from_host
+
+        pool = self._staging_pool()
+        buf = pool.acquire(max(1, f.length))
+        try:
+            parts = split(buf, f.desc.nbytes)
+            if not self._reader.read(f.ref, parts):
+                return False
+            from_host(parts, outs, pool, marks)
+            return True
+        finally:
+            pool.release(buf)
+
+
+def _copy_back(copy) -> None:
+    """After a read into fresh buffers: copy them into the caller's outs."""
+    outs, values = copy
+    for dst, src in zip(outs, values):
+        dst.copy_(src)
+
+
+def raw_parts(data, desc: ValueDesc) -> list[torch.Tensor]:
+    """``data`` split into ``desc``'s tensors' bytes.  Raises TypeError /
+    ValueError when ``desc`` is not a description of exactly these bytes."""
+    if not isinstance(desc, ValueDesc):
+        raise TypeError(f"desc must be a ValueDesc, got {type(desc).__name__}")
+    buf = as_bytes(data)
+    if buf.numel() != desc.length:
+        raise ValueError(f"data holds {buf.numel()} bytes but desc describes {desc.length}; "
+                         "pass exactly the described bytes")
+    return split(buf, desc.nbytes)

@@ -1,0 +1,178 @@
+"""Writing values into slots, in the order the crash protocol needs.
+
+1. A slot is taken from the allocator (a free one inside the index's write
+   transaction for a small put, or a reservation: a free slot or the
+   policy's victim, evicted in that transaction).
+2. The payload, then the slot's record, are written (and fdatasync'd in
+   strict mode).
+3. The entry is committed; a failed write gives the slot back.
+
+A batch takes one transaction to reserve every slot and one to commit
+every entry; its slots are written one after another (stopping at the
+first failure) or, when large, side by side on the writer threads (all of
+them).  The entries written without error are committed either way.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Sequence
+
+from ..device import Engine
+from ..device.slabfile import SlotRecords
+from ..errors import SlabIOError
+from ..format.keys import key_hash
+from ..format.records import record_meta
+from .allocator import PutStatus, Reservation, SlotAllocator
+from .items import Item
+
+log = logging.getLogger(__name__)
+
+# Batches of at least PARALLEL_IO_BYTES in all, of values of at least
+# PARALLEL_VALUE_BYTES each on average, are read on the worker threads and
+# written on the writer threads, several requests in flight.  Below that a
+# thread hand-off (tens of microseconds here) costs more than the I/O it
+# overlaps.
+PARALLEL_IO_BYTES = 1 << 20
+PARALLEL_VALUE_BYTES = 256 << 10
+
+# A single put of at most this many bytes writes its payload inside its one
+# index write transaction when a slot is free (SlotAllocator.claim_free):
+# other writers wait for that write, which at this size is a few tens of
+# microseconds into the page cache, about what the second transaction it
+# saves would cost (benchmarks/lock_hold.py measures both).  Not with
+# engines that wait for the device on each write (direct), nor with strict
+# durability (which syncs the payload).
+INLINE_PUT_BYTES = 256 << 10
+
+
+def parallel(count: int, total: int) -> bool:
+    """Whether a batch of ``count`` values, ``total`` bytes, goes to threads."""
+    return count > 1 and total >= PARALLEL_IO_BYTES and total >= count * PARALLEL_VALUE_BYTES
+
+
+class Writer:
+    def __init__(self, engine: Engine, records: SlotRecords, allocator: SlotAllocator,
+                 checksum: bool, strict: bool, threads: int):
+        self.engine = engine
+        self.records = records
+        self.allocator = allocator
+        self.checksum = checksum
+        self.strict = strict
+        self.inline = engine.writes_to_cache and not strict
+        self._threads = threads
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+
+    def put(self, item: Item) -> bool:
+        """Store one value: True when stored or already present (a use),
+        False when every slot is pinned.  Raises SlabIOError (the slot is
+        given back)."""
+        if self.inline and item.desc.length <= INLINE_PUT_BYTES:
+            with self.allocator.claim_free(item.key) as free:
+                if free.slot is not None:
+                    free.commit(item.desc.length, self.write_slot(free.slot, free.generation, item),
+                                item.desc.encoded)
+            if free.status is not None:
+                return free.status.ok
+        r = self.allocator.reserve(item.key)
+        if isinstance(r, PutStatus):
+            return r.ok
+        try:
+            csum = self.write_slot(r.slot, r.generation, item)
+            if self.strict:
+                self.engine.sync()
+            return r.commit(item, csum, durable=self.strict).ok
+        except BaseException:
+            r.abort()  # nothing stays reserved by a failed put
+            raise
+
+    def put_many(self, items: Sequence[Item]) -> list[bool]:
+        """:meth:`put` for each item, one transaction to reserve and one to
+        commit.  If a write fails, the entries written without error are
+        committed and the SlabIOError is raised."""
+        alloc = self.allocator
+        got = alloc.reserve_many([it.key for it in items])
+        todo = [(r, it) for r, it in zip(got, items) if isinstance(r, Reservation)]
+        done, failed, error = [], [], None
+        for (r, it), res in zip(todo, self._write_all(todo)):
+            if isinstance(res, int):
+                done.append((r, it, res))
+            else:
+                failed.append(r)
+                error = error or res
+        if error is not None and not isinstance(error, SlabIOError):
+            alloc.abandon([d[0] for d in done] + failed)
+            raise error
+        alloc.abandon(failed)
+        try:
+            if done and self.strict:
+                self.engine.sync()
+            statuses = alloc.commit_many(done, durable=self.strict) if done else []
+        except BaseException:
+            alloc.abandon([d[0] for d in done])
+            raise
+        by_slot = {d[0].slot: st for d, st in zip(done, statuses)}
+        out: list[bool] = []
+        for r in got:
+            if isinstance(r, int):  # a repeated key shares its first occurrence's outcome
+                out.append(out[r])
+            else:
+                out.append(r.ok if isinstance(r, PutStatus) else by_slot.get(r.slot, PutStatus.LOST).ok)
+        if error is not None:
+            raise error
+        return out
+
+    def write_slot(self, slot: int, generation: int, item: Item) -> int:
+        """Payload, then the slot's record; returns the payload checksum."""
+        csum = self.engine.write(slot, item.parts, hashed=self.checksum) or 0
+        canon = item.key.canon
+        self.records.write_fields(slot, generation, item.desc.length, csum, key_hash(canon),
+                                  record_meta(canon, item.desc.encoded))
+        return csum
+
+    def _write_all(self, todo: list[tuple[Reservation, Item]]) -> list:
+        """Per (reservation, item): its checksum, the exception its write
+        raised, or None when it was not tried."""
+        if parallel(len(todo), sum(it.desc.length for _r, it in todo)):
+            futs = [self._threads_pool().submit(self.write_slot, r.slot, r.generation, it)
+                    for r, it in todo]
+            out = []
+            for f in futs:
+                try:
+                    out.append(f.result())
+                except BaseException as exc:  # every write is waited for first
+                    out.append(exc)
+            return out
+        out: list = []
+        failed = False
+        for r, it in todo:
+            if failed:  # stop at the first failure: the rest are not tried
+                out.append(None)
+                continue
+            try:
+                out.append(self.write_slot(r.slot, r.generation, it))
+            except BaseException as exc:
+                out.append(exc)
+                failed = True
+        return out
+
+    def _threads_pool(self) -> ThreadPoolExecutor:
+        """Threads that write the slots of one large batch side by side.
+        Separate from the store's workers (a batch runs on one and waits for
+        these) and from the engine's helpers (these wait for those), so no
+        thread ever waits on its own pool."""
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=self._threads,
+                                                thread_name_prefix="slabcache-writer")
+            return self._pool
+
+    def close(self) -> None:
+        """Wait for the writer threads (no batch is in flight: the store is idle)."""
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
