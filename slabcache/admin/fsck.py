@@ -9,61 +9,28 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import struct
 import time
-from dataclasses import asdict, dataclass, field
 
 from ..device.slabfile import SlotRecords, extend_slab, read_header_bytes, write_header_bytes
-from ..device.storedir import ExclusiveLock, keep_modes_of
+from ..device.storedir import ExclusiveLock
 from ..errors import ConfigError, CorruptStoreError
-from ..format.files import check_regular
 from ..format.checksum import checksum
+from ..format.files import check_regular
 from ..format.header import Geometry, unpack_header
 from ..format.keys import index_key, key_hash
 from ..format.layout import StorePaths
-from ..format.records import record_meta, unpack_record_meta
-from ..index import Entry, Index, default_map_size
+from ..format.records import record_meta
+from ..index import Entry, Index
 from ..index.owner import pid_of
-from ..index.policy import make_policy
 from .common import existing_store, open_index, store_users
+from .findings import (  # noqa: F401 - the findings' names are fsck's API
+    EXIT_CLEAN, EXIT_FIXED, EXIT_OPERATIONAL, EXIT_UNFIXED, CheckResult, Finding, add,
+)
+from .live import agrees, confirmed, record_entry, still_disagrees, still_fails, still_free_with_record
 from .progress import Progress
+from .rebuild import rebuild_from_records
 
 log = logging.getLogger(__name__)
-
-EXIT_CLEAN, EXIT_FIXED, EXIT_UNFIXED, EXIT_OPERATIONAL = 0, 1, 4, 8
-
-
-@dataclass
-class Finding:
-    kind: str
-    detail: str
-    slot: int | None = None
-    key: str | None = None
-    fixed: bool = False
-
-
-@dataclass
-class CheckResult:
-    path: str
-    findings: list[Finding] = field(default_factory=list)
-    entries: int = 0
-    slots_total: int = 0
-    bytes_scrubbed: int = 0
-    seconds: float = 0.0
-    repaired: bool = False
-
-    @property
-    def exit_code(self) -> int:
-        if not self.findings:
-            return EXIT_CLEAN
-        return EXIT_FIXED if all(f.fixed for f in self.findings) else EXIT_UNFIXED
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["exit_code"] = self.exit_code
-        d["scrub_gbps"] = self.bytes_scrubbed / self.seconds / 1e9 if self.seconds else 0.0
-        return d
 
 
 def check(path: str | os.PathLike, *, repair: bool = False, deep: bool = False,
@@ -88,15 +55,11 @@ def check(path: str | os.PathLike, *, repair: bool = False, deep: bool = False,
     return res
 
 
-def _add(res: CheckResult, kind: str, detail: str, fixed: bool, slot=None, key=None) -> None:
-    res.findings.append(Finding(kind, detail, slot, None if key is None else repr(key), fixed))
-
-
 def _check(paths: StorePaths, res, *, repair, deep, rebuild, progress) -> None:
     try:
         check_regular(paths.lock, "lock file")
     except ConfigError as exc:  # every open would refuse the store: say so
-        _add(res, "lock file not a regular file", str(exc), fixed=False)
+        add(res, "lock file not a regular file", str(exc), fixed=False)
     idx = open_index(paths, repair)
     try:
         g, creation_id, foreign = _check_header(paths.slab, idx, res, repair)
@@ -108,13 +71,13 @@ def _check(paths: StorePaths, res, *, repair, deep, rebuild, progress) -> None:
             # Another store's index: every entry in it is wrong here, while
             # the slot records still name every entry of this slab.  A
             # repair is the rebuild; nothing is taken from that index.
-            _add(res, "index belongs to another slab",
+            add(res, "index belongs to another slab",
                  f"the index's creation id is not the slab's; run `slabcache fsck {paths.root} "
                  "--rebuild-index`, which rebuilds it from the slot records", fixed=repair)
             rebuild = repair
         if idx is None or rebuild:
             if idx is None:
-                _add(res, "index unreadable",
+                add(res, "index unreadable",
                      f"the LMDB index of {paths.root} is missing or damaged; run `slabcache fsck "
                      f"{paths.root} --rebuild-index`, which rebuilds it from the slot records",
                      fixed=rebuild)
@@ -123,7 +86,7 @@ def _check(paths: StorePaths, res, *, repair, deep, rebuild, progress) -> None:
             if idx is not None:
                 idx.release()
                 idx = None
-            _rebuild(paths, g, creation_id, res, progress)
+            rebuild_from_records(paths, g, creation_id, res, progress)
             return
         before = len(res.findings)
         try:
@@ -143,11 +106,11 @@ def _check(paths: StorePaths, res, *, repair, deep, rebuild, progress) -> None:
             # found in it so far is moot; the slot records still name every
             # entry, so a repair rebuilds the index from them.
             del res.findings[before:]
-            _add(res, "index damaged", str(exc).split("; run")[0], fixed=repair)
+            add(res, "index damaged", str(exc).split("; run")[0], fixed=repair)
             if repair:
                 idx.release()
                 idx = None
-                _rebuild(paths, g, creation_id, res, progress)
+                rebuild_from_records(paths, g, creation_id, res, progress)
     finally:
         if idx is not None:
             idx.release()
@@ -177,7 +140,7 @@ def _check_header(slab_path, idx, res, repair) -> tuple[Geometry | None, bytes |
         detail = str(exc) if copy is None or fixable else (
             f"{exc}; the index's copy of the header does not fit this slab (another store's "
             "index?), so nothing restores it")
-        _add(res, "slab header damaged", detail, fixed=fixable and repair)
+        add(res, "slab header damaged", detail, fixed=fixable and repair)
         return (*unpack_header(copy, slab_path), False) if fixable else (None, None, False)
     if index_id is not None and index_id != found[1]:
         return (*found, True)
@@ -193,7 +156,7 @@ def _check_header(slab_path, idx, res, repair) -> tuple[Geometry | None, bytes |
         return (*found, False)  # the same store, only the version differs (an upgrade)
     if repair:
         write_header_bytes(slab_path, copy)
-    _add(res, "slab header differs from the index's copy",
+    add(res, "slab header differs from the index's copy",
          f"the header says {found[0].slot_count} slots of {found[0].slot_bytes} bytes, the "
          f"index's copy {expected[0].slot_count} of {expected[0].slot_bytes}", fixed=repair)
     return (*expected, False)
@@ -227,7 +190,7 @@ def _check_size(slab_path, g: Geometry, res, repair) -> int:
     lost = [s for s in range(g.slot_count) if g.slot_offset(s) + g.slot_bytes > size]
     if repair:
         extend_slab(slab_path, g.file_bytes)
-    _add(res, "slab truncated",
+    add(res, "slab truncated",
          f"file is {size} bytes, its header says {g.file_bytes}; slots {lost[0]}.. lost their data"
          if lost else f"file is {size} bytes, its header says {g.file_bytes}", fixed=repair)
     return size
@@ -241,7 +204,7 @@ def _check_index(records: SlotRecords, g, creation_id, idx: Index, res, repair, 
     a fresh transaction (see _confirmed)."""
     with idx.read() as t:
         if t.creation_id() != creation_id:
-            _add(res, "index belongs to another slab", "creation ids differ; use --rebuild-index",
+            add(res, "index belongs to another slab", "creation ids differ; use --rebuild-index",
                  fixed=False)
             return
         policy = t.policy()
@@ -264,23 +227,23 @@ def _check_index(records: SlotRecords, g, creation_id, idx: Index, res, repair, 
             entries.append(e)
         except CorruptStoreError:
             bad_raw.append(k)
-            _add(res, "unreadable entry", "index entry cannot be decoded", fixed=repair, key=k)
+            add(res, "unreadable entry", "index entry cannot be decoded", fixed=repair, key=k)
     res.entries = len(entries)
 
     by_slot: dict[int, list[Entry]] = {}
     for e in entries:
         key = e.canon
         if not 0 <= e.slot < g.slot_count:
-            _add(res, "slot out of range", f"entry points at slot {e.slot} of {g.slot_count}",
+            add(res, "slot out of range", f"entry points at slot {e.slot} of {g.slot_count}",
                  repair, e.slot, key)
             drop[e.ikey] = e
             continue
         if e.length > g.slot_bytes or e.length != e.meta.length:
-            _add(res, "bad length", f"{e.length} bytes in a slot of {g.slot_bytes}", repair, e.slot, key)
+            add(res, "bad length", f"{e.length} bytes in a slot of {g.slot_bytes}", repair, e.slot, key)
             drop[e.ikey] = e
             continue
         if g.slot_offset(e.slot) + g.slot_bytes > size:
-            _add(res, "slot past end of file", "the slab was truncated under this entry",
+            add(res, "slot past end of file", "the slab was truncated under this entry",
                  repair, e.slot, key)
             drop[e.ikey] = e
             continue
@@ -291,33 +254,33 @@ def _check_index(records: SlotRecords, g, creation_id, idx: Index, res, repair, 
     restore: list[tuple[int, object, bytes, object]] = []  # records that become entries again
     for slot, es in by_slot.items():
         rec = records.read(slot)
-        good = [e for e in es if _agrees(rec, e)]
+        good = [e for e in es if agrees(rec, e)]
         if len(es) > 1:
-            _add(res, "shared slot", f"{len(es)} entries point at slot {slot}", repair, slot,
+            add(res, "shared slot", f"{len(es)} entries point at slot {slot}", repair, slot,
                  [x.canon for x in es])
             for e in es:
                 if e not in good or len(good) > 1:  # cannot tell which is right: keep none
                     drop[e.ikey] = e
             continue
         e = es[0]
-        if good or not _confirmed(idx, lambda t, e=e: _still_disagrees(t, records, e), in_use):
+        if good or not confirmed(idx, lambda t, e=e: still_disagrees(t, records, e), in_use):
             continue
         # The record and the entry disagree: keep whichever the payload proves.
         data = records.read_payload(slot, g.slot_bytes)
         if not e.checksum or checksum([data[:e.length]]) == e.checksum:
-            _add(res, "record out of date", "the slot's own record disagrees with the index; the "
+            add(res, "record out of date", "the slot's own record disagrees with the index; the "
                  "payload matches the index entry, so the record is rewritten from it", repair,
                  slot, e.canon)
             rewrite.append(e)
             continue
         drop[e.ikey] = e
-        own = _record_entry(rec, data, g)
+        own = record_entry(rec, data, g)
         if own is not None and (own[0] == e.canon or own[0] not in stored):
-            _add(res, "entry does not match its payload", "the slot's own record does, so the "
+            add(res, "entry does not match its payload", "the slot's own record does, so the "
                  "entry is restored from the record", repair, slot, e.canon)
             restore.append((slot, rec, *own))
         else:
-            _add(res, "entry does not match its payload", "nor does the slot's own record; the "
+            add(res, "entry does not match its payload", "nor does the slot's own record; the "
                  "entry is dropped", repair, slot, e.canon)
 
     if deep:
@@ -328,9 +291,9 @@ def _check_index(records: SlotRecords, g, creation_id, idx: Index, res, repair, 
             data = records.read_payload(e.slot, e.length)
             res.bytes_scrubbed += len(data)
             bar.add(len(data))
-            if e.checksum and checksum([data]) != e.checksum and _confirmed(
-                    idx, lambda t, e=e: _still_fails(t, records, e), in_use):
-                _add(res, "checksum mismatch", "payload bytes differ from their checksum",
+            if e.checksum and checksum([data]) != e.checksum and confirmed(
+                    idx, lambda t, e=e: still_fails(t, records, e), in_use):
+                add(res, "checksum mismatch", "payload bytes differ from their checksum",
                      repair, e.slot, e.canon)
                 drop[e.ikey] = e
 
@@ -339,40 +302,40 @@ def _check_index(records: SlotRecords, g, creation_id, idx: Index, res, repair, 
     live_res = {s: (gen, who) for s, gen, who in reserved if idx.alive(who)}
     for s, _gen, who in reserved:
         if not idx.alive(who):
-            _add(res, "stale reservation", f"slot {s} was being written by dead pid "
+            add(res, "stale reservation", f"slot {s} was being written by dead pid "
                  f"{pid_of(who)}", repair, s)
     both = sorted(set(free) & set(live))
     for s in both:
-        _add(res, "slot free and used", f"slot {s} is on the free list and holds an entry", repair, s)
+        add(res, "slot free and used", f"slot {s} is on the free list and holds an entry", repair, s)
     beyond = sorted(s for s in free if s >= g.slot_count)
     for s in beyond:
-        _add(res, "free slot out of range", f"free list names slot {s}", repair, s)
+        add(res, "free slot out of range", f"free list names slot {s}", repair, s)
     # A free slot keeps no record: an index rebuilt from the records would
     # bring back what was evicted, removed or never committed.
     stale = [s for s in sorted(free) if s < g.slot_count and s not in live
              and records.read(s) is not None
-             and _confirmed(idx, lambda t, s=s: _still_free_with_record(t, records, s), in_use)]
+             and confirmed(idx, lambda t, s=s: still_free_with_record(t, records, s), in_use)]
     for s in stale:
-        _add(res, "stale record", f"free slot {s} still has a record (a put or an eviction was "
+        add(res, "stale record", f"free slot {s} still has a record (a put or an eviction was "
              "cut short); a rebuilt index would bring its entry back", repair, s)
     high = max([next_unused - 1, *live.keys(), *free.keys(), *live_res.keys()], default=-1)
     if next_unused < g.slot_count and any(s >= next_unused for s in live):
-        _add(res, "allocation mark too low", f"entries above the mark {next_unused}", repair)
+        add(res, "allocation mark too low", f"entries above the mark {next_unused}", repair)
     mark = min(g.slot_count, max(next_unused, high + 1))
     leaked = [s for s in range(mark) if s not in live and s not in free and s not in live_res]
     dropped_slots = {e.slot for e in drop.values() if 0 <= e.slot < g.slot_count}
     leaked_reported = [s for s in leaked if s not in dropped_slots
                        and s not in {r[0] for r in reserved}]
     for s in leaked_reported:
-        _add(res, "leaked slot", f"slot {s} is neither free nor used", repair, s)
+        add(res, "leaked slot", f"slot {s} is neither free nor used", repair, s)
 
     expected = {policy.order_key(e.slot, e.use): e.ikey for e in entries}
     if expected != order:
-        _add(res, "policy order out of step",
+        add(res, "policy order out of step",
              f"{len(set(order) ^ set(expected))} order records disagree with the entries", repair)
     stale_pins = [(k, w) for k, w, _n in pins if not idx.alive(w)]
     for k, w in stale_pins:
-        _add(res, "stale pin", f"pin held by dead pid {pid_of(w)}", repair, key=k)
+        add(res, "stale pin", f"pin held by dead pid {pid_of(w)}", repair, key=k)
     stale_handles = [w for w, _t, _wr in handles if not idx.alive(w)]
 
     if not repair:
@@ -409,164 +372,3 @@ def _check_index(records: SlotRecords, g, creation_id, idx: Index, res, repair, 
         records.clear(s)
 
 
-CONFIRM_TRIES = 5
-CONFIRM_PAUSE = 0.02  # seconds: a writer between its record write and its commit
-
-
-def _confirmed(idx: Index, still_wrong, in_use: bool) -> bool:
-    """Whether a disagreement found against the snapshot is real.  In a
-    store others may be writing, records and payloads are read after the
-    snapshot was taken: the disagreement must hold in fresh transactions,
-    a few times over, since a writer writes a slot's record before it
-    commits the entry (and clears it before committing an eviction)."""
-    if not in_use:
-        return True
-    for i in range(CONFIRM_TRIES):
-        if i:
-            time.sleep(CONFIRM_PAUSE)
-        with idx.read() as t:
-            if not still_wrong(t):
-                return False
-    return True
-
-
-def _agrees(rec, e: Entry) -> bool:
-    return (rec is not None and rec.key_hash == key_hash(e.canon) and rec.generation == e.generation
-            and rec.length == e.length and rec.checksum == e.checksum)
-
-
-def _current(t, e: Entry) -> bool:
-    cur = t.entry(e.ikey)
-    return cur is not None and (cur.slot, cur.generation) == (e.slot, e.generation)
-
-
-def _still_disagrees(t, records: SlotRecords, e: Entry) -> bool:
-    return _current(t, e) and not _agrees(records.read(e.slot), e)
-
-
-def _still_fails(t, records: SlotRecords, e: Entry) -> bool:
-    return _current(t, e) and checksum([records.read_payload(e.slot, e.length)]) != e.checksum
-
-
-def _still_free_with_record(t, records: SlotRecords, slot: int) -> bool:
-    return t.is_free(slot) and records.read(slot) is not None
-
-
-def _record_entry(rec, data: bytes, g: Geometry):
-    """(key, value description) of a record that describes the payload
-    ``data`` (its key, length and checksum all hold), or None."""
-    if rec is None or not rec.meta or not rec.checksum or rec.length > g.slot_bytes:
-        return None
-    try:
-        canon, meta = unpack_record_meta(rec.meta)
-    except (CorruptStoreError, struct.error):
-        return None
-    if (key_hash(canon) != rec.key_hash or meta.length != rec.length
-            or checksum([data[:rec.length]]) != rec.checksum):
-        return None
-    return canon, meta
-
-
-def _rebuild(paths: StorePaths, g: Geometry, creation_id: bytes, res: CheckResult, progress) -> None:
-    """Rebuild the index from the slot records, keeping every intact entry.
-
-    A free slot has no record (the store clears it before the slot leaves
-    the index), so every record names an entry that was stored, unless a
-    crash cut a put or an eviction short.  A key found in two slots cannot
-    be told apart (generations count per slot), so neither is restored.
-    The new index takes the modes and owner of the old one, or the slab's.
-    """
-    tmp = paths.index_rebuild
-    shutil.rmtree(tmp, ignore_errors=True)
-    found: dict[bytes, list[tuple]] = {}
-    unused: list[int] = []  # slots whose record no entry will match: cleared
-    with SlotRecords(paths.slab, g, writable=True) as records:
-        size = records.file_size()
-        bar = Progress(g.slot_count, "rebuild ", progress)
-        for slot in range(g.slot_count):
-            bar.step()
-            rec = records.read(slot)
-            if rec is None:
-                continue
-            if rec.length > g.slot_bytes or g.slot_offset(slot) + rec.length > size:
-                unused.append(slot)
-                continue
-            if not rec.meta:
-                _add(res, "unrecoverable entry", "the slot's record had no room for its key",
-                     fixed=False, slot=slot)
-                continue
-            try:
-                canon, meta = unpack_record_meta(rec.meta)
-            except (CorruptStoreError, struct.error):
-                unused.append(slot)
-                continue
-            data = records.read_payload(slot, rec.length)
-            res.bytes_scrubbed += len(data)
-            if key_hash(canon) != rec.key_hash or (rec.checksum and checksum([data]) != rec.checksum):
-                _add(res, "damaged entry", "payload fails its checksum; not restored", fixed=True,
-                     slot=slot, key=canon)
-                unused.append(slot)
-                continue
-            found.setdefault(canon, []).append((slot, rec, canon, meta))
-        for canon, copies in list(found.items()):
-            if len(copies) > 1:
-                slots = [c[0] for c in copies]
-                _add(res, "ambiguous entry", f"the key has records in slots {slots}, and which is "
-                     "newer cannot be told; neither is restored", fixed=True, key=canon)
-                unused += slots
-                del found[canon]
-        header = read_header_bytes(paths.slab)
-        idx = Index.acquire(tmp, map_size=default_map_size(g.slot_count), create=True)
-        try:
-            # One large transaction follows: every entry with its key.
-            idx.ensure_room(len(found), sum(len(c[0][2]) * 2 + 256 for c in found.values()))
-            with idx.write(durable=True) as t:
-                pol = make_policy("lru")
-                t.init_store(creation_id, header, pol)
-                now = time.time()
-                used = set()
-                for slot, rec, canon, meta in sorted((c[0] for c in found.values()),
-                                                     key=lambda x: x[0]):
-                    t.add(index_key(canon), canon, slot, rec.generation, rec.length, rec.checksum,
-                             meta.encode(), pol, now)
-                    used.add(slot)
-                mark = max(used) + 1 if used else 0
-                t.set_next_unused(mark)
-                for s in range(mark):
-                    if s not in used:
-                        t.release_slot(s, 0)
-        finally:
-            idx.release()
-        for slot in unused:  # free now: a record there would come back at the next rebuild
-            records.clear(slot)
-    res.entries = len(found)
-    _take_modes(paths, tmp)
-    if os.path.exists(paths.index):
-        shutil.rmtree(paths.index)
-    os.rename(tmp, paths.index)
-    _add(res, "index rebuilt", f"restored {len(found)} entries from the slot records", fixed=True)
-
-
-def _take_modes(paths: StorePaths, new: str) -> None:
-    """Give a rebuilt index the modes and owner of the one it replaces, or,
-    when that is gone, the slab's (a directory also searchable where the
-    slab is readable): run by root, fsck must not leave an index the
-    store's owner cannot open."""
-    if os.path.exists(paths.lmdb_data):
-        keep_modes_of(paths.index, new)
-        return
-    st = os.stat(paths.slab)
-    file_mode = st.st_mode & 0o666
-    dir_mode = file_mode | (file_mode & 0o444) >> 2
-    for name in os.listdir(new):
-        os.chmod(os.path.join(new, name), file_mode)
-        _chown(os.path.join(new, name), st)
-    os.chmod(new, dir_mode)
-    _chown(new, st)
-
-
-def _chown(path: str, st: os.stat_result) -> None:
-    try:
-        os.chown(path, st.st_uid, st.st_gid)
-    except PermissionError:
-        pass  # not root: the files are ours, as the slab is

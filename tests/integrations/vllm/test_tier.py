@@ -209,7 +209,7 @@ def test_shutdown_releases_every_view_of_the_primary_buffer(make_tier):
     p = Primary()
     tier = make_tier(p)
     p.fill(range(4), seed=11)
-    tier.submit_store(s := job([key(i) for i in range(4)], range(4)))
+    tier.submit_store(job([key(i) for i in range(4)], range(4)))
     tier.submit_load(job([key(0)], [9]))
     tier.shutdown()  # finishes both jobs first
     p.close()  # BufferError if the tier still held a view
