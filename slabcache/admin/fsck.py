@@ -363,7 +363,7 @@ def _check_index(records: SlotRecords, g, creation_id, idx: Index, res, repair, 
             t.delete_pin(k, w)
         for w in stale_handles:
             t.unregister_owner(w)
-        vacated = set(t.vacated)
+        vacated = set(t.vacated or ())
     for e in rewrite:
         records.write_fields(e.slot, e.generation, e.length, e.checksum, key_hash(e.canon),
                              record_meta(e.canon, e.meta_raw))

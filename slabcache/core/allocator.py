@@ -313,7 +313,7 @@ class SlotAllocator:
         if t.vacated:
             for slot in set(t.vacated):
                 self.records.clear(slot)
-            t.vacated.clear()
+            t.vacated = None
 
     def reap_dead(self) -> dict[str, int]:
         """Release what dead handles left (reservations, pins, handle records)."""

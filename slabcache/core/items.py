@@ -18,3 +18,12 @@ class Item(NamedTuple):
     key: Key
     parts: list[torch.Tensor]
     desc: ValueDesc
+
+
+_new = tuple.__new__
+
+
+def new_item(key: Key, parts: list[torch.Tensor], desc: ValueDesc) -> Item:
+    """``Item(key, parts, desc)`` without NamedTuple's Python-level
+    constructor (every put makes one)."""
+    return _new(Item, (key, parts, desc))

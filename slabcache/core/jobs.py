@@ -59,8 +59,8 @@ class Jobs:
         """
         s = self._store
         s._writable()
-        item, marks = s._tensor_item(make_key(key), value, extra, hold=True)
-        return self._queue_write(s._put_tensor_item, item, marks)
+        item, where = s._tensor_item(make_key(key), value, extra, hold=True)
+        return self._queue_write(s._put_tensor_item, item, where)
 
     def put_many(self, keys: Sequence[str | bytes], values: Sequence, *,
                  extra: bytes = b"") -> "Future[list[bool]]":
@@ -68,8 +68,8 @@ class Jobs:
         puts as it holds)."""
         s = self._store
         s._writable()
-        items = s._tensor_items(keys, values, extra, hold=True)
-        return self._queue_write(s._put_tensor_items, items, weight=max(1, len(items)))
+        items, device = s._tensor_items(keys, values, extra, hold=True)
+        return self._queue_write(s._put_tensor_items, items, device, weight=max(1, len(items)))
 
     def write(self, keys: Sequence[str | bytes], datas: Sequence,
               descs: Sequence) -> "Future[list[bool]]":

@@ -67,14 +67,15 @@ class Reader:
 
     # -- finding -----------------------------------------------------------
 
-    def find(self, key: Key) -> Found | None:
-        """What is stored under ``key`` (one read transaction); None is a
-        miss, counted.  Raises CorruptStoreError for a damaged entry."""
-        ref = self.index.ref(key.ikey, key.canon)
+    def find(self, key: Key) -> tuple[EntryRef, Plan] | None:
+        """What is stored under ``key`` (one read transaction): its entry and
+        plan (a Found's fields, without building one: single reads run this);
+        None is a miss, counted.  Raises CorruptStoreError for a damaged entry."""
+        ref = self.index.ref(key[1], key[0])
         if ref is None:
             self.uses.count("misses")
             return None
-        return _new_found(Found, (ref, self.plan(ref)))
+        return ref, self.plan(ref)
 
     def lookup(self, keys: Sequence[Key]) -> list[Found | None]:
         """:meth:`find` for each key, in one read transaction."""

@@ -29,7 +29,7 @@ from ..format.keys import decode_key, make_key
 from ..format.values import ValueDesc
 from ..index import Entry, IndexTxn
 from .handle import Handle
-from .items import Item
+from .items import Item, new_item
 from .reader import Found
 from .typed import TensorVerbs, raw_parts
 from .values import check_disjoint, out_bytes
@@ -111,7 +111,7 @@ class SlabStore(Handle, TensorVerbs):
         for key, data, desc in zip(keys, datas, descs, strict=True):
             k = make_key(key)
             self._check_size(desc)
-            items.append(Item(k, raw_parts(data, desc), desc))
+            items.append(new_item(k, raw_parts(data, desc), desc))
         return items
 
     def _put_items(self, items: list[Item]) -> list[bool]:
@@ -123,11 +123,13 @@ class SlabStore(Handle, TensorVerbs):
     def contains(self, keys: str | bytes | Iterable[str | bytes]):
         """Whether a key is stored (a bool), or each of a list of keys (a
         list, one read transaction).  Does not count as a use."""
-        one = isinstance(keys, _ONE)
-        ks = [make_key(keys)] if one else [make_key(k) for k in keys]
+        if isinstance(keys, _ONE):
+            canon, ikey = make_key(keys)
+            with self._guard:
+                return self._index.has(ikey, canon)
+        ks = [make_key(k) for k in keys]
         with self._guard, self._index.read() as t:
-            got = [t.has(ikey, canon) for canon, ikey in ks]
-        return got[0] if one else got
+            return [t.has(ikey, canon) for canon, ikey in ks]
 
     def __contains__(self, key) -> bool:
         return self.contains(key)

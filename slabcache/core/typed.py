@@ -16,12 +16,14 @@ import torch
 from ..errors import EntryTooLargeError
 from ..format.keys import Key, make_key
 from ..format.values import ValueDesc
-from .items import Item
-from .reader import Found
+from .items import Item, new_item
 from .values import (
-    as_bytes, as_list, check_disjoint, described, direct_parts, host_parts, match_out, on_cuda,
+    Plan, as_bytes, as_list, check_disjoint, described, direct_parts, host_parts, match_out, on_cuda,
     split,
 )
+
+
+HOST = object()  # where a value in CPU memory is (see _tensor_item)
 
 
 class TensorVerbs:
@@ -38,11 +40,11 @@ class TensorVerbs:
         UnsupportedValueError, SlabIOError (nothing stored is lost).
         """
         writer = self._writable()
-        item, _marks = self._tensor_item(make_key(key), value, extra)
+        item, marks = self._tensor_item(make_key(key), value, extra)
         with self._guard:
-            if not on_cuda(item.parts):
+            if marks is HOST:
                 return writer.put(item)
-            return self._put_tensor_item(item, None)
+            return self._put_tensor_item(item, marks)
 
     def put_many(self, keys: Sequence[str | bytes], values: Sequence, *,
                  extra: bytes = b"") -> list[bool]:
@@ -55,40 +57,51 @@ class TensorVerbs:
         side by side, has written the rest too) and the SlabIOError is raised.
         """
         self._writable()
-        return self._put_tensor_items(self._tensor_items(keys, values, extra))
+        return self._put_tensor_items(*self._tensor_items(keys, values, extra))
 
     def _tensor_item(self, key: Key, value, extra: bytes, hold: bool = False):
-        """(Item, CUDA marks) for a value; a CUDA value's parts are its
-        tensors until staged.  ``hold``: for work queued for later (CUDA
-        copies then wait for the caller's streams).  Raises as put does."""
+        """(Item, where): ``where`` is HOST for a value in CPU memory; for a
+        CUDA value (whose parts are its tensors until staged), the events
+        its copies wait for when ``hold`` (work queued for later), else
+        None (the current stream).  Raises as put does."""
         tensors, is_list = as_list(value)
         desc = described(tensors, is_list, extra)
-        self._check_size(desc)
+        if desc.length > self.geometry.slot_bytes:
+            self._too_large(desc)
         if not on_cuda(tensors):
-            return Item(key, host_parts(tensors), desc), None
+            return new_item(key, host_parts(tensors), desc), HOST
         marks = None
         if hold:
             from ..runtime.transfer import caller_marks
 
             marks = caller_marks(tensors)
-        return Item(key, tensors, desc), marks
+        return new_item(key, tensors, desc), marks
 
-    def _tensor_items(self, keys, values, extra: bytes, hold: bool = False) -> list[tuple]:
-        """(Item, CUDA marks) for each pair, every one checked first."""
+    def _tensor_items(self, keys, values, extra: bytes, hold: bool = False):
+        """(Items, {position: marks} of the CUDA values or None), every
+        value checked first."""
         keys, values = list(keys), list(values)
         if len(keys) != len(values):
             raise ValueError(f"got {len(keys)} keys but {len(values)} values; pass one value per key")
-        return [self._tensor_item(make_key(k), v, extra, hold) for k, v in zip(keys, values)]
+        items, device = [], None
+        for i, (k, v) in enumerate(zip(keys, values)):
+            item, where = self._tensor_item(make_key(k), v, extra, hold)
+            items.append(item)
+            if where is not HOST:
+                device = device or {}
+                device[i] = where
+        return items, device
 
-    def _put_tensor_items(self, pairs: list[tuple]) -> list[bool]:
+    def _put_tensor_items(self, items: list[Item], device: dict | None) -> list[bool]:
         with self._guard:
-            if all(marks is None and not on_cuda(it.parts) for it, marks in pairs):
-                return self._writer.put_many([it for it, _marks in pairs])
+            if device is None:
+                return self._writer.put_many(items)
             # Device values go through pinned staging one at a time.
-            return [self._put_tensor_item(it, marks) for it, marks in pairs]
+            return [self._writer.put(it) if i not in device else self._put_tensor_item(it, device[i])
+                    for i, it in enumerate(items)]
 
-    def _put_tensor_item(self, item: Item, marks: dict | None) -> bool:
-        if not on_cuda(item.parts):
+    def _put_tensor_item(self, item: Item, marks) -> bool:
+        if marks is HOST:
             return self._writer.put(item)
         from ..runtime.transfer import to_host
 
@@ -101,11 +114,14 @@ class TensorVerbs:
 
     def _check_size(self, desc: ValueDesc) -> None:
         if desc.length > self.geometry.slot_bytes:
-            raise EntryTooLargeError(
-                f"value of {desc.length} bytes does not fit a slot of "
-                f"{self.geometry.slot_bytes} bytes; split it, or re-slot the store with "
-                "`slabcache compact --slot-bytes`"
-            )
+            self._too_large(desc)
+
+    def _too_large(self, desc: ValueDesc):
+        raise EntryTooLargeError(
+            f"value of {desc.length} bytes does not fit a slot of "
+            f"{self.geometry.slot_bytes} bytes; split it, or re-slot the store with "
+            "`slabcache compact --slot-bytes`"
+        )
 
     def _staging_pool(self):
         from ..runtime.transfer import StagingPool
@@ -125,11 +141,12 @@ class TensorVerbs:
         """
         k = make_key(key)
         with self._guard:
-            f = self._reader.find(k)
-            if f is None:
+            got = self._reader.find(k)
+            if got is None:
                 return None
-            value, parts = f.plan.allocate(self.engine.empty)
-            return value if self._reader.read(f.ref, parts) else None
+            ref, plan = got
+            value, parts = plan.allocate(self.engine.empty)
+            return value if self._reader.read(ref, parts) else None
 
     def get_into(self, key: str | bytes, out) -> bool:
         """Read the value into ``out`` (same dtypes and shapes).  False on a miss.
@@ -141,13 +158,14 @@ class TensorVerbs:
 
     def _get_into(self, key: Key, out, marks: dict | None) -> bool:
         with self._guard:
-            f = self._reader.find(key)
-            if f is None:
+            got = self._reader.find(key)
+            if got is None:
                 return False
-            parts, copy, outs = self._target(f, out)
+            ref, plan = got
+            parts, copy, outs = self._target(plan, out)
             if parts is None:
-                return self._read_to_cuda(f, outs, marks)
-            ok = self._reader.read(f.ref, parts)
+                return self._read_to_cuda(ref, plan, outs, marks)
+            ok = self._reader.read(ref, parts)
             if ok and copy is not None:
                 _copy_back(copy)
             return ok
@@ -191,7 +209,7 @@ class TensorVerbs:
         jobs, parts, copies = [], [], {}
         for i, (f, out) in enumerate(zip(found, outs)):
             if f is not None:
-                p, copies[i], _outs = self._target(f, out)  # host outs only: CUDA went above
+                p, copies[i], _outs = self._target(f.plan, out)  # host outs only: CUDA went above
                 jobs.append(i)
                 parts.append(p)
         oks = self._read_found([found[i] for i in jobs], parts)
@@ -202,13 +220,12 @@ class TensorVerbs:
             res[i] = ok
         return res
 
-    def _target(self, f: Found, out):
+    def _target(self, plan: Plan, out):
         """Where a read into ``out`` lands: (parts, copy, outs).  ``parts``
         are out's own bytes when it is dense CPU memory; otherwise fresh
         buffers, and ``copy`` says what to copy into out after the read.
         ``parts`` is None when out is on CUDA (``outs`` are its tensors).
         Raises UnsupportedValueError when out does not match the value."""
-        plan = f.plan
         parts = plan.direct_parts(out)
         if parts is not None:
             return parts, None, None
@@ -221,14 +238,14 @@ class TensorVerbs:
         value, parts = plan.allocate(self.engine.empty)
         return parts, (outs, value if plan.desc.is_list else [value]), outs
 
-    def _read_to_cuda(self, f: Found, outs: list[torch.Tensor], marks: dict | None) -> bool:
+    def _read_to_cuda(self, ref, plan: Plan, outs: list[torch.Tensor], marks: dict | None) -> bool:
         from ..runtime.transfer import from_host
 
         pool = self._staging_pool()
-        buf = pool.acquire(max(1, f.length))
+        buf = pool.acquire(max(1, ref.length))
         try:
-            parts = split(buf, f.desc.nbytes)
-            if not self._reader.read(f.ref, parts):
+            parts = split(buf, plan.desc.nbytes)
+            if not self._reader.read(ref, parts):
                 return False
             from_host(parts, outs, pool, marks)
             return True

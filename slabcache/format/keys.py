@@ -76,5 +76,12 @@ _new_key = tuple.__new__  # a Key without NamedTuple's Python-level __new__ (hot
 
 def make_key(key: str | bytes) -> Key:
     """The Key of ``key``.  Raises InvalidKeyError."""
-    canon = canonical_key(key)
+    # canonical_key's common cases inline: every operation runs this.
+    kind = type(key)
+    if kind is str and key:
+        canon = b"s" + key.encode("utf-8", "surrogatepass")
+    elif kind is bytes and key:
+        canon = b"b" + key
+    else:
+        canon = canonical_key(key)
     return _new_key(Key, (canon, canon if len(canon) <= MAX_INLINE_KEY else index_key(canon)))

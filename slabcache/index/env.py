@@ -15,7 +15,7 @@ import lmdb
 from ..errors import ConfigError, CorruptStoreError, StoreBusyError, StoreForkedError
 from ..format.files import check_directory, check_regular, open_regular
 from ..format.layout import LOCK
-from .entry import EntryRef, ref_of, slot_gen_of
+from .entry import EntryRef, canon_of, ref_of, slot_gen_of
 from .failures import Failures, pid_clash
 from .gate import Gate
 from .owner import Liveness
@@ -274,6 +274,12 @@ class Index(Gate, Headroom, Failures):
         with LookupTxn(self) as txn:
             raw = txn.get(ikey)
             return None if raw is None else ref_of(ikey, raw, canon)
+
+    def has(self, ikey: bytes, canon: bytes) -> bool:
+        """Whether ``canon`` is stored, in its own read transaction."""
+        with LookupTxn(self) as txn:
+            raw = txn.get(ikey)
+            return raw is not None and (ikey == canon or canon_of(raw) == canon)
 
     def slot_gen(self, ikey: bytes) -> tuple[int, int] | None:
         with LookupTxn(self) as txn:

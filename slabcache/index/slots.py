@@ -35,6 +35,12 @@ class SlotOps:
 
     __slots__ = ()
 
+    def _vacate(self, slot: int) -> None:
+        if self.vacated is None:
+            self.vacated = [slot]
+        else:
+            self.vacated.append(slot)
+
     def take_free_slot(self, slot_count: int) -> tuple[int, int] | None:
         """Pop a free slot: (slot, last generation), or None when none is free."""
         if self._no_free:
@@ -54,7 +60,7 @@ class SlotOps:
 
     def release_slot(self, slot: int, generation: int) -> None:
         self.txn.put(U64.pack(slot), _U32.pack(generation), db=self.db["free"])
-        self.vacated.append(slot)
+        self._vacate(slot)
         self._no_free = False
 
     def is_free(self, slot: int) -> bool:
@@ -160,7 +166,7 @@ class SlotOps:
                             "an index entry is truncated; run `slabcache fsck --repair`")
                     cur.delete()
                     self.txn.delete(ikey, db=entries)
-                    self.vacated.append(got[0])
+                    self._vacate(got[0])
                     return got
                 ok = cur.prev() if backward else cur.next()
         return None

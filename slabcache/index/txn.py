@@ -40,8 +40,9 @@ class IndexTxn(MetaOps, EntryOps, SlotOps, PinOps, RepairOps):
         self.alive = alive
         # Slots whose entry or reservation this transaction dropped: whoever
         # owns the slab clears their records before it commits (an index
-        # rebuild must not bring back what left the index).
-        self.vacated: list[int] = []
+        # rebuild must not bring back what left the index).  None until one
+        # is (most transactions vacate nothing).
+        self.vacated: list[int] | None = None
         # What a batch of puts in one write transaction need not ask again:
         # None until known, then whether any pin exists; whether the free
         # list and the unused slots ran out.

@@ -169,10 +169,12 @@ def test_the_reader_finds_reads_and_proves(parts):
     a = parts.item("a", 3)
     parts.put(a)
     assert parts.reader.find(make_key("nope")) is None
-    f = parts.reader.find(a.key)
-    assert f.length == 1000 and f.desc == a.desc
+    ref, plan = parts.reader.find(a.key)
+    assert ref.length == 1000 and plan.desc == a.desc
     out = torch.empty(1000, dtype=torch.uint8)
-    assert parts.reader.read(f.ref, [out]) and torch.equal(out, a.parts[0])
+    assert parts.reader.read(ref, [out]) and torch.equal(out, a.parts[0])
+    f = parts.reader.lookup([a.key])[0]
+    assert f.length == 1000 and f.desc == a.desc
     assert parts.reader.lookup([a.key, make_key("nope")])[1] is None
     assert parts.uses.pending_counters()["misses"] == 2
 
@@ -180,7 +182,7 @@ def test_the_reader_finds_reads_and_proves(parts):
 def test_a_read_of_an_entry_replaced_meanwhile_is_a_miss(parts):
     a = parts.item("a", 3)
     parts.put(a)
-    f = parts.reader.find(a.key)
+    f = parts.reader.lookup([a.key])[0]
     with parts.index.write() as t:  # evicted and the slot reused, between lookup and read
         parts.alloc.free(t, t.entry(a.key.ikey))
     parts.put(parts.item("b", 4))
@@ -191,7 +193,7 @@ def test_a_read_of_an_entry_replaced_meanwhile_is_a_miss(parts):
 def test_a_damaged_payload_is_a_miss_and_its_entry_is_dropped(parts):
     a = parts.item("a", 3)
     parts.put(a)
-    f = parts.reader.find(a.key)
+    f = parts.reader.lookup([a.key])[0]
     bad = a.parts[0].clone()
     bad[10] ^= 1
     parts.engine.write(f.ref.slot, [bad])
@@ -220,7 +222,7 @@ def test_uses_within_the_refresh_window_move_nothing_but_count(parts):
     u = UseTracker(LRU(), refresh_seconds=60)
     a = parts.item("a")
     parts.put(a)
-    ref = parts.reader.find(a.key).ref
+    ref = parts.reader.find(a.key)[0]
     u.hit_many([ref._replace(used=1e12)])  # used "just now": not recorded
     assert u.pending_keys() == 0 and u.pending_counters()["hits"] == 1
     u.hit_many([ref._replace(used=0.0)])
@@ -230,7 +232,7 @@ def test_uses_within_the_refresh_window_move_nothing_but_count(parts):
 def test_flushed_uses_are_written_and_given_back_on_abort(parts):
     a = parts.item("a")
     parts.put(a)
-    ref = parts.reader.find(a.key).ref
+    ref = parts.reader.find(a.key)[0]
     u = parts.uses
     with parts.index.write():
         pass  # the put's counters out of the way
