@@ -73,7 +73,7 @@ class Reader:
         None is a miss, counted.  Raises CorruptStoreError for a damaged entry."""
         ref = self.index.ref(key[1], key[0])
         if ref is None:
-            self.uses.count("misses")
+            self._flush_if(self.uses.count("misses"))
             return None
         return ref, self.plan(ref)
 
@@ -88,7 +88,7 @@ class Reader:
             else:
                 out.append(_new_found(Found, (ref, self.plan(ref))))
         if misses:
-            self.uses.count("misses", misses)
+            self._flush_if(self.uses.count("misses", misses))
         return out
 
     def plan(self, e: EntryRef) -> Plan:

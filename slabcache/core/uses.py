@@ -44,9 +44,12 @@ class UseTracker:
         self._last_counter_flush = now
         self._last_use_flush = now
 
-    def count(self, name: str, n: int = 1) -> None:
+    def count(self, name: str, n: int = 1) -> bool:
+        """Add ``n`` to a counter; True when the counters are due to be
+        written (a handle that only misses still writes its share)."""
         with self._lock:
             self._pending[name] += n
+        return time.monotonic() - self._last_counter_flush >= COUNTER_FLUSH_SECONDS
 
     def stored(self, puts: int, nbytes: int) -> None:
         """Count ``puts`` values of ``nbytes`` in all stored."""

@@ -263,3 +263,13 @@ def test_uses_given_back_past_the_cap_are_forgotten():
     assert u.pending_keys() == 10
     u.give_back(({b"x%d" % i: (1, 0.0, i, 1) for i in range(MAX_PENDING_USES)}, None))
     assert u.pending_keys() == 10  # the index keeps refusing them: not hoarded
+
+
+def test_a_handle_that_only_misses_still_writes_its_counters(parts, monkeypatch):
+    import slabcache.core.uses as uses_module
+
+    monkeypatch.setattr(uses_module, "COUNTER_FLUSH_SECONDS", 0.0)
+    for i in range(3):
+        assert parts.reader.find(make_key(f"nope{i}")) is None
+    with parts.index.read() as t:
+        assert t.counters()["misses"] == 3  # written, not only pending
