@@ -1,6 +1,6 @@
 """Bad input: each case gets a clear error and nothing stored is lost.
 
-The table below is mirrored in README.md ("Bad input").
+These cases are the specification README.md points to ("Errors").
 """
 
 import errno
