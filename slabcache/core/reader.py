@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -115,24 +115,16 @@ class Reader:
         self._flush_if(due)
         return ok
 
-    def read_many(self, refs: Sequence[EntryRef], parts_list: Sequence[list[torch.Tensor]],
-                  submit: Callable | None = None) -> list[bool]:
-        """:meth:`read` for many entries with one validation transaction.
-
-        ``submit(fn, *args) -> Future`` runs the reads in parallel (worker
-        threads); without it they run here, one after another.
-        """
+    def read_many(self, refs: Sequence[EntryRef], parts_list: Sequence[list[torch.Tensor]]) -> list[bool]:
+        """:meth:`read` for many entries with one validation transaction (the
+        engine reads large values side by side, Engine.read_many_into)."""
         if not refs:
             return []
-        if submit is None:
-            digests = self.engine.read_many_into([e.slot for e in refs], parts_list, self.checksum)
-            for i, d in enumerate(digests):
-                if isinstance(d, OSError):
-                    log.error("%s; serving a miss", d)
-                    digests[i] = _IO_FAILED
-        else:
-            futs = [submit(self._copy, e, parts) for e, parts in zip(refs, parts_list)]
-            digests = [f.result() for f in futs]
+        digests = self.engine.read_many_into([e.slot for e in refs], parts_list, self.checksum)
+        for i, d in enumerate(digests):
+            if isinstance(d, OSError):
+                log.error("%s; serving a miss", d)
+                digests[i] = _IO_FAILED
         now_at = self.index.slot_gens([e.ikey for e in refs])
         oks, served, check = [], [], self.checksum
         for e, d, cur in zip(refs, digests, now_at):

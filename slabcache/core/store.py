@@ -33,7 +33,6 @@ from .items import Item, new_item
 from .reader import Found
 from .typed import TensorVerbs, raw_parts
 from .values import check_disjoint, out_bytes
-from .writer import parallel
 
 _ONE = (str, bytes, bytearray, memoryview)  # a single key, not a list of them
 
@@ -88,12 +87,7 @@ class SlabStore(Handle, TensorVerbs):
         if not found:
             return []
         with self._guard:
-            # Large batches go to the workers (several requests in flight for
-            # the device); small ones cost less here than a thread hand-off.
-            submit = None
-            if parallel(len(found), sum(f.length for f in found)):
-                submit = self.jobs.read
-            return self._reader.read_many([f.ref for f in found], parts, submit)
+            return self._reader.read_many([f.ref for f in found], parts)
 
     def write(self, keys: Sequence[str | bytes], datas: Sequence,
               descs: Sequence[ValueDesc]) -> list[bool]:

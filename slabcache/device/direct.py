@@ -10,7 +10,7 @@ import torch
 from ..errors import ConfigError
 from ..format.checksum import CHECKSUM_BLOCK, block_digest, combine_digests
 from ..format.header import Geometry, round_up
-from .engine import Engine
+from .engine import Engine, in_batch
 from .memory import AlignedScratch, aligned_empty, as_numpy
 from .slabfile import open_slab
 from .syscalls import preadv_all, pwritev_all
@@ -31,6 +31,9 @@ class DirectEngine(Engine):
     """
 
     name = "direct"
+    # Each read waits for the device: a batch keeps this many in flight
+    # (queue depth), most of the time in syscalls that release the GIL.
+    parallel_reads = 8
 
     # Large reads are split into pieces read in parallel (the device sees
     # queue depth > 1) and each piece is hashed as soon as it lands, so the
@@ -92,7 +95,7 @@ class DirectEngine(Engine):
     def _read_hashed(self, offset, parts, n, hashed):
         p = parts[0]
         if (len(parts) == 1 and n > self.SPLIT_PIECE and p.data_ptr() % self.align == 0
-                and self._owns_padding(p, n)):
+                and self._owns_padding(p, n) and not in_batch()):
             return self._read_split(offset, p, n, hashed)
         return super()._read_hashed(offset, parts, n, hashed)
 

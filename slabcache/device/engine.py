@@ -31,6 +31,20 @@ from .memory import as_numpy
 # keep several requests in flight even on a 2-core machine.
 MIN_HELPERS = 4
 
+# Values of at least this many bytes in a batch are read side by side (up
+# to ``Engine.parallel_reads`` at once, the caller among them): their
+# copies and hashes release the GIL.  Smaller ones cost less read one
+# after another in the caller than a thread hand-off each.
+PARALLEL_READ_BYTES = 256 << 10
+
+_local = threading.local()  # .in_batch: this thread runs one read of a batch
+
+
+def in_batch() -> bool:
+    """True on a thread running one read of a batch: it must not split its
+    value over helpers in turn (they may all be busy with the batch)."""
+    return getattr(_local, "in_batch", False)
+
 
 def cores() -> int:
     """CPUs this process may run on."""
@@ -54,6 +68,8 @@ class Engine(abc.ABC):
     # write while it holds the index's write lock; False when each write
     # waits for the device.
     writes_to_cache = False
+    # How many large reads of a batch run at once (see read_many_into).
+    parallel_reads = 1
 
     def __init__(self, path: str, g: Geometry):
         self.path = path
@@ -122,12 +138,71 @@ class Engine(abc.ABC):
 
     def read_many_into(self, slots: list[int], parts_list: list[list[torch.Tensor]],
                        hashed: bool = False) -> list:
-        """:meth:`read_into` for each (slot, parts), one after another: per
-        read its checksum (None unhashed) or the SlabIOError it raised, so a
-        failed read fails only itself.  Engines override this to spare a
-        batch of small reads the per-call checks."""
+        """:meth:`read_into` for each (slot, parts): per read its checksum
+        (None unhashed) or the SlabIOError it raised, so a failed read fails
+        only itself.  Values of PARALLEL_READ_BYTES or more are read side by
+        side, ``parallel_reads`` at a time (the caller among them); smaller
+        ones one after another in the caller (``_read_small_many``)."""
+        out: list = [None] * len(slots)
+        large, small = [], []
+        for i, parts in enumerate(parts_list):
+            n = parts[0].numel() if len(parts) == 1 else sum(p.numel() for p in parts)
+            (large if n >= PARALLEL_READ_BYTES else small).append(i)
+        if small:
+            got = self._read_small_many([slots[i] for i in small], [parts_list[i] for i in small], hashed)
+            for i, g in zip(small, got):
+                out[i] = g
+        if len(large) == 1 or (large and self.parallel_reads <= 1):
+            for i in large:
+                out[i] = read_or_error(self.read_into, slots[i], parts_list[i], hashed)
+        elif large:
+            self._before_batch([slots[i] for i in large], [parts_list[i] for i in large])
+            got = self.spread([(slots[i], parts_list[i], hashed) for i in large], self._batch_read,
+                              self.parallel_reads)
+            for i, g in zip(large, got):
+                out[i] = g
+        return out
+
+    def _read_small_many(self, slots, parts_list, hashed) -> list:
+        """Reads of small values, one after another (engines spare them the
+        per-call checks)."""
         return [read_or_error(self.read_into, slot, parts, hashed)
                 for slot, parts in zip(slots, parts_list, strict=True)]
+
+    def _before_batch(self, slots, parts_list) -> None:
+        """Called before the large reads of a batch start (readahead)."""
+
+    def _batch_read(self, slot, parts, hashed):
+        _local.in_batch = True
+        try:
+            return read_or_error(self.read_into, slot, parts, hashed)
+        finally:
+            _local.in_batch = False
+
+    def spread(self, tasks: list[tuple], fn: Callable, width: int) -> list:
+        """``fn(*task)`` for each task, at most ``width`` at once: the caller
+        takes tasks too (so a batch never waits on an idle pool), helpers
+        the rest; results in task order."""
+        if width <= 1 or len(tasks) <= 1:
+            return [fn(*t) for t in tasks]
+        results: list = [None] * len(tasks)
+        lock = threading.Lock()
+        nxt = [0]
+
+        def drain() -> None:
+            while True:
+                with lock:
+                    i = nxt[0]
+                    nxt[0] += 1
+                if i >= len(tasks):
+                    return
+                results[i] = fn(*tasks[i])
+
+        futs = [self.submit(drain) for _ in range(min(width, len(tasks)) - 1)]
+        drain()
+        for f in futs:
+            f.result()
+        return results
 
     def empty(self, nbytes: int) -> torch.Tensor:
         """A uint8 buffer this engine reads into without an extra copy."""
@@ -138,8 +213,9 @@ class Engine(abc.ABC):
         pieces of large reads)."""
         with self._helpers_lock:
             if self._helpers is None:
-                self._helpers = ThreadPoolExecutor(max_workers=max(MIN_HELPERS, cores()),
-                                                   thread_name_prefix="slabcache-helper")
+                self._helpers = ThreadPoolExecutor(
+                    max_workers=max(MIN_HELPERS, cores(), self.parallel_reads),
+                    thread_name_prefix="slabcache-helper")
             return self._helpers.submit(fn, *args)
 
     def close(self) -> None:

@@ -1,45 +1,59 @@
-"""The ``mmap`` engine: pwrite in, copy out of a shared mapping."""
+"""The ``mmap`` engine: buffered pwrite in, buffered pread out.
+
+The slab is also mapped (GPU benchmarks register windows of it with the
+CUDA driver), but reads go through ``preadv``: measured on the development
+machines, copying out of the mapping and preadv cost the same warm, while
+cold a preadv is served by readahead where a mapping faults a page at a
+time (``benchmarks/engines.py``).
+"""
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import warnings
 
-import numpy as np
 import torch
 import xxhash
 
-from ..errors import SlabIOError
 from ..format.checksum import CHECKSUM_BLOCK, block_hasher, combine_digests
-from ..format.header import Geometry, round_up
-from .engine import Engine, cores, read_or_error
-from .slabfile import open_slab
+from ..format.header import Geometry
+from ..errors import SlabIOError
+from .engine import Engine, cores, in_batch, read_or_error
 from .memory import as_numpy
+from .slabfile import open_slab
 from .syscalls import preadv_all, pwritev_all
+
+# A value read in one piece below this (one preadv, then one hash); at and
+# above it, read and hashed in FUSED_STEP pieces.
+FUSE_FROM = 1 << 20
+# Pieces small enough that the bytes just read are still in the core's
+# cache when they are hashed: the checksum then reads them from cache
+# instead of making a second pass over memory.
+FUSED_STEP = 512 << 10
+# Buffers of this size or more are hashed with xxhash's streaming hasher,
+# which releases the GIL (its one-shot digest of a buffer holds it).
+STREAM_HASH_FROM = 64 << 10
+
+
+def _hash(a) -> int:
+    if len(a) < STREAM_HASH_FROM:
+        return xxhash.xxh3_64_intdigest(a)
+    h = xxhash.xxh3_64()
+    h.update(a)
+    return h.intdigest()
 
 
 class MmapEngine(Engine):
-    """Writes with pwrite, reads by copying out of a shared mapping.
-
-    Writing through pwrite avoids the page-fault cost of a first write into
-    a fresh mapping (several times slower on these machines); reading out
-    of the mapping is a plain memcpy once pages are cached.
-    """
+    """Buffered pwrite and preadv over the page cache."""
 
     name = "mmap"
     writes_to_cache = True
-
-    # Below this size one pread beats copying out of the mapping: a cold
-    # read is one request (with readahead) instead of a page fault per
-    # 4 KiB, and a warm one costs about the same.
-    PREAD_BELOW = 4 << 20
-
-    # Large reads copy and hash in steps small enough that the bytes just
-    # copied are still in the core's cache when they are hashed: the
-    # checksum then reads them from cache (several times faster than from
-    # memory) instead of making a second pass over the value.
-    FUSED_STEP = 512 << 10
+    # Copying and hashing are CPU work: more threads than cores measured
+    # slower warm; cold reads get their queue depth from readahead instead
+    # (a value found out of the page cache asks for all of it at once).
+    parallel_reads = cores()
 
     def __init__(self, path: str, g: Geometry):
         super().__init__(path, g)
@@ -47,9 +61,8 @@ class MmapEngine(Engine):
         self.mm = mmap.mmap(self.fd, g.file_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            # The whole slab as one uint8 tensor (GPU benchmarks register
-            # windows of it with the CUDA driver).
             self.view = torch.frombuffer(self.mm, dtype=torch.uint8)
+        self._nowait = hasattr(os, "RWF_NOWAIT")  # cleared if the filesystem refuses it
 
     def _write_impl(self, offset, parts, n):
         pwritev_all(self.fd, [as_numpy(p) for p in parts], offset)
@@ -59,72 +72,87 @@ class MmapEngine(Engine):
         if done != n:
             pwritev_all(self.fd, [array[done:]], offset + done)
 
-    def _will_need(self, offset: int, n: int) -> None:
-        """Start readahead for a whole value, so a cold read is not served
-        one faulted page at a time."""
-        start = offset & ~(mmap.PAGESIZE - 1)
-        self.mm.madvise(mmap.MADV_WILLNEED, start, round_up(offset + n, mmap.PAGESIZE) - start)
-
     def _read_impl(self, offset, parts, n):
-        if n < self.PREAD_BELOW:
-            preadv_all(self.fd, [as_numpy(p) for p in parts], offset)
-            return
-        self._will_need(offset, n)
-        pos = offset
-        for p in parts:
-            k = p.numel()
-            if k:
-                # torch's copy releases the GIL, so parallel gets overlap.
-                p.copy_(self.view[pos:pos + k])
-            pos += k
+        preadv_all(self.fd, [as_numpy(p) for p in parts], offset)
+
+    def _cached(self, dst, offset: int) -> int:
+        """Read what of ``dst`` the page cache holds, without waiting for the
+        disk; the bytes read (0 when none is cached)."""
+        if self._nowait:
+            try:
+                return os.preadv(self.fd, [dst], offset, os.RWF_NOWAIT)
+            except OSError as exc:
+                if exc.errno == errno.EAGAIN:
+                    return 0
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                self._nowait = False  # this filesystem cannot say: always wait
+        return os.preadv(self.fd, [dst], offset)
+
+    def _readahead(self, offset: int, n: int) -> None:
+        """Ask the kernel for a whole value at once (readahead for the rest
+        of it in flight while its first pieces are copied)."""
+        os.posix_fadvise(self.fd, offset, n, os.POSIX_FADV_WILLNEED)
 
     def _read_hashed(self, offset, parts, n, hashed):
-        if len(parts) == 1 and n < self.PREAD_BELOW:
-            # The common small read: one pread and, with the bytes still in
-            # cache, one hash (a value under one checksum block hashes whole).
-            a = as_numpy(parts[0])
-            got = os.preadv(self.fd, [a], offset)
-            if got != n:
-                preadv_all(self.fd, [a[got:]], offset + got)
-            return xxhash.xxh3_64_intdigest(a) if hashed else None
-        if not (hashed and len(parts) == 1):
+        if len(parts) != 1:
             return super()._read_hashed(offset, parts, n, hashed)
-        self._will_need(offset, n)
         dst = as_numpy(parts[0])
-        src = as_numpy(self.view[offset:offset + n])
-        step = self.FUSED_STEP
-
-        def blocks(firsts: range) -> list[bytes]:
-            # numpy's copy and xxh3 both release the GIL.
-            digests = []
-            for b in firsts:
-                h = block_hasher()
-                for s in range(b, min(n, b + CHECKSUM_BLOCK), step):
-                    e = min(n, s + step, b + CHECKSUM_BLOCK)
-                    np.copyto(dst[s:e], src[s:e])
-                    h.update(dst[s:e])
-                digests.append(h.digest())
-            return digests
-
-        # Checksum blocks are dealt round-robin to one thread per core, the
-        # caller being one of them: copying and hashing are CPU work, and
-        # more threads than cores measured slower (cold reads gain nothing
-        # either: madvise above already queued the whole value's readahead).
+        if n < FUSE_FROM:
+            got = os.preadv(self.fd, [dst], offset)
+            if got != n:
+                preadv_all(self.fd, [dst[got:]], offset + got)
+            return _hash(dst) if hashed else None
+        # A large value: read and hashed piece by piece, each piece hashed
+        # while it is in cache; its checksum blocks spread over the cores
+        # unless this read is one of a batch already spread.
         firsts = range(0, n, CHECKSUM_BLOCK)
-        k = max(1, min(len(firsts), cores()))
-        futs = [self.submit(blocks, firsts[j::k]) for j in range(1, k)]
-        shares = [blocks(firsts[0::k])] + [f.result() for f in futs]
+        k = 1 if in_batch() else min(len(firsts), self.parallel_reads)
+        got = self._cached(dst[:min(n, FUSED_STEP)], offset)
+        if got < min(n, FUSED_STEP):
+            self._readahead(offset + got, n - got)
+        tasks = [(firsts[j::k], dst, offset, n, hashed, got if j == 0 else 0) for j in range(k)]
+        shares = self.spread(tasks, self._read_blocks, k)
+        if not hashed:
+            return None
         return combine_digests([shares[i % k][i // k] for i in range(len(firsts))], n)
 
-    def read_many_into(self, slots, parts_list, hashed=False):
-        # A batch of small single-buffer reads (a KV chunk each) in one
+    def _read_blocks(self, blocks, dst, offset, n, hashed, done):
+        """Read (and hash) the checksum blocks starting at ``blocks``; the
+        first ``done`` bytes of the value are already read."""
+        digests = []
+        for b in blocks:
+            h = block_hasher() if hashed else None
+            for s in range(b, min(n, b + CHECKSUM_BLOCK), FUSED_STEP):
+                e = min(n, s + FUSED_STEP, b + CHECKSUM_BLOCK)
+                if e > done:
+                    r = max(s, done)
+                    got = os.preadv(self.fd, [dst[r:e]], offset + r)
+                    if got != e - r:
+                        preadv_all(self.fd, [dst[r + got:e]], offset + r + got)
+                if h is not None:
+                    h.update(dst[s:e])
+            digests.append(h.digest() if h is not None else None)
+        return digests
+
+    def _before_batch(self, slots, parts_list) -> None:
+        # Cold, a batch is asked for all at once: the disk then sees every
+        # value's reads in flight, not the few the threads are copying.
+        first = as_numpy(parts_list[0][0])[:4096]
+        g = self.geometry
+        if self._nowait and self._cached(first, g.slot_offset(slots[0])) < len(first):
+            for slot, parts in zip(slots, parts_list):
+                self._readahead(g.slot_offset(slot), sum(p.numel() for p in parts))
+
+    def _read_small_many(self, slots, parts_list, hashed):
+        # A batch of small single-buffer reads (a KV block each) in one
         # loop: a pread and a hash per value, without read_into's calls.
-        g, fd, below = self.geometry, self.fd, self.PREAD_BELOW
+        g, fd = self.geometry, self.fd
         count, room = g.slot_count, g.slot_bytes
         out, total = [], 0
         for slot, parts in zip(slots, parts_list, strict=True):
-            n = parts[0].numel() if len(parts) == 1 else below
-            if n >= below or n > room or not 0 <= slot < count:
+            n = parts[0].numel() if len(parts) == 1 else room + 1
+            if n > room or not 0 <= slot < count:
                 out.append(read_or_error(self.read_into, slot, parts, hashed))
                 continue
             a = as_numpy(parts[0])
@@ -137,7 +165,7 @@ class MmapEngine(Engine):
                 out.append(SlabIOError(f"reading slot {slot} of {self.path} failed: {exc}"))
                 continue
             total += n
-            out.append(xxhash.xxh3_64_intdigest(a) if hashed else None)
+            out.append(_hash(a) if hashed else None)
         with self._count_lock:
             self.bytes_read += total
         return out

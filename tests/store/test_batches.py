@@ -4,6 +4,7 @@ one key at a time (every engine)."""
 import pytest
 import torch
 
+from slabcache.format.checksum import CHECKSUM_BLOCK
 from slabcache import SlabIOError, UnsupportedValueError
 from slabcache.core.values import describe
 from slabcache.testing import FaultyEngine, inject
@@ -177,3 +178,26 @@ def test_put_many_raw_async_weighs_its_keys_against_the_queue(make_store):
     big = s.jobs.write([f"k{i}" for i in range(6)], [rand_tensor(10, i) for i in range(6)], [desc] * 6)
     assert big.result(10) == [True] * 6  # larger than the whole limit: runs alone
     assert torch.equal(s.get("k5"), rand_tensor(10, 5))
+
+
+@pytest.mark.parametrize("nowait", [True, False])
+def test_large_values_read_side_by_side_warm_and_cold(make_store, tmp_path, nowait):
+    """Batches of large values are read on several threads, each value in
+    pieces hashed as they land; cold, the batch is asked for at once
+    (readahead).  Every byte must come back, in every out."""
+    n = 3 * CHECKSUM_BLOCK + 12345
+    s = make_store(capacity_bytes=8 * 4 * CHECKSUM_BLOCK, slot_bytes=4 * CHECKSUM_BLOCK)
+    if not nowait and hasattr(s.engine, "_nowait"):
+        s.engine._nowait = False  # a filesystem that cannot say what is cached
+    keys = [f"k{i}" for i in range(5)]
+    vals = [rand_tensor(n, i) for i in range(5)]
+    assert s.put_many(keys, vals) == [True] * 5
+    for cold in (False, True):
+        if cold:
+            s.engine.drop_cache()
+        outs = [torch.zeros(n, dtype=torch.uint8) for _ in keys]
+        assert s.get_many_into(keys, outs) == [True] * 5
+        assert all(torch.equal(o, v) for o, v in zip(outs, vals))
+    s.engine.drop_cache()
+    out = torch.zeros(n, dtype=torch.uint8)
+    assert s.get_into("k3", out) and torch.equal(out, vals[3])  # one value, its blocks spread
