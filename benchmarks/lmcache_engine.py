@@ -1,37 +1,42 @@
 """slabcache inside a real LMCache 0.5.6 engine, against LMCache's own
-LocalDiskBackend in the same mode, in one run.
+LocalDiskBackend in the same mode and an in-memory ceiling, in one run.
 
 The engine runs on CPU with a connector stand-in (the "GPU" KV cache is a
-CPU tensor), ``local_cpu`` off so every hit comes from disk, 256-token
-chunks, prompts of 1,024 tokens (4 chunks).  Matched pairs:
+CPU tensor), ``local_cpu`` off so every hit comes from the disk tier,
+256-token chunks, prompts of 1,024 tokens (4 chunks).  Matched pairs:
 
 - slabcache ``mmap`` (use_odirect unset) vs LocalDiskBackend buffered
   (LMCache's default);
-- slabcache ``direct`` (use_odirect: true) vs LocalDiskBackend O_DIRECT.
+- slabcache ``direct`` (use_odirect: true) vs LocalDiskBackend O_DIRECT;
+- ``memory``: chunks kept in a dict (memory_tier.py), the ceiling: LMCache's
+  own engine plus a copy each way, no disk.
 
-Workloads, each as prompts per second (ratio slabcache / LMCache):
+Workloads, each as prompts per second:
 
-- store:  engine.store of every prompt, until all chunks are on disk;
+- store:  engine.store of every prompt, until every chunk is on disk;
   ``store() blocks`` is the time the caller spends inside store();
 - warm retrieve: engine.retrieve of every prompt, pages cached;
-- cold retrieve: the same after dropping the files' pages (written back first);
+- cold retrieve: the same after dropping the files' pages (written back
+  first); the fraction of the stored bytes still in the page cache is
+  measured and reported (it must be near 0);
 - churn: a skewed request stream over twice as many prompts as fit: a full
-  hit is retrieved, anything else stored (evicting).
+  hit is retrieved, anything else stored (evicting); timed until every
+  store it queued is on disk, as the store workload is.
 
-Chunk sizes: 256 KiB and 8 MiB of bf16 KV.  Needs lmcache==0.5.6
-(tools/bootstrap.sh --with-lmcache).
+Each round runs the contenders in turn, the order reversed every other
+round; figures are medians over rounds.  ``backend_ms`` is the time a warm
+retrieve spent inside the disk tier (the rest is LMCache's engine).
+Chunk sizes: 256 KiB, 8 MiB and 32 MiB of bf16 KV.  Needs lmcache==0.5.6.
 
-Run:  python benchmarks/lmcache_engine.py [--dir DIR] [--json FILE] [--quick]
+Run:  python benchmarks/lmcache_engine.py [--dir DIR] [--json FILE] [--quick] [--sizes 256K,8M,32M]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import shutil
-import statistics
 import time
 import uuid
 
@@ -43,13 +48,16 @@ from lmcache.v1.cache_engine import LMCacheEngineBuilder  # noqa: E402
 from lmcache.v1.config import LMCacheEngineConfig  # noqa: E402
 from lmcache.v1.metadata import LMCacheMetadata  # noqa: E402
 
+from report import human, medians, resident, save_json, span, turns  # noqa: E402
 from slabcache.bench.contenders import drop_file_cache  # noqa: E402
+from slabcache.format.sizes import parse_size  # noqa: E402
 from slabcache.integrations.lmcache.cpu_connector import CPUConnector  # noqa: E402
 
 CHUNK = 256
 PROMPT = 4 * CHUNK
-# (layers, hidden) giving 256 KiB and 8 MiB per 256-token bf16 chunk
-GEOMETRIES = {256 << 10: (4, 64), 8 << 20: (8, 1024)}
+# (layers, hidden) giving 256 KiB, 8 MiB and 32 MiB per 256-token bf16 chunk
+# (32 MiB: Llama-3.1-8B's 32 layers x 8 KV heads x 128).
+GEOMETRIES = {256 << 10: (4, 64), 8 << 20: (8, 1024), 32 << 20: (32, 1024)}
 
 
 class Engine:
@@ -73,6 +81,10 @@ class Engine:
                 "storage_plugin.LocalDiskBackend.module_path": "slabcache.integrations.lmcache",
                 "storage_plugin.LocalDiskBackend.class_name": "SlabCacheBackend",
                 "slabcache.paths": f"file://{path}", "use_odirect": odirect}
+        elif contender == "memory":
+            cfg.storage_plugins = ["LocalDiskBackend"]
+            cfg.extra_config = {"storage_plugin.LocalDiskBackend.module_path": "memory_tier",
+                                "storage_plugin.LocalDiskBackend.class_name": "MemoryBackend"}
         else:
             cfg.local_disk = path
             cfg.extra_config = {"use_odirect": odirect}
@@ -99,11 +111,38 @@ class Engine:
                 raise RuntimeError(f"{self.contender}: a stored prompt never reached the disk tier")
             time.sleep(0.0005)
 
-    def drop_cache(self) -> None:
+    def drop_cache(self) -> float:
+        """Drop the tier's pages from the page cache; the fraction of its
+        bytes still cached afterwards (None for the memory ceiling)."""
+        if self.contender == "memory":
+            return None
         if self.contender.startswith("slabcache"):
-            self.backend.store.engine.drop_cache()
-        else:
-            drop_file_cache(os.path.join(self.path, n) for n in os.listdir(self.path))
+            store = self.backend.store
+            store.engine.drop_cache()
+            g = store.geometry
+            with store.snapshot() as snap:
+                ranges = [(g.slot_offset(e.slot), e.length) for e in snap.entries()]
+            return resident([os.path.join(self.path, "slab")], {os.path.join(self.path, "slab"): ranges})
+        files = [os.path.join(self.path, n) for n in os.listdir(self.path)]
+        drop_file_cache(files)
+        return resident(files)
+
+    def pending_puts(self) -> int:
+        """Puts the tier has accepted and not yet written."""
+        b = self.backend
+        if self.contender.startswith("slabcache"):
+            return b.pending_puts()
+        if self.contender == "memory":
+            return 0
+        with b.disk_worker.put_lock:
+            return len(b.disk_worker.put_tasks)
+
+    def wait_for_puts(self, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while self.pending_puts():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.contender}: queued stores never finished")
+            time.sleep(0.0005)
 
     def close(self) -> None:
         LMCacheEngineBuilder.destroy(self.cfg.lmcache_instance_id)
@@ -113,6 +152,9 @@ def run_one(contender: str, directory: str, chunk_bytes: int, prompts: int, chur
     path = os.path.join(directory, f"{contender}-{chunk_bytes}")
     shutil.rmtree(path, ignore_errors=True)
     os.makedirs(path)
+    # Each contender starts with nothing left to write back from the last:
+    # buffered writes run at memory speed only up to the dirty limit.
+    os.sync()
     e = Engine(contender, path, chunk_bytes, capacity_prompts=prompts)
     try:
         data = [e.prompt(i) for i in range(prompts)]
@@ -128,15 +170,20 @@ def run_one(contender: str, directory: str, chunk_bytes: int, prompts: int, chur
             e.wait_on_disk(tokens)
         res["store"] = prompts / (time.perf_counter() - t0)
         res["store_blocks_ms"] = 1e3 * blocked / prompts
+        inside = _time_backend_reads(e.backend)
         for name in ("warm retrieve", "cold retrieve"):
             if name == "cold retrieve":
-                e.drop_cache()
+                still = e.drop_cache()
+                if still is not None:
+                    res["cold_resident"] = still
+            inside.clear()
             good = 0
             t0 = time.perf_counter()
             for tokens, kv in data:
                 good += int(e.eng.retrieve(tokens, kv=out).sum()) == PROMPT
             res[name] = prompts / (time.perf_counter() - t0)
             res[name + " hits"] = good
+            res[name + " backend_ms"] = 1e3 * sum(inside) / prompts
             if name == "warm retrieve":
                 # Spot-check the bytes: the last prompt retrieved must be the one stored.
                 assert torch.equal(out, data[-1][1]), f"{contender}: wrong bytes retrieved"
@@ -154,6 +201,7 @@ def run_one(contender: str, directory: str, chunk_bytes: int, prompts: int, chur
                 hits += 1
             else:
                 e.eng.store(tokens, kv=kv)
+        e.wait_for_puts()  # timed like the store workload: until its stores are on disk
         res["churn"] = churn_ops / (time.perf_counter() - t0)
         res["churn hits"] = hits
         return res
@@ -162,7 +210,24 @@ def run_one(contender: str, directory: str, chunk_bytes: int, prompts: int, chur
         shutil.rmtree(path, ignore_errors=True)
 
 
+def _time_backend_reads(backend) -> list:
+    """Times of the backend's batched_get_blocking calls, appended as they run."""
+    times: list = []
+    real = backend.batched_get_blocking
+
+    def timed(keys):
+        t = time.perf_counter()
+        try:
+            return real(keys)
+        finally:
+            times.append(time.perf_counter() - t)
+
+    backend.batched_get_blocking = timed
+    return times
+
+
 PAIRS = (("slabcache-mmap", "lmcache-buffered"), ("slabcache-direct", "lmcache-odirect"))
+CEILING = "memory"
 WORKLOADS = ("store", "warm retrieve", "cold retrieve", "churn")
 
 
@@ -172,33 +237,61 @@ def main(argv=None) -> int:
     ap.add_argument("--json")
     ap.add_argument("--quick", action="store_true", help="fewer prompts and rounds")
     ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--sizes", default="256K,8M,32M", help="chunk sizes, comma list")
     args = ap.parse_args(argv)
     os.makedirs(args.dir, exist_ok=True)
-    rounds = args.rounds or (1 if args.quick else 3)
-    report: dict = {}
-    for chunk in GEOMETRIES:
-        prompts = (24 if chunk < 1 << 20 else 6) * (1 if args.quick else 2)
+    rounds = args.rounds or (1 if args.quick else 5)
+    report: dict = {"rounds": rounds, "results": []}
+    for chunk in [parse_size(x) for x in args.sizes.split(",")]:
+        prompts = {256 << 10: 24, 8 << 20: 8, 32 << 20: 4}[chunk] * (1 if args.quick else 2)
         churn_ops = 3 * prompts
-        for ours, theirs in PAIRS:
-            runs = {ours: [], theirs: []}
-            for _ in range(rounds):  # contenders take turns, so drift hits both
-                for c in (ours, theirs):
-                    runs[c].append(run_one(c, args.dir, chunk, prompts, churn_ops))
-            med = {c: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for c, rs in runs.items()}
-            report[f"{chunk}:{ours}"] = {"chunk": chunk, "ours": ours, "theirs": theirs, "prompts": prompts,
-                                         "rounds": rounds, **{c: med[c] for c in med}}
-    print("| chunk | pair | " + " | ".join(WORKLOADS) + " | store() blocks the caller |")
-    print("|---|---|" + "---:|" * (len(WORKLOADS) + 1))
-    for r in report.values():
-        a, b = r[r["ours"]], r[r["theirs"]]
-        cells = [f"**{a[w] / b[w]:.2f}x** ({a[w]:.1f} vs {b[w]:.1f}/s)" for w in WORKLOADS]
-        cells.append(f"{a['store_blocks_ms']:.1f} vs {b['store_blocks_ms']:.1f} ms")
-        size = f"{r['chunk'] >> 20} MiB" if r["chunk"] >= 1 << 20 else f"{r['chunk'] >> 10} KiB"
-        print(f"| {size} | {r['ours']} vs {r['theirs']} | " + " | ".join(cells) + " |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+        contenders = [c for pair in PAIRS for c in pair] + [CEILING]
+        runs: dict = {c: [] for c in contenders}
+        for r in range(rounds):  # taking turns, so drift hits all alike
+            for c in turns(contenders, r):
+                runs[c].append(run_one(c, args.dir, chunk, prompts, churn_ops))
+        for c, rs in runs.items():
+            report["results"].append({"chunk": chunk, "contender": c, "prompts": prompts,
+                                      "median": medians(rs), "runs": rs})
+        save_json(args.json, report)
+    print_table(report)
     return 0
+
+
+def print_table(report: dict) -> None:
+    by = {(r["chunk"], r["contender"]): r for r in report["results"]}
+    chunks = sorted({r["chunk"] for r in report["results"]})
+    print("ratio slabcache / LocalDiskBackend in the same mode, medians over rounds (range over rounds);")
+    print("share: slabcache's part of the gap from LocalDiskBackend to the in-memory ceiling\n")
+    print("| chunk | pair | " + " | ".join(WORKLOADS) + " | store() blocks |")
+    print("|---|---|" + "---:|" * (len(WORKLOADS) + 1))
+    for chunk in chunks:
+        ceiling = by.get((chunk, CEILING))
+        for ours, theirs in PAIRS:
+            a, b = by.get((chunk, ours)), by.get((chunk, theirs))
+            if not (a and b):
+                continue
+            cells = []
+            for w in WORKLOADS:
+                ra = [x[w] / y[w] for x, y in zip(a["runs"], b["runs"])]
+                cell = f"**{a['median'][w] / b['median'][w]:.2f}x** ({span(ra)})"
+                top = ceiling["median"].get(w) if ceiling else None
+                gap = (top - b["median"][w]) if top else 0
+                if gap > 0:
+                    cell += f", share {(a['median'][w] - b['median'][w]) / gap:+.0%}"
+                cells.append(cell)
+            cells.append(f"{a['median']['store_blocks_ms']:.1f} vs {b['median']['store_blocks_ms']:.1f} ms")
+            print(f"| {human(chunk)} | {ours} vs {theirs} | " + " | ".join(cells) + " |")
+    print("\nprompts/s (median) and, for warm retrieve, ms a prompt inside the disk tier:\n")
+    for chunk in chunks:
+        for c in [c for pair in PAIRS for c in pair] + [CEILING]:
+            r = by.get((chunk, c))
+            if r:
+                m = r["median"]
+                cold = f", cold resident {m['cold_resident']:.1%}" if "cold_resident" in m else ""
+                print(f"{human(chunk):>7} {c:18s} " + " ".join(f"{w} {m[w]:.1f}" for w in WORKLOADS) +
+                      f", tier {m['warm retrieve backend_ms']:.2f} of "
+                      f"{1e3 / m['warm retrieve']:.2f} ms{cold}")
 
 
 if __name__ == "__main__":

@@ -15,18 +15,26 @@ taking turns within each round:
   filesystem allows it (it does here) and never deletes a block: it has no
   capacity and no eviction.
 - ``slabcache-direct`` (``io: direct``, O_DIRECT: matched with ``fs``) and
-  ``slabcache-mmap`` (``io: mmap``, buffered, the default).
+  ``slabcache-mmap`` (``io: mmap``, buffered, the default);
+- ``memory``: blocks kept in a dict (memory_vllm.py), the ceiling: vLLM's
+  tier API plus a copy each way, no disk.
 
 Workloads, blocks per second (ratio slabcache / fs):
 
 - store: every block of the working set stored once;
 - warm load: every block loaded back, page cache as the store left it;
-- cold load: the same after writing back and dropping the files' pages;
+- cold load: the same after writing back and dropping the tier's pages
+  (slabcache's through its engine, which also unmaps them); the fraction
+  of the blocks' bytes still in the page cache is measured and reported;
 - churn: a skewed stream of requests over twice as many blocks as the
   slabcache tier holds: a request whose blocks all hit is loaded, anything
-  else stored (slabcache evicts; fs keeps growing);
+  else stored (slabcache evicts; fs keeps growing, so it hits more: each
+  contender's loads and stores are reported);
 - lookup: 1,000 keys, each asked until answered (fs answers RETRY first and
   resolves the batch on a background thread at the step's end).
+
+Each round runs the contenders in turn, the order reversed every other
+round; figures are medians over rounds.
 
 Run:  .venv-vllm/bin/python benchmarks/vllm_tier.py [--dir DIR] [--json FILE] [--quick]
       python benchmarks/vllm_tier.py --from-json FILE --plot FILE.png   (any venv with matplotlib)
@@ -42,12 +50,13 @@ import shutil
 import statistics
 import time
 
+from report import resident, save_json, span, turns
 from slabcache.bench.contenders import drop_file_cache
 
 SIZES = {"64K": 64 << 10, "1M": 1 << 20, "8M": 8 << 20}
 WORKING_SET = 64 << 20  # bytes of blocks per size (at least 32 blocks: 256 MiB of 8 MiB ones)
 JOB_BLOCKS = 8
-CONTENDERS = ("fs", "slabcache-direct", "slabcache-mmap")
+CONTENDERS = ("fs", "slabcache-direct", "slabcache-mmap", "memory")
 
 
 def make_tier(name: str, root: str, block: int, capacity_blocks: int, primary):
@@ -58,6 +67,10 @@ def make_tier(name: str, root: str, block: int, capacity_blocks: int, primary):
         from vllm.v1.kv_offload.tiering.fs.manager import FileSystemTierManager
 
         return FileSystemTierManager(spec, primary.view, "fs", root_dir=root)
+    if name == "memory":
+        from memory_vllm import MemoryTier
+
+        return MemoryTier(spec, primary.view, "memory", capacity_blocks=capacity_blocks)
     from slabcache.integrations.vllm import SlabCacheTier
 
     return SlabCacheTier(spec, primary.view, "SlabCacheTier", path=root,
@@ -145,6 +158,26 @@ def files_of(root: str) -> list[str]:
     return [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs]
 
 
+def drop_tier_cache(name: str, tier, root: str) -> float | None:
+    """Drop the tier's pages from the page cache; the fraction of its bytes
+    still cached afterwards (None for the memory ceiling)."""
+    if name == "memory":
+        return None
+    if name == "fs":
+        files = files_of(root)
+        drop_file_cache(files)
+        return resident(files)
+    paths, ranges = [], {}
+    for store in tier._stores:
+        store.engine.drop_cache()
+        slab = os.path.join(store.path, "slab")
+        g = store.geometry
+        with store.snapshot() as snap:
+            ranges[slab] = [(g.slot_offset(e.slot), e.length) for e in snap.entries()]
+        paths.append(slab)
+    return resident(paths, ranges)
+
+
 def one_size(label: str, block: int, base: str, rounds: int, quick: bool,
              contenders: tuple[str, ...] = CONTENDERS) -> dict:
     from slabcache.testing.vllm_tier import Primary
@@ -156,9 +189,10 @@ def one_size(label: str, block: int, base: str, rounds: int, quick: bool,
     res: dict = {c: {} for c in contenders}
     try:
         for rnd in range(rounds):
-            for name in (contenders if rnd % 2 == 0 else contenders[::-1]):
+            for name in turns(contenders, rnd):
                 root = os.path.join(base, f"{name}-{label}")
                 shutil.rmtree(root, ignore_errors=True)
+                os.sync()  # nothing left to write back from the last contender
                 tier = make_tier(name, root, block, n_blocks, primary)
                 try:
                     ids = list(range(n_blocks))
@@ -166,22 +200,28 @@ def one_size(label: str, block: int, base: str, rounds: int, quick: bool,
                     res[name].setdefault("store", []).append(n_blocks / t)
                     t = run_jobs(tier, "submit_load", batches(ids, list(range(chunks))))
                     res[name].setdefault("warm_load", []).append(n_blocks / t)
-                    drop_file_cache(files_of(root))
+                    still = drop_tier_cache(name, tier, root)
+                    if still is not None:
+                        res[name].setdefault("cold_resident", []).append(still)
                     t = run_jobs(tier, "submit_load", batches(ids, list(range(chunks))))
                     res[name].setdefault("cold_load", []).append(n_blocks / t)
                     res[name].setdefault("lookup_1000_ms", []).append(lookup_1000(tier) * 1e3)
-                    res[name].setdefault("churn", []).append(churn(tier, n_blocks, chunks, seed=rnd))
+                    rate, loads, stores = churn(tier, n_blocks, chunks, seed=rnd)
+                    res[name].setdefault("churn", []).append(rate)
+                    res[name].setdefault("churn_loads", []).append(loads)
+                    res[name].setdefault("churn_stores", []).append(stores)
                 finally:
                     tier.shutdown()
                     shutil.rmtree(root, ignore_errors=True)
     finally:
         primary.close()
-    return {name: {w: statistics.median(v) for w, v in r.items()} for name, r in res.items()}
+    return {name: {w: statistics.median(v) for w, v in r.items()} | {"runs": r} for name, r in res.items()}
 
 
-def churn(tier, capacity_blocks: int, chunks: int, seed: int) -> float:
+def churn(tier, capacity_blocks: int, chunks: int, seed: int) -> tuple[float, int, int]:
     """Requests of JOB_BLOCKS blocks over twice the capacity, skewed to recent
-    ones; all hit -> load, else store.  Blocks moved per second."""
+    ones; all hit -> load, else store.  (blocks moved per second, load jobs,
+    store jobs)."""
     from vllm.v1.kv_offload.base import LookupResult
 
     from slabcache.testing.vllm_tier import key
@@ -189,7 +229,7 @@ def churn(tier, capacity_blocks: int, chunks: int, seed: int) -> float:
     rng = random.Random(seed)
     n_req = 2 * capacity_blocks // JOB_BLOCKS
     steps = max(64, n_req)
-    moved = 0
+    moved = loads = 0
     t0 = time.perf_counter()
     for step in range(steps):
         r = min(n_req - 1, int(rng.expovariate(3.0 / n_req)))
@@ -197,24 +237,43 @@ def churn(tier, capacity_blocks: int, chunks: int, seed: int) -> float:
         ctx = request(f"churn-{step}", keys)  # a request each, as vLLM asks
         answers = resolve(tier, keys, ctx).values()
         op = "submit_load" if all(a is LookupResult.HIT for a in answers) else "submit_store"
+        loads += op == "submit_load"
         run_jobs(tier, op, [(keys, [b % chunks for b in range(JOB_BLOCKS)])])
         tier.on_request_finished(ctx)
         moved += JOB_BLOCKS
-    return moved / (time.perf_counter() - t0)
+    return moved / (time.perf_counter() - t0), loads, steps - loads
+
+
+WORK = ("store", "warm_load", "cold_load", "churn")
 
 
 def report(results: dict) -> str:
-    lines = ["| block | pair | store | warm load | cold load | churn | lookup 1,000 keys (ms) |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    """Ratios to fs (median over rounds, range over rounds) and each one's
+    share of the gap from fs to the in-memory ceiling; then the raw figures."""
+    lines = ["| block | pair | " + " | ".join(w.replace("_", " ") for w in WORK)
+             + " | lookup 1,000 keys (ms) |", "|---|---|" + "---:|" * (len(WORK) + 1)]
     for label, r in results.items():
-        fs = r["fs"]
+        fs, top = r["fs"], r.get("memory")
         for name in ("slabcache-direct", "slabcache-mmap"):
             if name not in r:
                 continue
             s = r[name]
-            ratios = [f"{s[w] / fs[w]:.2f}x" for w in ("store", "warm_load", "cold_load", "churn")]
-            lines.append(f"| {label} | {name.split('-')[1]} vs fs | " + " | ".join(ratios)
+            cells = []
+            for w in WORK:
+                cell = f"**{s[w] / fs[w]:.2f}x**"
+                if "runs" in s:
+                    cell += f" ({span(a / b for a, b in zip(s['runs'][w], fs['runs'][w]))})"
+                if top and top[w] > fs[w]:
+                    cell += f", share {(s[w] - fs[w]) / (top[w] - fs[w]):+.0%}"
+                cells.append(cell)
+            lines.append(f"| {label} | {name.split('-')[1]} vs fs | " + " | ".join(cells)
                          + f" | {s['lookup_1000_ms']:.2f} vs {fs['lookup_1000_ms']:.2f} |")
+    lines.append("")
+    for label, r in results.items():
+        for name, s in r.items():
+            cold = f", cold resident {s['cold_resident']:.1%}" if "cold_resident" in s else ""
+            lines.append(f"{label:>4} {name:17s} blocks/s: " + " ".join(f"{w} {s[w]:.0f}" for w in WORK)
+                         + f"; churn {s['churn_loads']:.0f} loads, {s['churn_stores']:.0f} stores{cold}")
     return "\n".join(lines)
 
 
@@ -248,7 +307,7 @@ def main() -> None:
     ap.add_argument("--dir", default="./slabcache-bench/vllm-tier")
     ap.add_argument("--json")
     ap.add_argument("--quick", action="store_true", help="one round, half the working set")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--sizes", default=",".join(SIZES))
     ap.add_argument("--contenders", default=",".join(CONTENDERS), help="fs must be one of them")
     ap.add_argument("--plot", help="write a chart (needs matplotlib) to this PNG")
@@ -267,11 +326,10 @@ def main() -> None:
     for label in args.sizes.split(","):
         results[label] = one_size(label, SIZES[label], args.dir, rounds, args.quick,
                                   tuple(args.contenders.split(",")))
-        print(f"{label}: " + json.dumps(results[label]), flush=True)
+        print(f"{label}: " + json.dumps({c: {w: v for w, v in r.items() if w != "runs"}
+                                          for c, r in results[label].items()}), flush=True)
+        save_json(args.json, {"rounds": rounds, "job_blocks": JOB_BLOCKS, "results": results})
     print(report(results))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"rounds": rounds, "job_blocks": JOB_BLOCKS, "results": results}, f, indent=1)
     if args.plot:
         plot(results, args.plot)
 

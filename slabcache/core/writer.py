@@ -62,7 +62,9 @@ class Writer:
         self.checksum = checksum
         self.strict = strict
         self.inline = engine.writes_to_cache and not strict
-        self._threads = threads
+        # Large writes of a batch in flight at once: the store's io_threads,
+        # or more where each write waits for the device (O_DIRECT).
+        self._threads = max(threads, engine.parallel_writes)
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
 

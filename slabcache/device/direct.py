@@ -33,7 +33,7 @@ class DirectEngine(Engine):
     name = "direct"
     # Each read waits for the device: a batch keeps this many in flight
     # (queue depth), most of the time in syscalls that release the GIL.
-    parallel_reads = 8
+    parallel_reads = parallel_writes = 8
 
     # Large reads are split into pieces read in parallel (the device sees
     # queue depth > 1) and each piece is hashed as soon as it lands, so the

@@ -68,8 +68,11 @@ class Engine(abc.ABC):
     # write while it holds the index's write lock; False when each write
     # waits for the device.
     writes_to_cache = False
-    # How many large reads of a batch run at once (see read_many_into).
+    # How many large reads of a batch run at once (see read_many_into), and
+    # how many large writes of a batch (core/writer.py).
     parallel_reads = 1
+    parallel_writes = 1
+    cold_reads = 1  # a batch found out of the page cache (see MmapEngine)
 
     def __init__(self, path: str, g: Geometry):
         self.path = path
@@ -156,9 +159,9 @@ class Engine(abc.ABC):
             for i in large:
                 out[i] = read_or_error(self.read_into, slots[i], parts_list[i], hashed)
         elif large:
-            self._before_batch([slots[i] for i in large], [parts_list[i] for i in large])
+            width = self._before_batch([slots[i] for i in large], [parts_list[i] for i in large])
             got = self.spread([(slots[i], parts_list[i], hashed) for i in large], self._batch_read,
-                              self.parallel_reads)
+                              width)
             for i, g in zip(large, got):
                 out[i] = g
         return out
@@ -169,8 +172,10 @@ class Engine(abc.ABC):
         return [read_or_error(self.read_into, slot, parts, hashed)
                 for slot, parts in zip(slots, parts_list, strict=True)]
 
-    def _before_batch(self, slots, parts_list) -> None:
-        """Called before the large reads of a batch start (readahead)."""
+    def _before_batch(self, slots, parts_list) -> int:
+        """Called before the large reads of a batch start (readahead);
+        returns how many to run at once."""
+        return self.parallel_reads
 
     def _batch_read(self, slot, parts, hashed):
         _local.in_batch = True
@@ -214,7 +219,7 @@ class Engine(abc.ABC):
         with self._helpers_lock:
             if self._helpers is None:
                 self._helpers = ThreadPoolExecutor(
-                    max_workers=max(MIN_HELPERS, cores(), self.parallel_reads),
+                    max_workers=max(MIN_HELPERS, cores(), self.parallel_reads, self.cold_reads),
                     thread_name_prefix="slabcache-helper")
             return self._helpers.submit(fn, *args)
 
@@ -283,6 +288,10 @@ class EngineWrapper:
     @property
     def writes_to_cache(self) -> bool:
         return self.inner.writes_to_cache
+
+    @property
+    def parallel_writes(self) -> int:
+        return self.inner.parallel_writes
 
     @property
     def bytes_read(self) -> int:
