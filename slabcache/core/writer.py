@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 from ..device import Engine
+from ..device.engine import BatchThread
 from ..device.slabfile import SlotRecords
 from ..errors import SlabIOError
 from ..format.keys import key_hash
@@ -139,7 +140,7 @@ class Writer:
         """Per (reservation, item): its checksum, the exception its write
         raised, or None when it was not tried."""
         if parallel(len(todo), sum(it.desc.length for _r, it in todo)):
-            futs = [self._threads_pool().submit(self.write_slot, r.slot, r.generation, it)
+            futs = [self._threads_pool().submit(self._write_in_batch, r.slot, r.generation, it)
                     for r, it in todo]
             out = []
             for f in futs:
@@ -160,6 +161,10 @@ class Writer:
                 out.append(exc)
                 failed = True
         return out
+
+    def _write_in_batch(self, slot: int, generation: int, item: Item) -> int:
+        with BatchThread():  # the batch is already spread: its values are not
+            return self.write_slot(slot, generation, item)
 
     def _threads_pool(self) -> ThreadPoolExecutor:
         """Threads that write the slots of one large batch side by side.

@@ -41,9 +41,20 @@ _local = threading.local()  # .in_batch: this thread runs one read of a batch
 
 
 def in_batch() -> bool:
-    """True on a thread running one read of a batch: it must not split its
-    value over helpers in turn (they may all be busy with the batch)."""
+    """True on a thread running one read or write of a batch: it must not
+    split its value over helpers in turn (they may all be busy with it)."""
     return getattr(_local, "in_batch", False)
+
+
+class BatchThread:
+    """``with BatchThread():`` marks this thread as running one value of a
+    batch spread over threads (see in_batch)."""
+
+    def __enter__(self) -> None:
+        _local.in_batch = True
+
+    def __exit__(self, *exc) -> None:
+        _local.in_batch = False
 
 
 def cores() -> int:
@@ -73,6 +84,9 @@ class Engine(abc.ABC):
     parallel_reads = 1
     parallel_writes = 1
     cold_reads = 1  # a batch found out of the page cache (see MmapEngine)
+    # Single-buffer writes of at least this many bytes are written and
+    # hashed piece by piece (_write_fused); never by default.
+    fuse_writes_from = 1 << 62
 
     def __init__(self, path: str, g: Geometry):
         self.path = path
@@ -101,6 +115,14 @@ class Engine(abc.ABC):
         Raises SlabIOError.
         """
         n = self._check(slot, parts)
+        if hashed and len(parts) == 1 and n >= self.fuse_writes_from:
+            try:
+                digest = self._write_fused(self.geometry.slot_offset(slot), parts[0], n)
+            except OSError as exc:
+                raise SlabIOError(f"writing slot {slot} of {self.path} failed: {exc}") from exc
+            with self._count_lock:
+                self.bytes_written += n
+            return digest
         if len(parts) == 1 and n <= CHECKSUM_BLOCK:
             # The common small write: one buffer conversion serves the write
             # and the hash (a value within one checksum block hashes whole).
@@ -237,6 +259,12 @@ class Engine(abc.ABC):
         """Write one part whose numpy view is ``array``; engines that can use
         the array directly override this."""
         self._write_impl(offset, [part], n)
+
+    def _write_fused(self, offset: int, part: torch.Tensor, n: int) -> int:
+        """Write one buffer and return its checksum; engines whose writes
+        pass through the CPU hash each piece as it is written."""
+        self._write_impl(offset, [part], n)
+        return checksum([as_numpy(part)])
 
     def _read_hashed(self, offset: int, parts: list[torch.Tensor], n: int, hashed: bool) -> int | None:
         self._read_impl(offset, parts, n)

@@ -201,3 +201,25 @@ def test_large_values_read_side_by_side_warm_and_cold(make_store, tmp_path, nowa
     s.engine.drop_cache()
     out = torch.zeros(n, dtype=torch.uint8)
     assert s.get_into("k3", out) and torch.equal(out, vals[3])  # one value, its blocks spread
+
+
+def test_large_values_written_piece_by_piece_carry_the_format_checksum(make_store, tmp_path):
+    """Large single-buffer writes hash each piece as it is written (alone:
+    spread over the cores; in a batch: one value a thread); the checksum
+    must be the format's, as fsck --deep recomputes it."""
+    from slabcache.admin.fsck import check
+    from slabcache.format.checksum import checksum
+
+    sizes = [1 << 20, CHECKSUM_BLOCK, CHECKSUM_BLOCK + 1, 3 * CHECKSUM_BLOCK - 4097]
+    s = make_store(capacity_bytes=12 * 3 * CHECKSUM_BLOCK, slot_bytes=3 * CHECKSUM_BLOCK)
+    for i, n in enumerate(sizes):
+        assert s.put(f"one{i}", rand_tensor(n, i))
+    assert s.put_many([f"many{i}" for i in range(len(sizes))],
+                      [rand_tensor(n, 10 + i) for i, n in enumerate(sizes)]) == [True] * len(sizes)
+    for i, n in enumerate(sizes):
+        for key, seed in ((f"one{i}", i), (f"many{i}", 10 + i)):
+            v = rand_tensor(n, seed)
+            assert s.entry(key).checksum == checksum([v.numpy()])
+            assert torch.equal(s.get(key), v)
+    res = check(tmp_path / "store", deep=True, progress=False)
+    assert res.findings == [] and res.bytes_scrubbed == 2 * sum(sizes)
