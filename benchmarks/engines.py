@@ -17,6 +17,13 @@
    fused.  Then the same batch cold (the slab's pages dropped) vs O_DIRECT
    preads of the same bytes at queue depth 16 (16 threads): target >= 90%.
 4. ``mmap`` engine, checksum=False, the same warm batch vs bare preadv.
+5. With fio on PATH (``apt install fio``): batches of 8 and 32 MiB values
+   read cold by each engine vs fio's random reads of the same slab's
+   extents (``--direct=1 --ioengine=libaio --iodepth=16``, same block
+   size), and the ``direct`` engine's ``put_many`` vs fio's random writes
+   of a file beside it (same block size, queue depth ``parallel_writes``).
+   Store and fio take turns, round by round.  Targets: reads >= 90%,
+   writes >= 90%.
 
 Run:  python benchmarks/engines.py [--dir DIR] [--json FILE]
 """
@@ -28,6 +35,7 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -222,6 +230,82 @@ def warm_and_cold_batches(directory: str, size: int, count: int = 4, rounds: int
             "cold_of_qd16": rate["store_cold"] / rate["qd16_cold"]}
 
 
+def _fio(fio: str, *args: str) -> float:
+    """Bandwidth in GB/s of one fio job (its own clock, so fio's start-up
+    is not counted)."""
+    out = subprocess.run([fio, "--name=ref", "--output-format=json", "--direct=1", "--ioengine=libaio",
+                          "--norandommap", *args], check=True, capture_output=True, text=True).stdout
+    job = json.loads(out[out.index("{"):])["jobs"][0]
+    return max(job["read"]["bw_bytes"], job["write"]["bw_bytes"]) / 1e9
+
+
+def fio_vs_store(directory: str, size: int, total: int = 512 * MiB, rounds: int = 5) -> dict | None:
+    fio = shutil.which("fio")
+    if fio is None:
+        return None
+    count = total // size
+    path = os.path.join(directory, f"fio-{size >> 20}")
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path)
+    target = os.path.join(path, "fio-target")
+    vals = [aligned_empty(size) for _ in range(4)]
+    for v in vals:
+        v.random_(0, 256)
+    outs = [aligned_empty(size) for _ in range(count)]
+    keys = [f"k{i}" for i in range(count)]
+    t: dict[str, list[float]] = {"direct_read": [], "mmap_cold_read": [], "fio_read": [],
+                                 "direct_write": [], "fio_write": []}
+    # Room for a second copy of every key: a rewritten batch takes free
+    # slots rather than evicting the keys it replaces.
+    stores = {io: SlabStore.open(os.path.join(path, io), capacity_bytes=(2 * count + 1) * size,
+                                 slot_bytes=size, io=io) for io in ("direct", "mmap")}
+    try:
+        for st in stores.values():
+            st.put_many(keys, [vals[i % 4] for i in range(count)])
+        qd_w = stores["direct"].engine.parallel_writes
+        slab = os.path.join(path, "direct", "slab")
+        first = stores["direct"].geometry.slot_offset(0)
+        common = [f"--bs={size}", f"--size={count * size}"]
+        # fio's write target is written once first, as the slab was: first
+        # writes to fresh extents cost the filesystem extra work.
+        _fio(fio, f"--filename={target}", "--rw=write", "--iodepth=1", *common)
+
+        def store_read(io):
+            st = stores[io]
+            if io == "mmap":
+                st.engine.drop_cache()
+            assert all(st.get_many_into(keys, outs))
+
+        def store_write(r):
+            # New keys each round: a key already present is a use, not a write.
+            st = stores["direct"]
+            st.remove([f"w{r - 1}-{i}" for i in range(count)])
+            assert all(st.put_many([f"w{r}-{i}" for i in range(count)], [vals[i % 4] for i in range(count)]))
+
+        for r in range(rounds):
+            steps = [("direct_read", lambda: store_read("direct")),
+                     ("mmap_cold_read", lambda: store_read("mmap")),
+                     ("fio_read", lambda: _fio(fio, f"--filename={slab}", "--readonly", "--rw=randread",
+                                               "--iodepth=16", f"--offset={first}", *common)),
+                     ("direct_write", lambda: store_write(r)),
+                     ("fio_write", lambda: _fio(fio, f"--filename={target}", "--rw=randwrite",
+                                                f"--iodepth={qd_w}", *common))]
+            for name, fn in (steps if r % 2 == 0 else steps[::-1]):
+                t0 = time.perf_counter()
+                gbps = fn()
+                # fio reports its own bandwidth (GB/s); the store's is timed here.
+                t[name].append(count * size / (gbps * 1e9) if name.startswith("fio") else time.perf_counter() - t0)
+    finally:
+        for st in stores.values():
+            st.close()
+        shutil.rmtree(path, ignore_errors=True)
+    rate = {k: _median_rate(v, count * size) for k, v in t.items()}
+    return {**{f"{k}_gbps": v for k, v in rate.items()}, "write_queue_depth": qd_w,
+            "direct_read_of_fio": rate["direct_read"] / rate["fio_read"],
+            "mmap_cold_read_of_fio": rate["mmap_cold_read"] / rate["fio_read"],
+            "direct_write_of_fio": rate["direct_write"] / rate["fio_write"]}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", default="slabcache-bench")
@@ -247,6 +331,17 @@ def main(argv=None) -> int:
     report["mmap_batch_8MiB_nochecksum"] = r = warm_and_cold_batches(args.dir, 8 * MiB, checksum=False)
     print(f"mmap 4 x 8 MiB warm, checksum=False: {r['store_gbps']:.2f} GB/s = "
           f"{100 * r['of_bare']:.0f}% of bare preadv ({r['bare_gbps']:.2f})")
+    for size in (8 * MiB, 32 * MiB):
+        r = fio_vs_store(args.dir, size)
+        if r is None:
+            print("fio not found: the fio rows need it (apt install fio)")
+            break
+        report[f"fio_{size >> 20}MiB"] = r
+        print(f"{size >> 20} MiB batches, cold, vs fio randread at queue depth 16 ({r['fio_read_gbps']:.2f} GB/s): "
+              f"direct get_many_into {r['direct_read_gbps']:.2f} = {100 * r['direct_read_of_fio']:.0f}%, "
+              f"mmap {r['mmap_cold_read_gbps']:.2f} = {100 * r['mmap_cold_read_of_fio']:.0f}% [target >= 90%]; "
+              f"direct put_many {r['direct_write_gbps']:.2f} = {100 * r['direct_write_of_fio']:.0f}% of fio "
+              f"randwrite at queue depth {r['write_queue_depth']} ({r['fio_write_gbps']:.2f}) [target >= 90%]")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

@@ -19,8 +19,8 @@ and get_into / get_many_into again with the one-second use refresh window
 the LMCache and vLLM integrations open the store with (``_refresh`` rows).
 
 Store and raw take turns round by round, so drift hits both alike; each
-figure is the median over rounds.  Targets: overhead get <= 10 us, put <=
-20 us, contains <= 2 us; batched <= 4 us per key.  A cProfile summary of
+figure is the median over rounds.  Targets: overhead get and get_into
+<= 15 us, put <= 25 us, contains <= 2 us; batched <= 8 us per key.  A cProfile summary of
 what remains in the single-key get and put follows the table.
 
 Run:  python benchmarks/overhead.py [--dir DIR] [--json FILE] [--rounds N]
@@ -47,9 +47,11 @@ from slabcache.core.allocator import KEEP_FREE_FROM
 KiB = 1 << 10
 SIZES = (4 * KiB, 16 * KiB, 64 * KiB)
 BATCH = 32
-TARGETS = {"put": 20.0, "put_evict": 20.0, "put_2txn": 20.0, "put_evict_2txn": 20.0, "get": 10.0,
-           "get_into": 10.0, "contains": 2.0, "put_many": 4.0, "get_many_into": 4.0,
-           "get_into_refresh": 10.0, "get_many_into_refresh": 4.0}
+# The current targets (set for 64 KiB; held at every size): put <= 25 us,
+# get_into <= 15 us, batched <= 8 us a key; contains from the round before.
+TARGETS = {"put": 25.0, "put_evict": 25.0, "put_2txn": 25.0, "put_evict_2txn": 25.0, "get": 15.0,
+           "get_into": 15.0, "contains": 2.0, "put_many": 8.0, "get_many_into": 8.0,
+           "get_into_refresh": 15.0, "get_many_into_refresh": 8.0}
 
 
 def _one_transaction_puts(s: SlabStore, full: SlabStore, on: bool) -> None:

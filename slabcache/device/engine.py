@@ -181,12 +181,16 @@ class Engine(abc.ABC):
             for i in large:
                 out[i] = read_or_error(self.read_into, slots[i], parts_list[i], hashed)
         elif large:
-            width = self._before_batch([slots[i] for i in large], [parts_list[i] for i in large])
-            got = self.spread([(slots[i], parts_list[i], hashed) for i in large], self._batch_read,
-                              width)
+            got = self._read_large_many([slots[i] for i in large], [parts_list[i] for i in large], hashed)
             for i, g in zip(large, got):
                 out[i] = g
         return out
+
+    def _read_large_many(self, slots, parts_list, hashed) -> list:
+        """The large reads of a batch, side by side."""
+        width = self._before_batch(slots, parts_list)
+        return self.spread([(slot, parts, hashed) for slot, parts in zip(slots, parts_list)],
+                           self._batch_read, width)
 
     def _read_small_many(self, slots, parts_list, hashed) -> list:
         """Reads of small values, one after another (engines spare them the

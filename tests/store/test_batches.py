@@ -124,15 +124,18 @@ def _damage(s, tmp_path, key, at=100):
     s.engine.drop_cache()
 
 
-@pytest.mark.parametrize("size", [3000, 300 << 10])  # one engine call; the workers
+# Small values: one engine call; 300 KiB: side by side; 17 MiB, cold: each
+# read whole and hashed on a helper (mmap).
+@pytest.mark.parametrize("size", [3000, 300 << 10, 17 << 20])
 def test_a_damaged_payload_in_a_batch_is_a_miss_for_that_key_only(make_store, tmp_path, size):
-    """Both integrations read through lookup_many + read_many_raw_into: a
-    value that fails its checksum there is a miss, never bytes."""
-    s = make_store(capacity_bytes=8 * (512 << 10), slot_bytes=512 << 10)
+    """Both integrations read through lookup + read_into: a value that fails
+    its checksum there is a miss, never bytes."""
+    slot = max(512 << 10, -(-size // 4096) * 4096)
+    s = make_store(capacity_bytes=8 * slot, slot_bytes=slot)
     keys = [f"k{i}" for i in range(4)]
     vals = [rand_tensor(size, i) for i in range(4)]
     assert s.put_many(keys, vals) == [True] * 4
-    _damage(s, tmp_path, "k1")
+    _damage(s, tmp_path, "k1")  # the slab's pages dropped: the reads below are cold
     outs = [torch.zeros(size, dtype=torch.uint8) for _ in keys]
     got = s.read_into(s.lookup(keys), outs)
     assert [d is not None for d in got] == [True, False, True, True]
@@ -141,6 +144,7 @@ def test_a_damaged_payload_in_a_batch_is_a_miss_for_that_key_only(make_store, tm
     _damage(s, tmp_path, "k2")
     outs = [torch.zeros(size, dtype=torch.uint8) for _ in keys]
     assert s.get_many_into(keys, outs) == [True, False, False, True]
+    assert all(torch.equal(outs[i], vals[i]) for i in (0, 3))
     assert [v is not None for v in s.get_many(keys)] == [True, False, False, True]
 
 
@@ -181,12 +185,14 @@ def test_put_many_raw_async_weighs_its_keys_against_the_queue(make_store):
 
 
 @pytest.mark.parametrize("nowait", [True, False])
-def test_large_values_read_side_by_side_warm_and_cold(make_store, tmp_path, nowait):
+@pytest.mark.parametrize("blocks", [3, 4])
+def test_large_values_read_side_by_side_warm_and_cold(make_store, tmp_path, nowait, blocks):
     """Batches of large values are read on several threads, each value in
     pieces hashed as they land; cold, the batch is asked for at once
-    (readahead).  Every byte must come back, in every out."""
-    n = 3 * CHECKSUM_BLOCK + 12345
-    s = make_store(capacity_bytes=8 * 4 * CHECKSUM_BLOCK, slot_bytes=4 * CHECKSUM_BLOCK)
+    (readahead), or, from 16 MiB, each value read whole and hashed on a
+    helper.  Every byte must come back, in every out."""
+    n = blocks * CHECKSUM_BLOCK + 12345
+    s = make_store(capacity_bytes=8 * (blocks + 1) * CHECKSUM_BLOCK, slot_bytes=(blocks + 1) * CHECKSUM_BLOCK)
     if not nowait and hasattr(s.engine, "_nowait"):
         s.engine._nowait = False  # a filesystem that cannot say what is cached
     keys = [f"k{i}" for i in range(5)]
