@@ -58,7 +58,9 @@ def lmcache(directory: str, rounds: int) -> dict:
     """Passes over a chunk's bytes.  Retrieve: LocalDiskBackend copies the
     page cache into the engine's buffer (readinto: 1 copy); slabcache does
     the same copy (preadv) and hashes each piece while it is in cache (1
-    hash pass, from cache); then LMCache's engine copies the buffer into
+    hash pass, from cache; cold values of 16 MiB or more are hashed after
+    their read, from memory, while the disk reads the next); then
+    LMCache's engine copies the buffer into
     the KV cache (1 copy, both).  Store: the engine copies the KV cache
     into a buffer (1 copy, both), the tier copies it into the page cache
     (write / pwrite: 1 copy; slabcache hashes each piece as it goes)."""

@@ -3,7 +3,7 @@ each contender against its matched baseline in the same run (slabcache-mmap
 and LMCache buffered against buffered file-per-chunk, LMCache's default;
 slabcache-direct and LMCache with use_odirect against O_DIRECT file-per-chunk).
 
-    python benchmarks/summarize.py benchmarks/results/full.json
+    python benchmarks/summarize.py benchmarks/results/quick.json
 """
 
 import json
@@ -45,4 +45,4 @@ def main(path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/full.json")
+    main(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/quick.json")

@@ -84,6 +84,8 @@ class Engine(abc.ABC):
     parallel_reads = 1
     parallel_writes = 1
     cold_reads = 1  # a batch found out of the page cache (see MmapEngine)
+    # A batch's values of this size or more are read side by side.
+    spread_from = PARALLEL_READ_BYTES
     # Single-buffer writes of at least this many bytes are written and
     # hashed piece by piece (_write_fused); never by default.
     fuse_writes_from = 1 << 62
@@ -165,14 +167,14 @@ class Engine(abc.ABC):
                        hashed: bool = False) -> list:
         """:meth:`read_into` for each (slot, parts): per read its checksum
         (None unhashed) or the SlabIOError it raised, so a failed read fails
-        only itself.  Values of PARALLEL_READ_BYTES or more are read side by
+        only itself.  Values of ``spread_from`` bytes or more are read side by
         side, ``parallel_reads`` at a time (the caller among them); smaller
         ones one after another in the caller (``_read_small_many``)."""
         out: list = [None] * len(slots)
         large, small = [], []
         for i, parts in enumerate(parts_list):
             n = parts[0].numel() if len(parts) == 1 else sum(p.numel() for p in parts)
-            (large if n >= PARALLEL_READ_BYTES else small).append(i)
+            (large if n >= self.spread_from else small).append(i)
         if small:
             got = self._read_small_many([slots[i] for i in small], [parts_list[i] for i in small], hashed)
             for i, g in zip(small, got):
