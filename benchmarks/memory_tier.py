@@ -96,7 +96,7 @@ class MemoryBackend(StoragePluginInterface):
         return out
 
     def touch_cache(self) -> None:
-        pass
+        """Nothing to touch: a dict keeps no order."""
 
     def pin(self, key) -> bool:
         return self.contains(key)

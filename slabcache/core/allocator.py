@@ -147,7 +147,7 @@ class FreeSlot:
             try:
                 a.records.clear(self.slot)
             except OSError:
-                pass
+                pass  # the write's own error is raised below
         self._cm.__exit__(exc_type, exc, tb)
         if exc_type is None:
             if self.status is PutStatus.STORED:

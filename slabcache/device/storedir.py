@@ -86,7 +86,7 @@ def open_lock_file(paths: StorePaths, flags: int, file_mode: int) -> int:
         try:
             fd = open_regular(paths.lock, flags | os.O_CREAT | os.O_EXCL, "lock file", file_mode)
         except FileExistsError:
-            pass
+            pass  # another opener made it: open it as it is, below
         else:
             os.fchmod(fd, file_mode)  # a group-shared store's members must all open it
             return fd

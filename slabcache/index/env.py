@@ -265,7 +265,7 @@ class Index(Gate, Headroom, Failures):
     def flush(self) -> None:
         """A write transaction that only runs the preludes (owed work due)."""
         with self.write():
-            pass
+            pass  # entering ran the preludes; nothing else to write
 
     # The hot path: one lookup in its own read transaction, without the
     # IndexTxn wrapper.

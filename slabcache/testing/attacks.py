@@ -378,7 +378,7 @@ def duplicate_keys(work: str, trials: int = 300, seed: int = 4) -> dict:
             out["batches"] += 1
             for i in range(8):
                 while s.unpin(f"p{i}"):
-                    pass
+                    pass  # pins nest: unpin until none is left
     shutil.rmtree(p)
     return out
 

@@ -147,7 +147,7 @@ def test_abandoned_reservations_go_back_now_or_with_the_next_write(parts, monkey
             raise RuntimeError("injected")
     assert parts.alloc.pending_keys() == 1
     with parts.index.write():  # the next write that commits gives it back
-        pass
+        pass  # its preludes are the work
     with parts.index.read() as t:
         assert t.reservations() == [] and parts.alloc.pending_keys() == 0
 
@@ -243,7 +243,7 @@ def test_flushed_uses_are_written_and_given_back_on_abort(parts):
             raise RuntimeError("injected")
     assert u.pending_keys() == 1  # given back
     with parts.index.write():
-        pass
+        pass  # its preludes are the work
     with parts.index.read() as t:
         assert t.entry(a.key.ikey).use.hits == 1
 
