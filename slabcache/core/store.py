@@ -37,6 +37,16 @@ from .values import check_disjoint, out_bytes
 _ONE = (str, bytes, bytearray, memoryview)  # a single key, not a list of them
 
 
+def _out_parts(out, where: str) -> list:
+    """The byte parts an out gives: one for a tensor or buffer, one per
+    element of a list or tuple of them."""
+    if isinstance(out, (list, tuple)):
+        if not out:
+            raise ValueError(f"{where} is an empty list; give at least one part")
+        return [out_bytes(o, f"{where}[{j}]") for j, o in enumerate(out)]
+    return [out_bytes(out, where)]
+
+
 class SlabStore(Handle, TensorVerbs):
     """A key -> tensor(s) store in one preallocated slab file plus an LMDB index.
 
@@ -59,23 +69,29 @@ class SlabStore(Handle, TensorVerbs):
     def read_into(self, found: Sequence[Found | None], outs: Sequence) -> list[ValueDesc | None]:
         """Read what :meth:`lookup` found into ``outs``: each a contiguous
         CPU tensor (any dtype) or a writable buffer of at least
-        ``found[i].length`` bytes (ignored where found[i] is None).  Returns
-        each value's description, or None where it was not found or is no
-        longer the entry that was looked up (evicted or replaced since:
-        validated after reading, as every read is).  Raises
-        UnsupportedValueError for an out the bytes cannot land in."""
+        ``found[i].length`` bytes, or a list of such parts that the bytes
+        fill back to back and whose sizes add up to exactly the length (a
+        page spread over a host pool's K and V buffers); ignored where
+        found[i] is None.  Returns each value's description, or None where
+        it was not found or is no longer the entry that was looked up
+        (evicted or replaced since: validated after reading, as every read
+        is).  Raises UnsupportedValueError for an out the bytes cannot land
+        in, ValueError for one of the wrong size."""
         jobs, parts = [], []
-        bufs = [None if f is None else out_bytes(o, f"outs[{i}]")
+        bufs = [None if f is None else _out_parts(o, f"outs[{i}]")
                 for i, (f, o) in enumerate(zip(found, outs, strict=True))]
-        check_disjoint([b for b in bufs if b is not None])
+        check_disjoint([b for p in bufs if p is not None for b in p])
         for i, (f, buf) in enumerate(zip(found, bufs)):
             if f is None:
                 continue
-            room = buf.numel()
+            room = sum(b.numel() for b in buf)
+            if len(buf) > 1 and room != f.length:
+                raise ValueError(f"the parts of outs[{i}] hold {room} bytes, the value {f.length}; "
+                                 "give parts that add up to exactly the value's length")
             if room < f.length:
                 raise ValueError(f"outs[{i}] holds {room} bytes, the value {f.length}; pass a larger out")
             jobs.append(i)
-            parts.append([buf if room == f.length else buf[:f.length]])
+            parts.append(buf if room == f.length else [buf[0][:f.length]])
         oks = self._read_found([found[i] for i in jobs], parts)
         res: list = [None] * len(found)
         for i, ok in zip(jobs, oks):
@@ -92,7 +108,8 @@ class SlabStore(Handle, TensorVerbs):
     def write(self, keys: Sequence[str | bytes], datas: Sequence,
               descs: Sequence[ValueDesc]) -> list[bool]:
         """Store bytes that already hold values: ``datas[i]`` (a CPU tensor or
-        buffer of exactly ``descs[i].length`` bytes) under ``keys[i]``, each
+        buffer of exactly ``descs[i].length`` bytes, or a list of them whose
+        sizes add up to that, written back to back) under ``keys[i]``, each
         described by ``descs[i]`` (``slabcache.core.values.describe``, or
         another store's ``Found.desc``).  One transaction reserves every
         slot, one commits every entry; returns what :meth:`put` returns per

@@ -261,10 +261,18 @@ def _copy_back(copy) -> None:
 
 
 def raw_parts(data, desc: ValueDesc) -> list[torch.Tensor]:
-    """``data`` split into ``desc``'s tensors' bytes.  Raises TypeError /
-    ValueError when ``desc`` is not a description of exactly these bytes."""
+    """``data`` (bytes, or a list of parts written back to back) as byte
+    parts.  Raises TypeError / ValueError when ``desc`` is not a
+    description of exactly these bytes."""
     if not isinstance(desc, ValueDesc):
         raise TypeError(f"desc must be a ValueDesc, got {type(desc).__name__}")
+    if isinstance(data, (list, tuple)):
+        parts = [as_bytes(p) for p in data]
+        total = sum(p.numel() for p in parts)
+        if total != desc.length:
+            raise ValueError(f"the parts hold {total} bytes but desc describes {desc.length}; "
+                             "pass exactly the described bytes")
+        return parts
     buf = as_bytes(data)
     if buf.numel() != desc.length:
         raise ValueError(f"data holds {buf.numel()} bytes but desc describes {desc.length}; "

@@ -229,3 +229,46 @@ def test_large_values_written_piece_by_piece_carry_the_format_checksum(make_stor
             assert torch.equal(s.get(key), v)
     res = check(tmp_path / "store", deep=True, progress=False)
     assert res.findings == [] and res.bytes_scrubbed == 2 * sum(sizes)
+
+
+# A host pool keeps a page's K and V (and each layer) apart: the raw verbs
+# take a value as parts, written and read back to back.  Small (one call),
+# side by side, and 17 MiB cold (read whole, hashed on a helper).
+@pytest.mark.parametrize("size", [3000, 300 << 10, 17 << 20])
+def test_a_value_given_as_parts_is_the_same_value_as_one_buffer(make_store, size):
+    slot = max(512 << 10, -(-size // 4096) * 4096)
+    s = make_store(capacity_bytes=6 * slot, slot_bytes=slot)
+    desc = describe([(size,)], [torch.uint8], is_list=False)
+    vals = [rand_tensor(size, i) for i in range(3)]
+    cut = [size // 3, size // 2 + 7]  # parts that do not line up with anything
+
+    def pieces(t):
+        return [t[:cut[0]], t[cut[0]:cut[1]], t[cut[1]:]]
+
+    assert s.write(["parts", "whole"], [pieces(vals[0]), vals[1]], [desc, desc]) == [True, True]
+    s.engine.drop_cache()
+    whole, split_out = torch.zeros(size, dtype=torch.uint8), torch.zeros(size, dtype=torch.uint8)
+    got = s.read_into(s.lookup(["parts", "whole"]), [whole, pieces(split_out)])
+    assert got[0] is not None and got[1] is not None
+    assert torch.equal(whole, vals[0]) and torch.equal(split_out, vals[1])
+    assert torch.equal(s.get("parts"), vals[0])
+
+
+def test_parts_of_the_wrong_size_or_overlapping_are_refused_before_anything_is_read(make_store):
+    s = make_store()
+    desc = describe([(100,)], [torch.uint8], is_list=False)
+    v = rand_tensor(100, 1)
+    with pytest.raises(ValueError, match="parts hold 99 bytes"):
+        s.write(["k"], [[v[:50], v[50:99]]], [desc])
+    assert "k" not in s
+    s.write(["k"], [[v[:50], v[50:]]], [desc])
+    out = torch.zeros(200, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="add up to exactly"):
+        s.read_into(s.lookup(["k"]), [[out[:50], out[100:200]]])
+    with pytest.raises(UnsupportedValueError, match="overlap"):
+        s.read_into(s.lookup(["k"]), [[out[:60], out[50:100]]])
+    with pytest.raises(ValueError, match="empty list"):
+        s.read_into(s.lookup(["k"]), [[]])
+    assert torch.equal(out, torch.zeros(200, dtype=torch.uint8))
+    s.read_into(s.lookup(["k"]), [[out[100:150], out[:50]]])
+    assert torch.equal(out[100:150], v[:50]) and torch.equal(out[:50], v[50:])
