@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 
 from ..errors import ConfigError
+from ..format.sizes import parse_size
 
 # The spellings LMCache itself accepts for booleans given as strings.
 TRUE_WORDS = ("true", "1")
@@ -65,3 +66,24 @@ def split_paths(value) -> list[str] | None:
         if p:
             out.append(os.path.abspath(p))
     return out
+
+
+def parse_size_setting(name: str, value) -> int:
+    """A size as JSON or YAML gives it: bytes, or a string such as '20G'.
+    ``name`` is the setting as the user spells it (for the error)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{name} must be a size such as '20G' or a number of bytes, got {value!r}")
+    if isinstance(value, int):
+        return value
+    try:
+        return parse_size(str(value))
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+
+
+def parse_choice(name: str, value, choices) -> str:
+    """One of ``choices`` (any case).  Raises ConfigError naming ``name``."""
+    word = str(value).strip().lower() if isinstance(value, str) else None
+    if word not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return word

@@ -14,8 +14,7 @@ from dataclasses import dataclass
 
 from ...core import StoreOptions
 from ...errors import ConfigError
-from ...format.sizes import parse_size
-from ..parsing import parse_bool, parse_seconds, split_paths
+from ..parsing import parse_bool, parse_choice, parse_seconds, parse_size_setting, split_paths
 
 # Every key the tier takes, with what it means (for the error that lists them).
 KEYS = {
@@ -79,25 +78,6 @@ def _paths(value) -> list[str]:
     return out
 
 
-def _size(name: str, value) -> int:
-    """A size as JSON or YAML gives it: bytes, or a string such as '20G'."""
-    if isinstance(value, bool):
-        raise ConfigError(f"tier key '{name}' must be a size such as '20G' or a number of bytes, got {value!r}")
-    if isinstance(value, int):
-        return value
-    try:
-        return parse_size(str(value))
-    except ValueError as exc:
-        raise ConfigError(f"tier key '{name}': {exc}") from None
-
-
-def _choice(name: str, value, choices) -> str:
-    word = str(value).strip().lower() if isinstance(value, str) else None
-    if word not in choices:
-        raise ConfigError(f"tier key '{name}' must be one of {', '.join(choices)}, got {value!r}")
-    return word
-
-
 def tier_config(keys: dict, *, block_size_bytes: int, data_parallel_index: int = 0) -> TierConfig:
     """Check the tier's keys (as vLLM passes them) and build its settings.
 
@@ -112,13 +92,13 @@ def tier_config(keys: dict, *, block_size_bytes: int, data_parallel_index: int =
     if keys.get("capacity") in (None, ""):
         raise ConfigError(f"slabcache tier needs 'capacity', its disk budget over all paths; e.g. {EXAMPLE}")
     paths = _paths(keys["path"])
-    total = _size("capacity", keys["capacity"])
-    slot = _size("slot_bytes", keys["slot_bytes"]) if keys.get("slot_bytes") is not None else None
+    total = parse_size_setting("tier key 'capacity'", keys["capacity"])
+    slot = parse_size_setting("tier key 'slot_bytes'", keys["slot_bytes"]) if keys.get("slot_bytes") is not None else None
     if slot is not None and slot < block_size_bytes:
         raise ConfigError(
             f"tier key 'slot_bytes' is {slot}, smaller than one block of the CPU tier "
             f"({block_size_bytes} bytes); remove it or set it to at least {block_size_bytes}")
-    sharding = _choice("path_sharding", keys.get("path_sharding", "by_key"), SHARDINGS)
+    sharding = parse_choice("tier key 'path_sharding'", keys.get("path_sharding", "by_key"), SHARDINGS)
     # by_engine: each data-parallel engine uses one path, as LMCache's by_gpu
     # gives each GPU worker one; either way the budget is split evenly.
     use = [paths[data_parallel_index % len(paths)]] if sharding == "by_engine" else paths
@@ -130,7 +110,7 @@ def tier_config(keys: dict, *, block_size_bytes: int, data_parallel_index: int =
     refresh = parse_seconds("tier key 'use_refresh_seconds'", keys.get("use_refresh_seconds", 1.0))
     locality = keys.get("locality")
     if locality is not None:
-        locality = _choice("locality", locality, ("local", "remote")).upper()
+        locality = parse_choice("tier key 'locality'", locality, ("local", "remote")).upper()
 
     def flag(name, default):
         return parse_bool(f"tier key '{name}'", keys.get(name, default))
