@@ -17,6 +17,7 @@ is put on ``sys.path`` by ``tools/bootstrap.sh`` (a .pth file) instead.
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import threading
@@ -66,23 +67,27 @@ class _Allocator:
 def make_host_pool(layout: str = "page_first", *, page_size: int = 4, layers: int = 2, heads: int = 2,
                    head_dim: int = 64, dtype=torch.float16, tokens: int = 256, mla: bool = False):
     """(device pool, host pool) over CPU tensors; the host pool holds
-    ``tokens`` tokens (at least two pages more, as SGLang sizes it)."""
+    ``tokens`` tokens (a page more, as SGLang sizes it).  The device pool,
+    which only stands in for the GPU's, is kept to a few pages."""
     from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, MLATokenToKVPool
+
+    device = 4 * page_size
+    ratio = max(1.0, tokens / device)
 
     if mla:
         from sglang.srt.mem_cache.pool_host.mla import MLATokenToKVPoolHost
 
-        kv = MLATokenToKVPool(tokens, page_size, dtype, head_dim, 8, layers, "cpu", False,
+        kv = MLATokenToKVPool(device, page_size, dtype, head_dim, 8, layers, "cpu", False,
                               start_layer=0, end_layer=layers)
-        host = MLATokenToKVPoolHost(kv.get_device_pool_infos()[0].buffer_info, 1.0, 0, page_size, layout,
+        host = MLATokenToKVPoolHost(kv.get_device_pool_infos()[0].buffer_info, ratio, 0, page_size, layout,
                                     pin_memory=False, device="cpu", device_capacity_tokens=kv.size,
                                     start_layer=0, end_layer=layers, target_layer_num=layers)
         return kv, host
     from sglang.srt.mem_cache.pool_host.mha import MHATokenToKVPoolHost
 
-    kv = MHATokenToKVPool(tokens, page_size, dtype, heads, head_dim, layers, "cpu", False,
+    kv = MHATokenToKVPool(device, page_size, dtype, heads, head_dim, layers, "cpu", False,
                           start_layer=0, end_layer=layers)
-    host = MHATokenToKVPoolHost(kv.get_device_pool_infos()[0].buffer_info, 1.0, 0, page_size, layout,
+    host = MHATokenToKVPoolHost(kv.get_device_pool_infos()[0].buffer_info, ratio, 0, page_size, layout,
                                 pin_memory=False, device="cpu", device_capacity_tokens=kv.size,
                                 start_layer=0, end_layer=layers)
     return kv, host
@@ -161,5 +166,10 @@ class Node:
         self.host.free(idx)
 
     def close(self) -> None:
-        """Stop the controller's storage threads and close the backend."""
+        """Stop the controller's storage threads, close the backend and let
+        the pools go (they are the size of the working set).  Idempotent."""
+        if self.controller is None:
+            return
         self.controller.detach_storage_backend()
+        self.controller = self.backend = self.host = self.kv = None
+        gc.collect()

@@ -5,8 +5,9 @@ imports and hold the layers to it (see ARCHITECTURE.md).
 - no module imports a private (``_name``) name from another module;
 - there are no import circles, lazy imports inside functions included;
 - lmcache is imported only by its integration (and the benchmark that
-  drives LMCache's own backend), vllm only by its integration and the
-  testing modules that drive it, torch.cuda only by the CUDA transfer path.
+  drives LMCache's own backend), vllm and sglang only by their
+  integrations and the testing modules that drive them, torch.cuda only by
+  the CUDA transfer path.
 """
 
 import ast
@@ -148,6 +149,7 @@ def test_no_import_circles():
 def test_heavy_or_optional_imports_stay_in_their_rooms():
     where = {"lmcache": ("slabcache.integrations.lmcache", "slabcache.bench.contenders"),
              "vllm": ("slabcache.integrations.vllm", "slabcache.testing.vllm_"),
+             "sglang": ("slabcache.integrations.sglang", "slabcache.testing.sglang_"),
              "torch.cuda": ("slabcache.runtime.transfer",)}
     bad = []
     for mod in MODULES:
