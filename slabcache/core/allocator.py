@@ -154,6 +154,7 @@ class FreeSlot:
                 a.uses.stored(1, self._length)
             if self._evicted:
                 a.uses.count("evictions")
+                a.log_evicted(self._t)
         return False
 
 
@@ -177,6 +178,7 @@ class SlotAllocator:
         # Set when claim_free found no free slot, so puts at capacity do
         # not ask again each time; cleared when a slot is freed.
         self._seems_full = False
+        self.eviction_log = None  # an EvictionLog, once a host asks for one
         index.add_prelude(self)  # orphans go back in the next write (before_write)
 
     # -- taking slots --------------------------------------------------------
@@ -226,6 +228,7 @@ class SlotAllocator:
             self._clear_vacated(t)
         if evictions:
             self.uses.count("evictions", evictions)
+            self.log_evicted(t)
         if rejected:
             self.uses.count("rejected_puts", rejected)
         return out
@@ -258,6 +261,11 @@ class SlotAllocator:
         if stored:
             self.uses.stored(stored, nbytes)
         return out
+
+    def log_evicted(self, t: IndexTxn) -> None:
+        """After ``t`` committed: its victims to the eviction log, if any."""
+        if t.evicted and self.eviction_log is not None:
+            self.eviction_log.add(t.evicted)
 
     def abandon(self, reservations: Sequence[Reservation]) -> None:
         """Give back reservations whose put failed (or was never written).

@@ -28,6 +28,7 @@ from typing import Iterable, Iterator, Sequence
 from ..format.keys import decode_key, make_key
 from ..format.values import ValueDesc
 from ..index import Entry, IndexTxn
+from .evictions import EvictionLog
 from .handle import Handle
 from .items import Item, new_item
 from .reader import Found
@@ -221,6 +222,17 @@ class SlabStore(Handle, TensorVerbs):
                     alloc.free(t, e)
                 out.append(ok)
         return out[0] if one else out
+
+    def watch_evictions(self, limit: int = 1 << 16) -> EvictionLog:
+        """From now on, keep the keys this handle's puts evict to make room
+        (``log.take()`` returns and forgets them), for a host that reports
+        removals.  Evictions by other processes sharing the store are not
+        seen.  The same log on every call."""
+        alloc = self._writable().allocator
+        with self._lock:
+            if alloc.eviction_log is None:
+                alloc.eviction_log = EvictionLog(limit)
+            return alloc.eviction_log
 
     def clear(self) -> int:
         """Remove every entry, pinned or not.  Returns how many were removed."""

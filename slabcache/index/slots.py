@@ -167,6 +167,10 @@ class SlotOps:
                     cur.delete()
                     self.txn.delete(ikey, db=entries)
                     self._vacate(got[0])
+                    if self.evicted is None:
+                        self.evicted = [canon_of(raw)]
+                    else:
+                        self.evicted.append(canon_of(raw))
                     return got
                 ok = cur.prev() if backward else cur.next()
         return None

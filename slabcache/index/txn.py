@@ -30,7 +30,7 @@ __all__ = ["COUNTERS", "TABLES", "IndexTxn", "next_generation"]
 class IndexTxn(MetaOps, EntryOps, SlotOps, PinOps, RepairOps):
     """Typed operations over one LMDB transaction."""
 
-    __slots__ = ("txn", "db", "alive", "vacated", "_pins_exist", "_no_free")
+    __slots__ = ("txn", "db", "alive", "vacated", "evicted", "_pins_exist", "_no_free")
 
     def __init__(self, txn: lmdb.Transaction, dbs: dict, alive: Callable[[bytes], bool]):
         self.txn = txn
@@ -43,6 +43,9 @@ class IndexTxn(MetaOps, EntryOps, SlotOps, PinOps, RepairOps):
         # rebuild must not bring back what left the index).  None until one
         # is (most transactions vacate nothing).
         self.vacated: list[int] | None = None
+        # Canonical keys of the entries evicted to make room, for a handle
+        # that reports them (SlabStore.watch_evictions); None until one is.
+        self.evicted: list[bytes] | None = None
         # What a batch of puts in one write transaction need not ask again:
         # None until known, then whether any pin exists; whether the free
         # list and the unused slots ran out.

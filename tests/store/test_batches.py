@@ -272,3 +272,41 @@ def test_parts_of_the_wrong_size_or_overlapping_are_refused_before_anything_is_r
     assert torch.equal(out, torch.zeros(200, dtype=torch.uint8))
     s.read_into(s.lookup(["k"]), [[out[100:150], out[:50]]])
     assert torch.equal(out[100:150], v[:50]) and torch.equal(out[:50], v[50:])
+
+
+def test_evictions_are_logged_for_a_host_that_watches_them(make_store):
+    """vLLM reports blocks a tier removed: the keys this handle evicted, in
+    order, through put, put_many and write; removes are not evictions."""
+    s = make_store(capacity_bytes=4 * 4096)
+    s.put_many(["a", "b"], [rand_tensor(10, i) for i in range(2)])
+    log = s.watch_evictions()
+    assert s.watch_evictions() is log
+    s.put_many([b"c", "d"], [rand_tensor(10, i) for i in range(2)])
+    assert log.take() == []  # four slots: nothing evicted yet
+    s.put("e", rand_tensor(10, 5))
+    s.put_many(["f", "g"], [rand_tensor(10, i) for i in range(2)])
+    s.write(["h"], [rand_tensor(10, 9)], [describe([(10,)], [torch.uint8], is_list=False)])
+    s.remove("h")
+    got = log.take()
+    assert got == ["a", "b", b"c", "d"] and all(k not in s for k in got)
+    assert log.take() == [] and log.dropped == 0
+
+
+def test_the_eviction_log_keeps_the_newest_when_nobody_takes_it(make_store):
+    s = make_store(capacity_bytes=2 * 4096)
+    log = s.watch_evictions(limit=2)
+    for i in range(5):
+        s.put(f"k{i}", rand_tensor(10, i))
+    assert log.take() == ["k1", "k2"] and log.dropped == 1
+
+
+def test_evictions_ahead_of_need_by_one_transaction_puts_are_logged(make_store):
+    """Stores of 256 slots or more keep a slot free for one-transaction
+    puts, evicting ahead of need: those victims are logged too."""
+    s = make_store(capacity_bytes=256 * 4096)
+    s.put_many([f"k{i}" for i in range(256)], [rand_tensor(10, i) for i in range(256)])
+    log = s.watch_evictions()
+    for i in range(3):
+        assert s.put(f"new{i}", rand_tensor(10, i))
+    gone = [f"k{i}" for i in range(256) if f"k{i}" not in s]
+    assert log.take() == gone and len(gone) >= 3  # one more, on mmap: the slot kept free
