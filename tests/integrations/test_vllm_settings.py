@@ -58,6 +58,7 @@ def test_by_engine_gives_each_data_parallel_engine_one_path():
     ({"durability": "maybe"}, "'durability'"),
     ({"io_threads": 0}, "'io_threads'"),
     ({"io_threads": "4"}, "'io_threads'"),
+    ({"enable_kv_events": "loudly"}, "'enable_kv_events'"),
     ({"checksum": "yes please"}, "'checksum' must be true or false"),
     ({"path_sharding": "by_gpu"}, "'path_sharding' must be one of by_key, by_engine"),
     ({"locality": "nearby"}, "'locality' must be one of local, remote"),

@@ -31,6 +31,7 @@ KEYS = {
     "trust_directory": "use a directory another user owns or others can write (true/false)",
     "locality": "LOCAL or REMOTE, as vLLM's own tiers take it",
     "use_refresh_seconds": "a load moves a block in the LRU order at most this often (0: every load)",
+    "enable_kv_events": "publish KV events for blocks stored and evicted (true/false; needs vLLM's KV events on)",
 }
 SHARDINGS = ("by_key", "by_engine")
 EXAMPLE = ('{"type": "SlabCacheTier", "module_path": "slabcache.integrations.vllm", '
@@ -55,6 +56,7 @@ class TierConfig:
     options: StoreOptions  # the first path's; the others differ only in path
     path_sharding: str = "by_key"
     locality: str | None = None  # "LOCAL" or "REMOTE"
+    kv_events: bool = False
 
     @property
     def bytes_per_path(self) -> int:
@@ -126,4 +128,5 @@ def tier_config(keys: dict, *, block_size_bytes: int, data_parallel_index: int =
         # of minutes to hours.
         use_refresh_seconds=refresh,
     ).validate(NAMES)
-    return TierConfig(paths=tuple(use), options=options, path_sharding=sharding, locality=locality)
+    return TierConfig(paths=tuple(use), options=options, path_sharding=sharding, locality=locality,
+                      kv_events=flag("enable_kv_events", False))

@@ -30,6 +30,9 @@ from vllm.v1.kv_offload.base import (
     Locality,
     LookupResult,
     Medium,
+    OffloadingCounterMetadata,
+    OffloadingEvent,
+    OffloadingGaugeMetadata,
     OffloadKey,
     ReqContext,
     RequestOffloadingContext,
@@ -56,6 +59,35 @@ SMALL_BLOCK = 256 << 10
 
 def tier_threads(block_size_bytes: int) -> int:
     return 1 if block_size_bytes < SMALL_BLOCK else 2
+
+
+# What vLLM's Prometheus endpoint shows of the tier, labelled by tier type.
+METRIC = "vllm:slabcache_tier_{}"
+COUNTERS = {
+    "lookups": "Blocks vLLM looked up in the slabcache tier.",
+    "lookup_hits": "Blocks the slabcache tier held when looked up.",
+    "stored_blocks": "Blocks stored (or found stored) by store jobs.",
+    "store_refused": "Blocks a store job could not store: every slot pinned.",
+    "loaded_blocks": "Blocks loaded into the CPU tier.",
+    "load_misses": "Blocks a load job found gone (evicted or damaged since the lookup); vLLM recomputes them.",
+    "evicted_blocks": "Blocks the tier evicted to make room.",
+    "failed_jobs": "Store or load jobs that failed outright.",
+    "read_bytes": "Bytes loaded into the CPU tier.",
+    "write_bytes": "Bytes stored.",
+}
+GAUGES = {
+    "used_blocks": "Blocks held by the slabcache tier's stores (every process sharing them).",
+    "capacity_blocks": "Blocks the slabcache tier's stores can hold.",
+}
+
+
+def _events_on(offloading_spec) -> bool:
+    """Whether vLLM publishes KV events at all (a tier's events are only
+    drained when it does)."""
+    cfg = getattr(offloading_spec, "kv_events_config", None)
+    if cfg is None:
+        return bool(getattr(offloading_spec.config, "enable_kv_cache_events", False))
+    return bool(cfg.enable_kv_cache_events)
 
 
 # vLLM bounds what is in flight (stores pin CPU-tier blocks until finished,
@@ -109,6 +141,16 @@ class SlabCacheTier(SecondaryTierManager):
         self._lookups = self._lookup_hits = 0  # the scheduler thread only
         self._step = 0
         self._counts_lock = threading.Lock()
+        self._reported: dict[str, int] = {}  # counters as get_stats last reported them
+        # The keys each store evicts, counted and (with events) reported.
+        self._evictions = [s.watch_evictions() for s in self._stores]
+        self._events: collections.deque[OffloadingEvent] | None = None
+        if self.settings.kv_events:
+            if _events_on(offloading_spec):
+                self._events = collections.deque()
+            else:
+                log.warning("slabcache tier %s: enable_kv_events is set but vLLM's KV cache events are off; "
+                            "the tier publishes none", tier_type)
         log.info("slabcache tier %s: %d path(s) %s, %d slots of %d bytes each, namespace %r",
                  tier_type, len(self._stores), list(self.settings.paths),
                  sum(s.geometry.slot_count for s in self._stores), self.block_size_bytes, self._ns)
@@ -228,10 +270,53 @@ class SlabCacheTier(SecondaryTierManager):
         self._rows = None
 
     def stats(self) -> dict:
-        """The tier's counters: lookups, lookup_hits, stored_blocks,
-        store_refused (every slot pinned), loaded_blocks, load_misses, failed_jobs."""
+        """The tier's counters (``COUNTERS``: lookups, lookup_hits,
+        stored_blocks, store_refused, loaded_blocks, load_misses,
+        evicted_blocks, failed_jobs, read_bytes, write_bytes)."""
         with self._counts_lock:
-            return {"lookups": self._lookups, "lookup_hits": self._lookup_hits, **self._counts}
+            counts = {"lookups": self._lookups, "lookup_hits": self._lookup_hits, **self._counts}
+        return {name: counts.get(name, 0) for name in COUNTERS}
+
+    @classmethod
+    def build_metric_definitions(cls, extra_config: dict) -> dict:
+        """The Prometheus metrics the tier reports (vLLM registers them)."""
+        out = {METRIC.format(n): OffloadingCounterMetadata(documentation=d, labelnames=("tier",))
+               for n, d in COUNTERS.items()}
+        out.update({METRIC.format(n): OffloadingGaugeMetadata(documentation=d, labelnames=("tier",))
+                    for n, d in GAUGES.items()})
+        return out
+
+    def get_stats(self):
+        """What the counters gained since the last call, and the stores'
+        occupancy now (vLLM calls this from its scheduler each step it logs)."""
+        from vllm.distributed.kv_transfer.kv_connector.v1.offloading.metrics import OffloadingConnectorStats
+
+        if self._shut:
+            return None
+        out, label = OffloadingConnectorStats(), (self.tier_type,)
+        now = self.stats()
+        for name, value in now.items():
+            gained = value - self._reported.get(name, 0)
+            if gained:
+                out.increase_counter(METRIC.format(name), gained, label)
+        self._reported = now
+        try:
+            used = sum(len(s) for s in self._stores)
+        except SlabcacheError as exc:
+            log.debug("slabcache tier: occupancy not read: %s", exc)
+        else:
+            out.set_gauge(METRIC.format("used_blocks"), used, label)
+        out.set_gauge(METRIC.format("capacity_blocks"), sum(s.geometry.slot_count for s in self._stores), label)
+        return out
+
+    def take_events(self) -> Iterable[OffloadingEvent]:
+        """KV events for blocks stored and evicted since the last call, in
+        the order they happened (with ``enable_kv_events``)."""
+        out = []
+        if self._events is not None:
+            while self._events:
+                out.append(self._events.popleft())
+        return out
 
     def _count(self, **deltas: int) -> None:
         with self._counts_lock:
@@ -272,11 +357,17 @@ class SlabCacheTier(SecondaryTierManager):
     def _store_job(self, job_id: int, keys: list, chunk_ids: list[int]) -> JobResult:
         rows, desc, ok = self._rows, self._desc, True
         for si, idx in self._by_store(keys).items():
-            stored = self._stores[si].write(
-                [store_key(self._ns, keys[i]) for i in idx], [rows[chunk_ids[i]] for i in idx],
-                [desc] * len(idx))
+            try:
+                stored = self._stores[si].write(
+                    [store_key(self._ns, keys[i]) for i in idx], [rows[chunk_ids[i]] for i in idx],
+                    [desc] * len(idx))
+            finally:
+                self._note_evictions(si)
             n = sum(stored)
-            self._count(stored_blocks=n, store_refused=len(idx) - n)
+            self._count(stored_blocks=n, store_refused=len(idx) - n, write_bytes=n * self.block_size_bytes)
+            if self._events is not None and n:
+                self._events.append(OffloadingEvent(keys=[keys[i] for i, ok_ in zip(idx, stored) if ok_],
+                                                    medium=self.medium, removed=False, locality=self.locality))
             ok = ok and n == len(idx)
         return JobResult(job_id=job_id, success=ok, transfer_bytes=len(keys) * self.block_size_bytes)
 
@@ -293,12 +384,27 @@ class SlabCacheTier(SecondaryTierManager):
             for i, d in zip(idx, got):
                 loaded[i] = d is not None
         n = sum(loaded)
-        self._count(loaded_blocks=n, load_misses=len(keys) - n)
+        self._count(loaded_blocks=n, load_misses=len(keys) - n, read_bytes=n * bs)
         if n == len(keys):
             return JobResult(job_id=job_id, success=True, transfer_bytes=n * bs)
         # vLLM keeps the blocks that did load and recomputes the rest.
         return JobResult(job_id=job_id, success=False, transfer_bytes=n * bs,
                          successful_keys=tuple(k for k, ok in zip(keys, loaded) if ok) or None)
+
+    def _note_evictions(self, si: int) -> None:
+        """Count what a store's last write evicted; with events on, report
+        the tier's own blocks among them as removed (before the blocks that
+        write stored: they took the evicted ones' slots)."""
+        gone = self._evictions[si].take()
+        if not gone:
+            return
+        self._count(evicted_blocks=len(gone))
+        if self._events is not None:
+            ns, cut = self._ns, len(self._ns)
+            mine = [k[cut:] for k in gone if isinstance(k, bytes) and k.startswith(ns)]
+            if mine:
+                self._events.append(OffloadingEvent(keys=mine, medium=self.medium, removed=True,
+                                                    locality=self.locality))
 
     def _touch(self, keys: list) -> None:
         for si, idx in self._by_store(keys).items():

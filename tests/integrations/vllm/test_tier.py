@@ -6,6 +6,7 @@ import multiprocessing
 import os
 import threading
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ import pytest
 from .conftest import VLLM_MISSING
 
 pytest.importorskip("vllm", reason=VLLM_MISSING)
-from vllm.v1.kv_offload.base import LookupResult, Medium  # noqa: E402
+from vllm.v1.kv_offload.base import Locality, LookupResult, Medium  # noqa: E402
 
 from slabcache import ConfigError, LayoutMismatchError, SlabStore  # noqa: E402
 
@@ -326,3 +327,73 @@ def test_locality_is_reported_as_vllms_own_value(primary, make_tier):
     assert make_tier(primary, locality="local").locality is Locality.LOCAL
     with pytest.raises(ConfigError, match="'locality'"):
         make_tier(primary, locality="far")
+
+
+def _prometheus(tier_keys: dict):
+    """vLLM's own OffloadPromMetrics for a connector config with this tier,
+    on a private registry: what vLLM's /metrics endpoint would show."""
+    import functools
+    from types import SimpleNamespace
+
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+    from vllm.distributed.kv_transfer.kv_connector.v1.offloading.metrics import OffloadPromMetrics
+
+    reg = CollectorRegistry()
+    extra = {"spec_name": "TieringOffloadingSpec", "cpu_bytes_to_use": 1 << 20,
+             "secondary_tiers": [{"type": "SlabCacheTier", "module_path": "slabcache.integrations.vllm",
+                                  **tier_keys}]}
+    config = SimpleNamespace(kv_transfer_config=SimpleNamespace(kv_connector_extra_config=extra))
+    kinds = {k: functools.partial(k, registry=reg) for k in (Counter, Gauge, Histogram)}
+    return OffloadPromMetrics(config, kinds, ["engine"], {0: ["0"]}), reg
+
+
+def test_the_tiers_counters_and_occupancy_reach_vllms_prometheus_metrics(primary, make_tier, tmp_path):
+    prom, reg = _prometheus({"path": str(tmp_path / "store"), "capacity": "1G"})
+    tier = make_tier(primary)
+    primary.fill(range(4), seed=9)
+    keys = [key(i) for i in range(4)]
+    assert [tier.lookup(k, None) for k in keys[:2]] == [LookupResult.MISS] * 2
+    tier.submit_store(st := job(keys, range(4)))
+    wait_jobs(tier, [st.job_id])
+    assert tier.lookup(keys[0], None) is LookupResult.HIT
+    tier.submit_load(ld := job(keys[:3], range(10, 13)))
+    wait_jobs(tier, [ld.job_id])
+    prom.observe(tier.get_stats().data, engine_idx=0)
+
+    def value(name, suffix="_total"):
+        return reg.get_sample_value(f"vllm:slabcache_tier_{name}{suffix}", {"engine": "0", "tier": "SlabCacheTier"})
+
+    assert (value("lookups"), value("lookup_hits"), value("stored_blocks"), value("loaded_blocks")) == (3, 1, 4, 3)
+    assert value("write_bytes") == 4 * BLOCK and value("read_bytes") == 3 * BLOCK
+    assert value("used_blocks", "") == 4 and value("capacity_blocks", "") == tier._stores[0].geometry.slot_count
+    tier.submit_load(ld := job(keys[3:], [14]))
+    wait_jobs(tier, [ld.job_id])
+    prom.observe(tier.get_stats().data, engine_idx=0)  # what was gained since, not the totals again
+    assert value("loaded_blocks") == 4 and value("stored_blocks") == 4
+
+
+def test_kv_events_report_blocks_stored_and_evicted_in_order(primary, make_tier):
+    spec = offloading_spec()
+    spec.kv_events_config = SimpleNamespace(enable_kv_cache_events=True)
+    tier = make_tier(primary, spec=spec, capacity=str(4 * BLOCK), enable_kv_events=True, locality="LOCAL")
+    primary.fill(range(6), seed=10)
+    keys = [key(i) for i in range(6)]
+    tier.submit_store(a := job(keys[:4], range(4)))
+    wait_jobs(tier, [a.job_id])
+    tier.submit_store(b := job(keys[4:], range(4, 6)))
+    wait_jobs(tier, [b.job_id])
+    events = list(tier.take_events())
+    assert [(e.removed, list(e.keys)) for e in events] == [
+        (False, keys[:4]), (True, keys[:2]), (False, keys[4:])]
+    assert all(e.medium is Medium.STORAGE and e.locality is Locality.LOCAL for e in events)
+    assert list(tier.take_events()) == []
+    assert tier.stats()["evicted_blocks"] == 2
+
+
+def test_kv_events_stay_off_unless_vllm_publishes_them(primary, make_tier, caplog):
+    tier = make_tier(primary, enable_kv_events=True)  # the spec has KV cache events off
+    primary.fill([0], seed=11)
+    tier.submit_store(a := job([key(0)], [0]))
+    wait_jobs(tier, [a.job_id])
+    assert list(tier.take_events()) == []
+    assert "KV cache events are off" in caplog.text
