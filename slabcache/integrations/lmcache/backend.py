@@ -33,6 +33,7 @@ from ...core import SlabStore
 from ...core.values import describe
 from ...errors import QueueFullError, SlabcacheError
 from .keys import canonical_key
+from .placement import take_the_disk_tiers_place
 from .settings import from_lmcache
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,7 @@ class SlabCacheBackend(StoragePluginInterface):
         self._drain_before_allocator_closes()
         log.info("slabcache: disk tier at %s (%s, %d slots of %d bytes)", self.path,
                  self.settings.options.io, self.store.geometry.slot_count, self.store.geometry.slot_bytes)
+        take_the_disk_tiers_place(self)  # last: only a tier that started takes a place
 
     def _drain_before_allocator_closes(self) -> None:
         """LMCache 0.5.6's StorageManager.close() closes LocalCPUBackend,
