@@ -117,9 +117,9 @@ class Engine(abc.ABC):
         Raises SlabIOError.
         """
         n = self._check(slot, parts)
-        if hashed and len(parts) == 1 and n >= self.fuse_writes_from:
+        if hashed and n >= self.fuse_writes_from:
             try:
-                digest = self._write_fused(self.geometry.slot_offset(slot), parts[0], n)
+                digest = self._write_fused(self.geometry.slot_offset(slot), parts, n)
             except OSError as exc:
                 raise SlabIOError(f"writing slot {slot} of {self.path} failed: {exc}") from exc
             with self._count_lock:
@@ -266,11 +266,11 @@ class Engine(abc.ABC):
         the array directly override this."""
         self._write_impl(offset, [part], n)
 
-    def _write_fused(self, offset: int, part: torch.Tensor, n: int) -> int:
-        """Write one buffer and return its checksum; engines whose writes
+    def _write_fused(self, offset: int, parts: list[torch.Tensor], n: int) -> int:
+        """Write ``parts`` and return their checksum; engines whose writes
         pass through the CPU hash each piece as it is written."""
-        self._write_impl(offset, [part], n)
-        return checksum([as_numpy(part)])
+        self._write_impl(offset, parts, n)
+        return checksum([as_numpy(p) for p in parts])
 
     def _read_hashed(self, offset: int, parts: list[torch.Tensor], n: int, hashed: bool) -> int | None:
         self._read_impl(offset, parts, n)

@@ -32,3 +32,32 @@ class AlignedScratch:
 def as_numpy(t: torch.Tensor):
     """A buffer-protocol view of a uint8 CPU tensor (no copy)."""
     return t.numpy()
+
+
+class Span:
+    """A value's bytes held in several buffers (a page's K and V, each
+    layer's rows), seen as one run of bytes: the buffers that cover any
+    byte range of it, as views (no copy)."""
+
+    __slots__ = ("arrays", "_ends")
+
+    def __init__(self, parts):
+        self.arrays = [as_numpy(p) for p in parts]
+        ends, total = [], 0
+        for a in self.arrays:
+            total += len(a)
+            ends.append(total)
+        self._ends = ends
+
+    def range(self, s: int, e: int) -> list:
+        """Views of bytes ``s:e`` of the value, in order."""
+        if len(self.arrays) == 1:
+            return [self.arrays[0][s:e]]
+        out, start = [], 0
+        for a, end in zip(self.arrays, self._ends):
+            if end > s and start < e:
+                out.append(a[max(s, start) - start:min(e, end) - start])
+            if end >= e:
+                break
+            start = end
+        return out

@@ -22,7 +22,7 @@ from ..format.checksum import CHECKSUM_BLOCK, block_hasher, combine_digests
 from ..format.header import Geometry
 from ..errors import SlabIOError
 from .engine import Engine, cores, in_batch, read_or_error
-from .memory import as_numpy
+from .memory import Span, as_numpy
 from .slabfile import open_slab
 from .syscalls import preadv_all, pwritev_all
 
@@ -53,13 +53,14 @@ def _hash(a) -> int:
     return h.intdigest()
 
 
-def _digest(a, n: int) -> int:
-    """The format checksum of ``a`` (``n`` bytes), block by block with the
-    streaming hasher, which releases the GIL."""
+def _digest(span: Span, n: int) -> int:
+    """The format checksum of ``span`` (``n`` bytes), block by block with
+    the streaming hasher, which releases the GIL."""
     digests = []
     for b in range(0, n, CHECKSUM_BLOCK):
         h = block_hasher()
-        h.update(a[b:min(n, b + CHECKSUM_BLOCK)])
+        for piece in span.range(b, min(n, b + CHECKSUM_BLOCK)):
+            h.update(piece)
         digests.append(h.digest())
     return combine_digests(digests, n)
 
@@ -98,24 +99,25 @@ class MmapEngine(Engine):
     # each piece is hashed while pwrite has just read it into the cache.
     fuse_writes_from = FUSE_FROM
 
-    def _write_fused(self, offset, part, n):
-        array = as_numpy(part)
+    def _write_fused(self, offset, parts, n):
+        span = Span(parts)  # the pieces below may straddle parts
         firsts = range(0, n, CHECKSUM_BLOCK)
         k = 1 if in_batch() else min(len(firsts), self.parallel_writes)
-        shares = self.spread([(firsts[j::k], array, offset, n) for j in range(k)], self._write_blocks, k)
+        shares = self.spread([(firsts[j::k], span, offset, n) for j in range(k)], self._write_blocks, k)
         return combine_digests([shares[i % k][i // k] for i in range(len(firsts))], n)
 
-    def _write_blocks(self, blocks, array, offset, n):
+    def _write_blocks(self, blocks, span, offset, n):
         digests = []
         for b in blocks:
             h = block_hasher()
             for s in range(b, min(n, b + CHECKSUM_BLOCK), FUSED_STEP):
                 e = min(n, s + FUSED_STEP, b + CHECKSUM_BLOCK)
-                piece = array[s:e]
-                h.update(piece)
-                done = os.pwritev(self.fd, [piece], offset + s)
+                pieces = span.range(s, e)
+                for piece in pieces:
+                    h.update(piece)
+                done = os.pwritev(self.fd, pieces, offset + s)
                 if done != e - s:
-                    pwritev_all(self.fd, [piece[done:]], offset + s + done)
+                    pwritev_all(self.fd, Span(pieces).range(done, e - s), offset + s + done)
             digests.append(h.digest())
         return digests
 
@@ -127,19 +129,19 @@ class MmapEngine(Engine):
     def _read_impl(self, offset, parts, n):
         preadv_all(self.fd, [as_numpy(p) for p in parts], offset)
 
-    def _cached(self, dst, offset: int) -> int:
-        """Read what of ``dst`` the page cache holds, without waiting for the
-        disk; the bytes read (0 when none is cached)."""
+    def _cached(self, dst: list, offset: int) -> int:
+        """Read what of the buffers ``dst`` the page cache holds, without
+        waiting for the disk; the bytes read (0 when none is cached)."""
         if self._nowait:
             try:
-                return os.preadv(self.fd, [dst], offset, os.RWF_NOWAIT)
+                return os.preadv(self.fd, dst, offset, os.RWF_NOWAIT)
             except OSError as exc:
                 if exc.errno == errno.EAGAIN:
                     return 0
                 if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                     raise
                 self._nowait = False  # this filesystem cannot say: always wait
-        return os.preadv(self.fd, [dst], offset)
+        return os.preadv(self.fd, dst, offset)
 
     def _readahead(self, offset: int, n: int) -> None:
         """Ask the kernel for a whole value at once (readahead for the rest
@@ -147,20 +149,21 @@ class MmapEngine(Engine):
         os.posix_fadvise(self.fd, offset, n, os.POSIX_FADV_WILLNEED)
 
     def _read_hashed(self, offset, parts, n, hashed):
-        if len(parts) != 1:
-            return super()._read_hashed(offset, parts, n, hashed)
-        dst = as_numpy(parts[0])
         if n < FUSE_FROM:
+            if len(parts) != 1:  # one preadv into every part, one streaming hash
+                return super()._read_hashed(offset, parts, n, hashed)
+            dst = as_numpy(parts[0])
             got = os.preadv(self.fd, [dst], offset)
             if got != n:
                 preadv_all(self.fd, [dst[got:]], offset + got)
             return _hash(dst) if hashed else None
+        dst = Span(parts)  # the pieces below may straddle parts
         # A large value: read and hashed piece by piece, each piece hashed
         # while it is in cache; its checksum blocks spread over the cores
         # unless this read is one of a batch already spread.
         firsts = range(0, n, CHECKSUM_BLOCK)
         k = 1 if in_batch() else min(len(firsts), self.parallel_reads)
-        got = self._cached(dst[:min(n, FUSED_STEP)], offset)
+        got = self._cached(dst.range(0, min(n, FUSED_STEP)), offset)
         if got < min(n, FUSED_STEP):
             self._readahead(offset + got, n - got)
         tasks = [(firsts[j::k], dst, offset, n, hashed, got if j == 0 else 0) for j in range(k)]
@@ -179,11 +182,12 @@ class MmapEngine(Engine):
                 e = min(n, s + FUSED_STEP, b + CHECKSUM_BLOCK)
                 if e > done:
                     r = max(s, done)
-                    got = os.preadv(self.fd, [dst[r:e]], offset + r)
+                    got = os.preadv(self.fd, dst.range(r, e), offset + r)
                     if got != e - r:
-                        preadv_all(self.fd, [dst[r + got:e]], offset + r + got)
+                        preadv_all(self.fd, dst.range(r + got, e), offset + r + got)
                 if h is not None:
-                    h.update(dst[s:e])
+                    for piece in dst.range(s, e):
+                        h.update(piece)
             digests.append(h.digest() if h is not None else None)
         return digests
 
@@ -191,10 +195,10 @@ class MmapEngine(Engine):
         """Whether the first page of ``slot`` is out of the page cache (read
         into ``parts`` if not); False where the filesystem cannot say."""
         first = as_numpy(parts[0])[:4096]
-        return self._nowait and self._cached(first, self.geometry.slot_offset(slot)) < len(first)
+        return self._nowait and self._cached([first], self.geometry.slot_offset(slot)) < len(first)
 
     def _read_large_many(self, slots, parts_list, hashed):
-        if (all(len(p) == 1 and p[0].numel() >= COLD_WHOLE_FROM for p in parts_list)
+        if (all(sum(t.numel() for t in p) >= COLD_WHOLE_FROM for p in parts_list)
                 and self._is_cold(slots[0], parts_list[0])):
             return self._read_whole_many(slots, parts_list, hashed)
         return super()._read_large_many(slots, parts_list, hashed)
@@ -206,9 +210,9 @@ class MmapEngine(Engine):
         for slot, parts in zip(slots, parts_list):
             try:
                 n = self._check(slot, parts)
-                dst = as_numpy(parts[0])
+                dst = Span(parts)
                 try:
-                    preadv_all(self.fd, [dst], self.geometry.slot_offset(slot))
+                    preadv_all(self.fd, dst.arrays, self.geometry.slot_offset(slot))
                 except OSError as exc:
                     raise SlabIOError(f"reading slot {slot} of {self.path} failed: {exc}") from exc
             except SlabIOError as exc:

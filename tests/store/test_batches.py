@@ -234,7 +234,7 @@ def test_large_values_written_piece_by_piece_carry_the_format_checksum(make_stor
 # A host pool keeps a page's K and V (and each layer) apart: the raw verbs
 # take a value as parts, written and read back to back.  Small (one call),
 # side by side, and 17 MiB cold (read whole, hashed on a helper).
-@pytest.mark.parametrize("size", [3000, 300 << 10, 17 << 20])
+@pytest.mark.parametrize("size", [3000, 300 << 10, (5 << 20) + 3, 17 << 20])
 def test_a_value_given_as_parts_is_the_same_value_as_one_buffer(make_store, size):
     slot = max(512 << 10, -(-size // 4096) * 4096)
     s = make_store(capacity_bytes=6 * slot, slot_bytes=slot)
@@ -246,12 +246,24 @@ def test_a_value_given_as_parts_is_the_same_value_as_one_buffer(make_store, size
         return [t[:cut[0]], t[cut[0]:cut[1]], t[cut[1]:]]
 
     assert s.write(["parts", "whole"], [pieces(vals[0]), vals[1]], [desc, desc]) == [True, True]
-    s.engine.drop_cache()
-    whole, split_out = torch.zeros(size, dtype=torch.uint8), torch.zeros(size, dtype=torch.uint8)
-    got = s.read_into(s.lookup(["parts", "whole"]), [whole, pieces(split_out)])
-    assert got[0] is not None and got[1] is not None
-    assert torch.equal(whole, vals[0]) and torch.equal(split_out, vals[1])
-    assert torch.equal(s.get("parts"), vals[0])
+    for cold in (True, False):  # the batch read cold, then warm (each value its own way)
+        if cold:
+            s.engine.drop_cache()
+        whole, split_out = torch.zeros(size, dtype=torch.uint8), torch.zeros(size, dtype=torch.uint8)
+        got = s.read_into(s.lookup(["parts", "whole"]), [whole, pieces(split_out)])
+        assert got[0] is not None and got[1] is not None
+        assert torch.equal(whole, vals[0]) and torch.equal(split_out, vals[1])
+    for key in ("parts", "whole"):  # one value alone, its checksum blocks spread
+        out = torch.zeros(size, dtype=torch.uint8)
+        s.engine.drop_cache()
+        assert s.read_into(s.lookup([key]), [pieces(out)])[0] is not None
+        assert torch.equal(out, vals[0] if key == "parts" else vals[1])
+    assert s.write(["alone"], [pieces(vals[2])], [desc]) == [True]  # a lone write, pieces spread
+    assert torch.equal(s.get("alone"), vals[2])
+    from slabcache.format.checksum import checksum  # what fsck --deep recomputes
+
+    assert [s.entry(k).checksum for k in ("parts", "whole", "alone")] == [
+        checksum([v.numpy()]) for v in vals]
 
 
 def test_parts_of_the_wrong_size_or_overlapping_are_refused_before_anything_is_read(make_store):
