@@ -3,6 +3,7 @@
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import torch
 
@@ -22,3 +23,20 @@ def run_py(code: str, *args: str, timeout: float = 120, check: bool = True) -> s
 def rand_tensor(n_bytes: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (n_bytes,), dtype=torch.uint8, generator=g)
+
+
+def run_suite_in_venv(python: Path, suite: str, tmp_path, host: str, timeout: float = 1500) -> None:
+    """Run the tests in ``suite`` with another venv's ``python`` (a host that
+    pins its own packages); fail with their output if any fails or skips."""
+    import pytest
+
+    if Path(sys.prefix).resolve() == python.parent.parent.resolve():
+        pytest.skip(f"already running in the {host} venv: {suite} runs here directly")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [str(python), "-m", "pytest", suite, "-q", "-p", "no:cacheprovider",
+         f"--basetemp={tmp_path / host.lower()}", "-rs"],
+        cwd=root, capture_output=True, text=True, timeout=timeout)
+    print(proc.stdout[-4000:])
+    assert proc.returncode == 0, f"{host} tests failed:\n{proc.stdout[-8000:]}\n{proc.stderr[-4000:]}"
+    assert " skipped" not in proc.stdout.splitlines()[-1], f"{host} tests skipped in the {host} venv"

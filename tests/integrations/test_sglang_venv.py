@@ -8,11 +8,11 @@ venv.  This test runs those tests there, so one ``pytest`` covers both.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import run_suite_in_venv
 
 ROOT = Path(__file__).resolve().parents[2]
 SGLANG_PYTHON = Path(os.environ.get("SLABCACHE_SGLANG_PYTHON", ROOT / ".venv-sglang" / "bin" / "python"))
@@ -23,12 +23,4 @@ SGLANG_PYTHON = Path(os.environ.get("SLABCACHE_SGLANG_PYTHON", ROOT / ".venv-sgl
                     reason=f"no SGLang venv at {SGLANG_PYTHON}: run ./tools/bootstrap.sh --with-sglang "
                            "(or set SLABCACHE_SGLANG_PYTHON to a python with sglang==0.5.23 and slabcache)")
 def test_sglang_backend_suite_passes_in_the_sglang_venv(tmp_path):
-    if Path(sys.prefix).resolve() == SGLANG_PYTHON.parent.parent.resolve():
-        pytest.skip("already running in the SGLang venv: tests/integrations/sglang run here directly")
-    proc = subprocess.run(
-        [str(SGLANG_PYTHON), "-m", "pytest", "tests/integrations/sglang", "-q", "-p", "no:cacheprovider",
-         f"--basetemp={tmp_path / 'sglang'}", "-rs"],
-        cwd=ROOT, capture_output=True, text=True, timeout=900)
-    print(proc.stdout[-4000:])
-    assert proc.returncode == 0, f"SGLang backend tests failed:\n{proc.stdout[-8000:]}\n{proc.stderr[-4000:]}"
-    assert " skipped" not in proc.stdout.splitlines()[-1], "SGLang backend tests skipped in the SGLang venv"
+    run_suite_in_venv(SGLANG_PYTHON, "tests/integrations/sglang", tmp_path, "SGLang", timeout=900)
