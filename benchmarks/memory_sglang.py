@@ -62,7 +62,27 @@ class MemoryStorage(HiCacheStorage):
     def exists(self, key) -> bool:
         return key in self.pages_
 
-    def get(self, key, target_location=None, target_sizes=None):
-        raise NotImplementedError("the ceiling runs the zero-copy path only (interface_v1)")
+    # The copying path (without interface_v1): flat pages in and out.
 
-    batch_get = set = batch_set = get
+    def get(self, key, target_location=None, target_sizes=None):
+        page = self.pages_.get(key)
+        if page is None or target_location is None:
+            return None
+        target_location.view(-1).view(torch.uint8).copy_(page)
+        return target_location
+
+    def batch_get(self, keys, target_locations=None, target_sizes=None):
+        return [self.get(k, t) for k, t in zip(keys, target_locations or [None] * len(keys))]
+
+    def set(self, key, value=None, target_location=None, target_sizes=None):
+        return self.batch_set([key], [value])
+
+    def batch_set(self, keys, values=None, target_locations=None, target_sizes=None):
+        for k, v in zip(keys, values):
+            if k not in self.pages_:
+                if not self.rows:
+                    self.rows.append(self.pages_.popitem(last=False)[1])
+                row = self.rows.pop()
+                row.copy_(v.contiguous().view(-1).view(torch.uint8))
+                self.pages_[k] = row
+        return True
