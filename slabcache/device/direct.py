@@ -69,6 +69,17 @@ class DirectEngine(Engine):
                 f"O_DIRECT reads fail on the filesystem holding {path} ({exc}); use io='mmap'"
             ) from exc
 
+    # Jobs of eight 64 KiB blocks in adjacent slots: 5.9-7.6k blocks/s read
+    # one request a block (eight in flight), 12.1-13.7k read as one 512 KiB
+    # request.  (The mmap engine reads warm blocks faster one by one: its
+    # small reads are copies, not requests.)
+    coalesce_below = 1 << 20
+
+    def _coalescable(self, parts) -> bool:
+        # Read straight into the caller's buffers: each aligned, and each
+        # a whole number of blocks (slots are).
+        return super()._coalescable(parts) and parts[0].data_ptr() % self.align == 0
+
     def _direct_ok(self, parts) -> bool:
         return (len(parts) == 1 and parts[0].data_ptr() % self.align == 0
                 and parts[0].numel() % self.align == 0)
@@ -126,6 +137,9 @@ class DirectEngine(Engine):
         total = round_up(n, self.align)
         if len(parts) == 1 and parts[0].data_ptr() % self.align == 0 and self._owns_padding(parts[0], n):
             preadv_all(self.fd, [as_numpy(_padded(parts[0], total))], offset)
+            return
+        if all(p.data_ptr() % self.align == 0 and p.numel() % self.align == 0 for p in parts):
+            preadv_all(self.fd, [as_numpy(p) for p in parts], offset)  # each part whole blocks
             return
         buf = self._scratch.get(total)
         preadv_all(self.fd, [as_numpy(buf)], offset)

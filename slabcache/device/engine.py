@@ -37,6 +37,11 @@ MIN_HELPERS = 4
 # after another in the caller than a thread hand-off each.
 PARALLEL_READ_BYTES = 256 << 10
 
+# The most bytes one coalesced read of adjacent slots asks for (see
+# Engine.coalesce_below): large enough to amortise a syscall and a small
+# request, small enough that its values are still in cache when hashed.
+COALESCE_BYTES = 1 << 20
+
 _local = threading.local()  # .in_batch: this thread runs one read of a batch
 
 
@@ -89,6 +94,12 @@ class Engine(abc.ABC):
     # Single-buffer writes of at least this many bytes are written and
     # hashed piece by piece (_write_fused); never by default.
     fuse_writes_from = 1 << 62
+    # A batch's values below this size that each fill their slot, in slots
+    # that follow one another (a request's blocks are stored together), are
+    # read with one request of up to COALESCE_BYTES: one syscall instead of
+    # several, and a larger request for the disk.  Off unless an engine
+    # gains from it (DirectEngine).
+    coalesce_below = 0
 
     def __init__(self, path: str, g: Geometry):
         self.path = path
@@ -171,8 +182,16 @@ class Engine(abc.ABC):
         side, ``parallel_reads`` at a time (the caller among them); smaller
         ones one after another in the caller (``_read_small_many``)."""
         out: list = [None] * len(slots)
+        groups, rest = self._adjacent_groups(slots, parts_list)
+        if groups:
+            got = self.spread([(slots, parts_list, g, hashed) for g in groups], self._read_group,
+                              self.parallel_reads)
+            for g, digests in zip(groups, got):
+                for i, d in zip(g, digests):
+                    out[i] = d
         large, small = [], []
-        for i, parts in enumerate(parts_list):
+        for i in rest:
+            parts = parts_list[i]
             n = parts[0].numel() if len(parts) == 1 else sum(p.numel() for p in parts)
             (large if n >= self.spread_from else small).append(i)
         if small:
@@ -187,6 +206,51 @@ class Engine(abc.ABC):
             for i, g in zip(large, got):
                 out[i] = g
         return out
+
+    def _coalescable(self, parts: list[torch.Tensor]) -> bool:
+        """Whether a value can be read as part of a larger request (engines
+        with alignment rules add theirs)."""
+        return len(parts) == 1 and parts[0].numel() == self.geometry.slot_bytes
+
+    def _adjacent_groups(self, slots, parts_list) -> tuple[list[list[int]], list[int]]:
+        """(groups of positions whose slots follow one another, in slot
+        order, each at most COALESCE_BYTES; every other position)."""
+        size = self.geometry.slot_bytes
+        if len(slots) < 2 or size >= self.coalesce_below:  # also when off (0)
+            return [], list(range(len(slots)))
+        count = self.geometry.slot_count
+        ok = sorted((slots[i], i) for i, p in enumerate(parts_list)
+                    if 0 <= slots[i] < count and self._coalescable(p))
+        most = max(1, COALESCE_BYTES // size)
+        groups: list[list[int]] = []
+        run: list[int] = []
+        last = None
+        for slot, i in ok:
+            if run and (slot != last + 1 or len(run) >= most):
+                groups.append(run)
+                run = []
+            run.append(i)
+            last = slot
+        if run:
+            groups.append(run)
+        groups = [g for g in groups if len(g) > 1]
+        taken = {i for g in groups for i in g}
+        return groups, [i for i in range(len(slots)) if i not in taken]
+
+    def _read_group(self, slots, parts_list, group: list[int], hashed: bool) -> list:
+        """Values in adjacent slots read with one request; per value its
+        checksum (None unhashed) or the SlabIOError that failed them all."""
+        parts = [parts_list[i][0] for i in group]
+        n = len(parts) * self.geometry.slot_bytes
+        first = slots[group[0]]
+        try:
+            self._read_impl(self.geometry.slot_offset(first), parts, n)
+        except OSError as exc:
+            err = SlabIOError(f"reading slots {first}-{first + len(group) - 1} of {self.path} failed: {exc}")
+            return [err] * len(group)
+        with self._count_lock:
+            self.bytes_read += n
+        return [checksum([as_numpy(p)]) if hashed else None for p in parts]
 
     def _read_large_many(self, slots, parts_list, hashed) -> list:
         """The large reads of a batch, side by side."""

@@ -322,3 +322,67 @@ def test_evictions_ahead_of_need_by_one_transaction_puts_are_logged(make_store):
         assert s.put(f"new{i}", rand_tensor(10, i))
     gone = [f"k{i}" for i in range(256) if f"k{i}" not in s]
     assert log.take() == gone and len(gone) >= 3  # one more, on mmap: the slot kept free
+
+
+@pytest.mark.parametrize("cold", [False, True])
+def test_values_in_adjacent_slots_are_read_together_and_each_verified(make_store, tmp_path, cold):
+    """A request's blocks sit in adjacent slots: a batch reads runs of them
+    with one request (up to 1 MiB, direct engine), in any batch order, and
+    still checks each value on its own: a damaged one is a miss, its
+    neighbours hits."""
+    size = 64 << 10
+    s = make_store(capacity_bytes=40 * size, slot_bytes=size)
+    desc = describe([(size,)], [torch.uint8], is_list=False)
+    keys = [f"k{i}" for i in range(36)]
+    vals = [rand_tensor(size, i) for i in range(36)]
+    assert s.write(keys, vals, [desc] * 36) == [True] * 36
+    assert sorted(s.entry(k).slot for k in keys) == list(range(36))  # adjacent, as a job's blocks are
+    s.write(["short"], [rand_tensor(100, 99)], [describe([(100,)], [torch.uint8], is_list=False)])
+    _damage(s, tmp_path, "k7")
+    if not cold:
+        s.get_many(keys)  # warm again (k7 now gone)
+    if cold:
+        s.engine.drop_cache()
+    order = [k for k in keys[::-1] if k != "k7"] + ["short", "k7"]  # tail first, as SGLang reads
+    found = s.lookup(order)
+    outs = [s.engine.empty(size) for _ in order[:-2]] + [torch.empty(100, dtype=torch.uint8), s.engine.empty(size)]
+    read_before = s.engine.bytes_read
+    groups = []
+    real = s.engine._read_group
+
+    def counted(slots, parts_list, group, hashed):
+        groups.append(sorted(slots[i] for i in group))
+        return real(slots, parts_list, group, hashed)
+
+    s.engine._read_group = counted
+    got = s.read_into(found, outs)
+    # Runs of at most 16 slots (1 MiB); warm, k7 was already dropped by the
+    # first read and splits the first run.  Only engines that gain from it
+    # read runs together (direct: requests; mmap reads warm blocks faster
+    # one by one).
+    want = ([list(range(0, 16)), list(range(16, 32)), list(range(32, 36))] if cold else
+            [list(range(0, 7)), list(range(8, 24)), list(range(24, 36))])
+    assert sorted(groups) == (want if s.engine.coalesce_below > size else [])
+    for k, o, d in zip(order, outs, got):
+        if k in ("k7",):
+            assert d is None
+        elif k == "short":
+            assert d is not None and torch.equal(o, rand_tensor(100, 99))
+        else:
+            assert d is not None and torch.equal(o, vals[int(k[1:])]), k
+    assert s.engine.bytes_read - read_before == 35 * size + 100 + (0 if found[-1] is None else size)
+    assert s.stats()["checksum_failures"] == 1
+
+
+def test_a_value_shorter_than_its_slot_ends_a_run_read_together(make_store):
+    """Only values that fill their slot are read as one run: the bytes after
+    a short value are not the next value's."""
+    size = 64 << 10
+    s = make_store(capacity_bytes=8 * size, slot_bytes=size)
+    full, short = describe([(size,)], [torch.uint8], is_list=False), describe([(100,)], [torch.uint8], is_list=False)
+    vals = [rand_tensor(size, 1), rand_tensor(100, 2), rand_tensor(size, 3), rand_tensor(size, 4)]
+    assert s.write(["a", "short", "b", "c"], vals, [full, short, full, full]) == [True] * 4
+    assert [s.entry(k).slot for k in ("a", "short", "b", "c")] == [0, 1, 2, 3]
+    outs = [s.engine.empty(v.numel()) for v in vals]  # aligned, as a host's buffers are
+    got = s.read_into(s.lookup(["a", "short", "b", "c"]), outs)
+    assert all(d is not None for d in got) and all(torch.equal(o, v) for o, v in zip(outs, vals))
