@@ -85,7 +85,7 @@ class SlabStore(Handle, TensorVerbs):
         for i, (f, buf) in enumerate(zip(found, bufs)):
             if f is None:
                 continue
-            room = sum(b.numel() for b in buf)
+            room = buf[0].numel() if len(buf) == 1 else sum(b.numel() for b in buf)
             if len(buf) > 1 and room != f.length:
                 raise ValueError(f"the parts of outs[{i}] hold {room} bytes, the value {f.length}; "
                                  "give parts that add up to exactly the value's length")

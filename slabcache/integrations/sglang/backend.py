@@ -19,9 +19,7 @@ and never raises: a damaged page is a miss, never bytes.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import os
 import threading
 import time
 from typing import Any, List, Optional
@@ -31,7 +29,8 @@ from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageC
 
 from ...core.store import SlabStore
 from ...core.values import describe
-from ...errors import ConfigError, LayoutMismatchError, SlabcacheError
+from ...errors import ConfigError, SlabcacheError
+from ..stores import open_host_store
 from .keys import namespace, store_keys
 from .pages import PageMap
 from .settings import backend_config
@@ -59,35 +58,17 @@ class SlabCacheStorage(HiCacheStorage):
         """Open the store once the pool says what a page is."""
         super().register_mem_pool_host(mem_pool_host)
         pages = PageMap(mem_pool_host)
-        options = self.settings.options_for(pages.page_bytes)
-        if self.settings.options.slot_bytes is None and os.path.exists(os.path.join(options.path, "slab")):
-            options = dataclasses.replace(options, slot_bytes=None)  # an existing store keeps its own
-        store = self._open(options)
-        if store.geometry.slot_bytes < pages.page_bytes:
-            store.close()
-            raise ConfigError(
-                f"slabcache HiCache backend: the store at {options.path} has slots of "
-                f"{store.geometry.slot_bytes} bytes, smaller than one page of the host pool "
-                f"({pages.page_bytes}); point 'path' at another directory or rebuild it with "
-                f"'slabcache compact {options.path} --slot-bytes {pages.page_bytes}'")
+        self.settings.options_for(pages.page_bytes)  # a configured slot must hold a page
+        store = open_host_store(self.settings.options, unit=pages.page_bytes,
+                                unit_name="one page of the host pool", who="slabcache HiCache backend",
+                                keys="The extra config keys 'capacity' and 'slot_bytes'")
         if self.store is not None:
             self.store.close()
         self.store, self.pages = store, pages
         self._ns = namespace(self.storage_config, pages, mem_pool_host)
         self._desc = describe([(pages.page_bytes,)], [torch.uint8], is_list=False, extra=b"sglang")
         log.info("slabcache HiCache backend at %s: %d slots of %d bytes, pages of %d bytes, namespace %r",
-                 options.path, store.geometry.slot_count, store.geometry.slot_bytes, pages.page_bytes, self._ns)
-
-    def _open(self, options) -> SlabStore:
-        try:
-            return SlabStore(options)
-        except LayoutMismatchError as exc:
-            raise LayoutMismatchError(
-                f"slabcache HiCache backend at {options.path}: {exc}. The extra config keys 'capacity' "
-                f"and 'slot_bytes' must match the store: change them, or resize the store with "
-                f"'slabcache compact {options.path} --capacity SIZE'") from exc
-        except SlabcacheError as exc:
-            raise type(exc)(f"slabcache HiCache backend at {options.path}: {exc}") from exc
+                 store.path, store.geometry.slot_count, store.geometry.slot_bytes, pages.page_bytes, self._ns)
 
     def _ready(self) -> SlabStore:
         if self.store is None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import os
 import threading
 import time
 from collections.abc import Collection, Iterable
@@ -41,8 +40,9 @@ from vllm.v1.kv_offload.tiering.base import JobResult, SecondaryTierManager, Tra
 
 from ...core.store import SlabStore
 from ...core.values import describe
-from ...errors import ConfigError, LayoutMismatchError, SlabcacheError
+from ...errors import SlabcacheError
 from ...runtime.workers import Priority, WorkerPool
+from ..stores import open_host_store
 from .keys import namespace, store_key
 from .settings import tier_config
 
@@ -156,27 +156,10 @@ class SlabCacheTier(SecondaryTierManager):
                  sum(s.geometry.slot_count for s in self._stores), self.block_size_bytes, self._ns)
 
     def _open(self, path: str) -> SlabStore:
-        slot = self.settings.options.slot_bytes
-        if slot is None and not os.path.exists(os.path.join(path, "slab")):
-            slot = self.block_size_bytes  # new store: one block a slot
-        try:
-            store = SlabStore(self.settings.options_for(path, slot))
-        except LayoutMismatchError as exc:
-            raise LayoutMismatchError(
-                f"slabcache tier {self.tier_type!r} at {path}: {exc}. The tier keys 'capacity' "
-                f"(split over the paths) and 'slot_bytes' must match the store: change them, or "
-                f"resize the store with 'slabcache compact {path} --capacity SIZE'") from exc
-        except SlabcacheError as exc:
-            # Keep the class (callers match on it) but say which tier and path.
-            raise type(exc)(f"slabcache tier {self.tier_type!r} at {path}: {exc}") from exc
-        if store.geometry.slot_bytes < self.block_size_bytes:  # a store made for another model
-            store.close()
-            raise ConfigError(
-                f"slabcache tier {self.tier_type!r}: the store at {path} has slots of "
-                f"{store.geometry.slot_bytes} bytes, smaller than one CPU-tier block "
-                f"({self.block_size_bytes}); point 'path' at another directory or rebuild it with "
-                f"'slabcache compact {path} --slot-bytes {self.block_size_bytes}'")
-        return store
+        return open_host_store(
+            self.settings.options_for(path, self.settings.options.slot_bytes), unit=self.block_size_bytes,
+            unit_name="one CPU-tier block", who=f"slabcache tier {self.tier_type!r}",
+            keys="The tier keys 'capacity' (split over the paths) and 'slot_bytes'")
 
     # ---------------------------------------------------------------- keys
 
