@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from slabcache.format.checksum import CHECKSUM_BLOCK
-from slabcache import SlabIOError, UnsupportedValueError
+from slabcache import SlabIOError, SlabStore, UnsupportedValueError
 from slabcache.core.values import describe
 from slabcache.testing import FaultyEngine, inject
 from tests.helpers import rand_tensor
@@ -386,3 +386,27 @@ def test_a_value_shorter_than_its_slot_ends_a_run_read_together(make_store):
     outs = [s.engine.empty(v.numel()) for v in vals]  # aligned, as a host's buffers are
     got = s.read_into(s.lookup(["a", "short", "b", "c"]), outs)
     assert all(d is not None for d in got) and all(torch.equal(o, v) for o, v in zip(outs, vals))
+
+
+def test_a_cold_batch_of_small_values_is_asked_for_at_once(tmp_path):
+    """Through the page cache (mmap), a batch of small values found out of
+    the cache asks the kernel for every value before reading the first, so
+    the disk sees the batch's reads together; warm, it asks for nothing.
+    Every value still comes back right."""
+    size = 64 << 10
+    with SlabStore.open(tmp_path / "store", capacity_bytes=40 * size, slot_bytes=size, io="mmap") as s:
+        keys = [f"k{i}" for i in range(8)]
+        vals = [rand_tensor(size - 7 * i, i) for i in range(8)]
+        assert s.put_many(keys, vals) == [True] * 8
+        asked = []
+        real = s.engine._readahead
+        s.engine._readahead = lambda offset, n: (asked.append((offset, n)), real(offset, n))
+        for cold in (True, False):
+            if cold:
+                s.engine.drop_cache()
+            asked.clear()
+            outs = [torch.zeros(size - 7 * i, dtype=torch.uint8) for i in range(8)]
+            assert s.get_many_into(keys, outs) == [True] * 8
+            assert all(torch.equal(o, v) for o, v in zip(outs, vals))
+            want = sorted((s.geometry.slot_offset(s.entry(k).slot), size - 7 * i) for i, k in enumerate(keys))
+            assert sorted(asked) == (want if cold else [])

@@ -49,16 +49,18 @@ from .settings import tier_config
 log = logging.getLogger(__name__)
 
 # The tier's own threads only dispatch batches (the store's threads do the
-# parallel I/O of a large batch).  Jobs of small blocks are mostly Python
-# holding the GIL: a second dispatcher only contends (64 KiB blocks loaded
-# 0.6x as fast with two as with one here).  Jobs of large blocks mostly wait
-# on copies and I/O: two let a load start while a store runs (1 MiB blocks
-# loaded 1.2-1.6x as fast with two).
+# parallel I/O of a large batch).  With the page cache (``mmap``), jobs of
+# small blocks are mostly Python holding the GIL: a second dispatcher only
+# contends (warm 64 KiB loads: 42.9k blocks/s with one, 24.6k with two).
+# Jobs of large blocks, and every job of the ``direct`` engine, mostly wait
+# on the disk: two let one job's read be in flight while the other's
+# Python runs (64 KiB direct loads: 11.8k -> 19.8k blocks/s; 1 MiB blocks
+# loaded 1.2-1.6x as fast with two).  Four were slower than two.
 SMALL_BLOCK = 256 << 10
 
 
-def tier_threads(block_size_bytes: int) -> int:
-    return 1 if block_size_bytes < SMALL_BLOCK else 2
+def tier_threads(block_size_bytes: int, engine: str) -> int:
+    return 1 if block_size_bytes < SMALL_BLOCK and engine == "mmap" else 2
 
 
 # What vLLM's Prometheus endpoint shows of the tier, labelled by tier type.
@@ -131,7 +133,8 @@ class SlabCacheTier(SecondaryTierManager):
         # Zero-copy rows of the CPU tier's buffer; released in shutdown()
         # (vLLM cannot unmap its region while a view of it is exported).
         self._rows = torch.from_numpy(np.asarray(primary_kv_view).view(np.uint8))
-        self._pool = WorkerPool(tier_threads(self.block_size_bytes), max_pending_puts=UNBOUNDED, on_full="wait",
+        dispatchers = tier_threads(self.block_size_bytes, self._stores[0].engine.name)
+        self._pool = WorkerPool(dispatchers, max_pending_puts=UNBOUNDED, on_full="wait",
                                 name="slabcache-vllm")
         self._finished: collections.deque[JobResult] = collections.deque()
         self._cv = threading.Condition()
