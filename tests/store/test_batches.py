@@ -1,6 +1,8 @@
 """Batched operations: one index transaction per batch, same guarantees as
 one key at a time (every engine)."""
 
+import os
+
 import pytest
 import torch
 
@@ -410,3 +412,38 @@ def test_a_cold_batch_of_small_values_is_asked_for_at_once(tmp_path):
             assert all(torch.equal(o, v) for o, v in zip(outs, vals))
             want = sorted((s.geometry.slot_offset(s.entry(k).slot), size - 7 * i) for i, k in enumerate(keys))
             assert sorted(asked) == (want if cold else [])
+
+
+def test_a_value_whose_head_is_cached_is_read_cold_and_each_cold_reader_opens_its_own(tmp_path):
+    """Readahead past one value brings the head of the next slot into the
+    page cache: a batch is judged cold by a value's last page, not its
+    first.  Cold large values are read whole through each reader thread's
+    own open of the slab (the kernel keeps readahead state per open file),
+    and those opens are closed with the store."""
+    from slabcache.device import mmap as mmap_engine
+
+    n = mmap_engine.COLD_WHOLE_FROM + 12345
+    s = SlabStore.open(tmp_path / "store", capacity_bytes=6 * (n + (1 << 20)), slot_bytes=n + (1 << 20), io="mmap")
+    try:
+        keys = [f"k{i}" for i in range(4)]
+        vals = [rand_tensor(n, i) for i in range(4)]
+        assert s.put_many(keys, vals) == [True] * 4
+        s.engine.drop_cache()
+        with open(tmp_path / "store" / "slab", "rb") as f:  # the heads cached, as readahead leaves them
+            for k in keys:
+                f.seek(s.geometry.slot_offset(s.entry(k).slot))
+                f.read(1 << 20)
+        whole = []
+        real = s.engine._read_whole
+        s.engine._read_whole = lambda slot, parts, hashed: (whole.append(slot), real(slot, parts, hashed))[1]
+        outs = [torch.zeros(n, dtype=torch.uint8) for _ in keys]
+        assert s.get_many_into(keys, outs) == [True] * 4
+        assert all(torch.equal(o, v) for o, v in zip(outs, vals))
+        assert sorted(whole) == sorted(s.entry(k).slot for k in keys)
+        readers = list(s.engine._reader_fds)
+        assert readers and s.engine.fd not in readers
+    finally:
+        s.close()
+    for fd in readers:
+        with pytest.raises(OSError):
+            os.fstat(fd)
