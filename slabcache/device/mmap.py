@@ -198,24 +198,29 @@ class MmapEngine(Engine):
             digests.append(h.digest() if h is not None else None)
         return digests
 
-    def _is_cold(self, slot, parts) -> bool:
-        """Whether the last page of the value in ``slot`` is out of the page
-        cache (read into ``parts`` if not); False where the filesystem
-        cannot say.  The last page, not the first: readahead past the end
-        of one value brings the first megabytes of the next slot in, and a
-        value found warm by its head was then read cold in small pieces
-        (4 x 32 MiB inside LMCache: 100-130 ms a prompt against 60-70)."""
+    def _is_cold(self, slot, parts, page: str = "first") -> bool:
+        """Whether the ``page`` ("first" or "last") of the value in ``slot``
+        is out of the page cache (read into ``parts`` if not); False where
+        the filesystem cannot say.  A head found cached usually means the
+        kernel's readahead is streaming through these slots, and the
+        values are best read plainly behind it; but a value of
+        COLD_WHOLE_FROM or more is judged by its last page, since readahead
+        past the end of one value caches only the first megabytes of the
+        next, and such a value found warm by its head was then read cold in
+        small pieces (4 x 32 MiB inside LMCache: 100-130 ms a prompt
+        against 60-70)."""
         n = parts[0].numel() if len(parts) == 1 else sum(p.numel() for p in parts)
         g = self.geometry
         if not self._nowait or not 0 < n <= g.slot_bytes or not 0 <= slot < g.slot_count:
             return False
-        start = (n - 1) // PAGE * PAGE
+        start = (n - 1) // PAGE * PAGE if page == "last" else 0
+        n = n if page == "last" else min(n, PAGE)
         dst = Span(parts).range(start, n)
         return self._cached(dst, g.slot_offset(slot) + start) < n - start
 
     def _read_large_many(self, slots, parts_list, hashed):
         if (all(sum(t.numel() for t in p) >= COLD_WHOLE_FROM for p in parts_list)
-                and self._is_cold(slots[0], parts_list[0])):
+                and self._is_cold(slots[0], parts_list[0], page="last")):
             return self._read_whole_many(slots, parts_list, hashed)
         return super()._read_large_many(slots, parts_list, hashed)
 
