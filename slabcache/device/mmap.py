@@ -14,7 +14,6 @@ import mmap
 import os
 import threading
 import warnings
-from concurrent.futures import Future
 
 import torch
 import xxhash
@@ -226,7 +225,7 @@ class MmapEngine(Engine):
 
     def _read_whole_many(self, slots, parts_list, hashed):
         """Cold large values: each read whole, then hashed, several at once
-        (COLD_WHOLE_FROM)."""
+        (COLD_WHOLE_READS)."""
         return self.spread([(slot, parts, hashed) for slot, parts in zip(slots, parts_list)],
                            self._read_whole, COLD_WHOLE_READS)
 
