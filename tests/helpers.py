@@ -20,6 +20,17 @@ def run_py(code: str, *args: str, timeout: float = 120, check: bool = True) -> s
     return proc
 
 
+def copy_tree_sparse(src, dst, ignore=None) -> None:
+    """shutil.copytree that keeps holes: an index file is mostly holes, and a
+    plain copy writes its whole map size (1 GB) as zeros."""
+    import shutil
+
+    def copy(a, b):
+        subprocess.run(["cp", "--sparse=always", "--preserve=mode", a, b], check=True)
+
+    shutil.copytree(src, dst, ignore=ignore, copy_function=copy)
+
+
 def rand_tensor(n_bytes: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (n_bytes,), dtype=torch.uint8, generator=g)

@@ -12,6 +12,7 @@ from slabcache import SlabStore
 from slabcache.format.sizes import parse_size
 from slabcache.bench.contenders import FilePerChunk, SlabContender
 from slabcache.bench.suite import run_size
+from tests.helpers import copy_tree_sparse
 from slabcache.cli import main
 from slabcache.testing import child_env
 
@@ -108,12 +109,7 @@ def test_read_only_commands_work_on_a_store_copied_without_its_lock_file(store_p
     import shutil
 
     copy = tmp_path / "copy"
-
-    def sparse_copy(src, dst):  # the index file is mostly holes: keep them
-        subprocess.run(["cp", "--sparse=always", "--preserve=mode", src, dst], check=True)
-
-    shutil.copytree(store_path, copy, ignore=shutil.ignore_patterns("lock"),
-                    copy_function=sparse_copy)
+    copy_tree_sparse(store_path, copy, ignore=shutil.ignore_patterns("lock"))
     for cmd in (["stats", str(copy), "--json"], ["ls", str(copy)]):
         r = _cli(*cmd)  # it used to wait forever on its own lock
         assert r.returncode == 0, r.stderr

@@ -23,7 +23,7 @@ from slabcache.format.keys import make_key
 from slabcache.format.layout import StorePaths
 from slabcache.index import IndexTxn
 from slabcache.testing import child_env, expected
-from tests.helpers import rand_tensor, run_py
+from tests.helpers import copy_tree_sparse, rand_tensor, run_py
 
 
 def _fsck(p, *flags):
@@ -271,7 +271,7 @@ def test_a_foreign_index_is_named_and_rebuilt_never_written_over_the_slab(tmp_pa
     a, b = _two_stores(tmp_path)
     header = (a / "slab").read_bytes()[:4096]
     shutil.rmtree(a / "index")
-    shutil.copytree(b / "index", a / "index")
+    copy_tree_sparse(b / "index", a / "index")
     res = _fsck(a)
     assert res.exit_code == 4 and res.findings[0].kind == "index belongs to another slab"
     assert "--rebuild-index" in res.findings[0].detail
@@ -288,7 +288,7 @@ def test_a_foreign_index_is_named_and_rebuilt_never_written_over_the_slab(tmp_pa
 def test_a_damaged_header_is_not_restored_from_a_foreign_index(tmp_path):
     a, b = _two_stores(tmp_path)
     shutil.rmtree(a / "index")
-    shutil.copytree(b / "index", a / "index")
+    copy_tree_sparse(b / "index", a / "index")
     with open(a / "slab", "r+b") as f:
         f.seek(24)
         f.write(b"\x00\x00\x10\x00")
