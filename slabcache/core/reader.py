@@ -4,8 +4,9 @@ Readers look an entry up, copy its bytes, then check in the index that the
 entry still names the same slot and generation: a slot is rewritten only
 after its entry is gone and with a new generation, so a read that passes
 that check saw no rewrite, and a read that fails it is a miss.  A checksum
-mismatch is a miss too (counted, and the entry is dropped); wrong bytes
-are never served.  Every miss is counted here (:meth:`Reader.find`,
+mismatch is a miss too (counted, and the entry is dropped once a second
+read of the slot into the store's own buffer confirms it); wrong bytes are
+never served.  Every miss is counted here (:meth:`Reader.find`,
 :meth:`Reader.lookup`, :meth:`Reader._judge`).
 """
 
@@ -159,6 +160,15 @@ class Reader:
             return False, False
         # A checksum of 0 marks an entry written with checksum=False.
         if self.checksum and e.checksum != 0 and digest != e.checksum:
+            if self._slot_matches(e):
+                # The slot holds the entry's bytes: what was hashed changed
+                # while it was read (a caller writing into the out it passed,
+                # say).  Those bytes are not served, and the entry is kept.
+                log.warning("the bytes read from slot %d of %s (key %r) changed while they were "
+                            "read, but the slot's bytes are intact; serving a miss (do not write "
+                            "into a buffer while a read fills it)", e.slot, self.path, display_key(e.canon))
+                self.uses.count("misses")
+                return False, False
             self._drop_corrupt(e)
             return False, False
         return True, self.uses.hit(e)
@@ -173,6 +183,16 @@ class Reader:
                 if now - self._last_full_warning > 60:
                     self._last_full_warning = now
                     log.warning("%s; reads go on without recording their uses", exc)
+
+    def _slot_matches(self, e: Entry | EntryRef) -> bool:
+        """Whether ``e``'s slot, read again into a buffer of the store's own,
+        still holds bytes with ``e``'s checksum: a mismatch is proven before
+        an entry is dropped."""
+        try:
+            digest = self.engine.read_into(e.slot, [self.engine.empty(e.length)], hashed=True)
+        except OSError:
+            return False
+        return digest == e.checksum
 
     def _drop_corrupt(self, e: Entry | EntryRef) -> None:
         log.warning("checksum mismatch in slot %d of %s (key %r); %s",

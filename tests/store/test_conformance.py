@@ -11,7 +11,7 @@ from slabcache import (
     ConfigError, EntryTooLargeError, LayoutMismatchError, SlabStore, StoreClosedError,
     UnsupportedValueError,
 )
-from slabcache.format.checksum import CHECKSUM_BLOCK
+from slabcache.format.checksum import CHECKSUM_BLOCK, checksum
 from slabcache.format.values import DTYPE_NAMES
 from slabcache.testing import FaultyEngine, child_env, expected
 
@@ -402,6 +402,48 @@ def test_checksum_mismatch_is_a_miss(make_store, tmp_path):
     """, str(tmp_path / "store"))
     assert seen.stdout.split() == ["1", "False"]
     assert torch.equal(s.get("good"), rand_tensor(3000, 2))
+
+
+class _ChangedWhileRead(FaultyEngine):
+    """Once armed, the next read's out changes after the slot's bytes land
+    and before they are hashed, as when a caller writes into the buffer it
+    passed while the read fills it."""
+
+    armed = 0
+
+    def read_into(self, slot, parts, hashed=False):
+        digest = self.inner.read_into(slot, parts, hashed)
+        if self.armed:
+            self.armed -= 1
+            parts[0][0] ^= 0xFF
+            digest = checksum([p.numpy() for p in parts]) if hashed else digest
+        return digest
+
+
+@pytest.mark.parametrize("many", [False, True])
+def test_an_out_changed_while_read_is_a_miss_and_the_entry_is_kept(make_store, many):
+    s = make_store(engine_wrapper=_ChangedWhileRead)
+    v = rand_tensor(3000, 1)
+    s.put("k", v)
+    s.put("other", rand_tensor(3000, 2))
+    s.engine.armed = 1
+    out = torch.empty(3000, dtype=torch.uint8)
+    got = s.get_many_into(["k", "other"], [out, torch.empty_like(out)])[0] if many else s.get_into("k", out)
+    assert got is False  # the hashed bytes were not the slot's: never served
+    assert "k" in s and s.stats()["checksum_failures"] == 0
+    assert s.get_into("k", out) and torch.equal(out, v)
+    # Damage in the slot itself still drops the entry: the second read agrees.
+    s.engine.armed = 0
+    s.put("k", v)
+    off = s.geometry.slot_offset(s.entry("k").slot) + 17
+    with open(os.path.join(s.path, "slab"), "r+b") as f:
+        f.seek(off)
+        b = f.read(1)
+        f.seek(off)
+        f.write(bytes([b[0] ^ 0x10]))
+    s.engine.drop_cache()
+    assert s.get_into("k", out) is False
+    assert "k" not in s and s.stats()["checksum_failures"] == 1
 
 
 @pytest.mark.parametrize("n", [CHECKSUM_BLOCK, CHECKSUM_BLOCK + 1, 3 * CHECKSUM_BLOCK - 4097,
