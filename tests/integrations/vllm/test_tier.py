@@ -17,6 +17,7 @@ pytest.importorskip("vllm", reason=VLLM_MISSING)
 from vllm.v1.kv_offload.base import Locality, LookupResult, Medium  # noqa: E402
 
 from slabcache import ConfigError, LayoutMismatchError, SlabStore  # noqa: E402
+from slabcache.runtime.workers import Priority  # noqa: E402
 
 from slabcache.testing.vllm_tier import BLOCK, Primary, job, key, offloading_spec, wait_jobs  # noqa: E402
 
@@ -397,3 +398,101 @@ def test_kv_events_stay_off_unless_vllm_publishes_them(primary, make_tier, caplo
     wait_jobs(tier, [a.job_id])
     assert list(tier.take_events()) == []
     assert "KV cache events are off" in caplog.text
+
+
+def _hold_dispatchers(tier) -> threading.Event:
+    """Keep every tier thread busy until the returned event is set, so the
+    jobs submitted meanwhile queue up together."""
+    gate, busy = threading.Event(), threading.Barrier(tier._pool.threads + 1)
+
+    def hold():
+        busy.wait(10)
+        gate.wait(10)
+
+    for _ in range(tier._pool.threads):
+        tier._pool.submit(Priority.PREFETCH, hold)
+    busy.wait(10)
+    return gate
+
+
+def _count_reads(store) -> list[int]:
+    """The number of blocks in each read_into call on ``store``."""
+    calls, real = [], store.read_into
+
+    def counted(found, outs):
+        calls.append(len(found))
+        return real(found, outs)
+
+    store.read_into = counted
+    return calls
+
+
+def test_load_jobs_queued_together_are_read_as_one_batch(primary, make_tier):
+    tier = make_tier(primary)
+    data = primary.fill(range(12), seed=11)
+    tier.submit_store(s := job([key(i) for i in range(12)], range(12)))
+    wait_jobs(tier, [s.job_id])
+    tier._stores[0].remove(tier_key(tier, key(5)))  # gone since vLLM looked it up
+    calls = _count_reads(tier._stores[0])
+    primary.array[:] = 0
+    gate = _hold_dispatchers(tier)
+    loads = [job([key(i) for i in range(j, j + 4)], range(20 + j, 24 + j)) for j in (0, 4, 8)]
+    for ld in loads:
+        tier.submit_load(ld)
+    gate.set()
+    res = wait_jobs(tier, [ld.job_id for ld in loads])
+    assert calls == [12]  # one lookup and one read for the three jobs
+    first, second, third = (res[ld.job_id] for ld in loads)
+    assert first.success and third.success and first.transfer_bytes == 4 * BLOCK
+    # Each job answers for its own blocks: the miss fails only its job.
+    assert not second.success and set(second.successful_keys) == {key(4), key(6), key(7)}
+    for i in range(12):
+        assert primary.array[20 + i].tobytes() == (bytes(BLOCK) if i == 5 else data[i])
+    st = tier.stats()
+    assert st["loaded_blocks"] == 11 and st["load_misses"] == 1
+
+
+def test_merged_loads_stop_at_the_byte_cap_and_at_a_chunk_filled_twice(primary, make_tier, monkeypatch):
+    from slabcache.integrations.vllm import tier as tier_mod
+
+    monkeypatch.setattr(tier_mod, "MERGE_LOAD_BYTES", 3 * BLOCK)
+    tier = make_tier(primary)
+    assert tier._pool.threads == 1  # small mmap blocks: batches run in queue order
+    data = primary.fill(range(8), seed=12)
+    tier.submit_store(s := job([key(i) for i in range(8)], range(8)))
+    wait_jobs(tier, [s.job_id])
+    calls = _count_reads(tier._stores[0])
+    gate = _hold_dispatchers(tier)
+    # 2 + 1 blocks fit the cap; the next 1 + 2 too, but its second job
+    # fills chunk 30 again, so it waits for the batch after; as queued,
+    # chunk 30 ends with the later job's block.
+    loads = [job([key(0), key(1)], [20, 21]), job([key(2)], [22]), job([key(3)], [30]),
+             job([key(4), key(5)], [30, 31]), job([key(6), key(7)], [23, 24])]
+    for ld in loads:
+        tier.submit_load(ld)
+    gate.set()
+    res = wait_jobs(tier, [ld.job_id for ld in loads])
+    assert all(r.success for r in res.values())
+    assert calls == [3, 1, 2, 2]
+    got = {c: primary.array[c].tobytes() for c in (20, 21, 22, 23, 24, 30, 31)}
+    assert got == {20: data[0], 21: data[1], 22: data[2], 23: data[6], 24: data[7], 30: data[4], 31: data[5]}
+
+
+def test_a_merged_batch_that_fails_fails_each_of_its_jobs(primary, make_tier):
+    tier = make_tier(primary)
+    primary.fill(range(4), seed=13)
+    tier.submit_store(s := job([key(i) for i in range(4)], range(4)))
+    wait_jobs(tier, [s.job_id])
+
+    def broken(found, outs):
+        raise OSError(5, "injected: the disk went away")
+
+    tier._stores[0].read_into = broken
+    gate = _hold_dispatchers(tier)
+    loads = [job([key(i)], [10 + i]) for i in range(4)]
+    for ld in loads:
+        tier.submit_load(ld)
+    gate.set()
+    res = wait_jobs(tier, [ld.job_id for ld in loads])
+    assert sorted(res) == sorted(ld.job_id for ld in loads) and not any(r.success for r in res.values())
+    assert tier.stats()["failed_jobs"] == 4 and not tier.has_pending_work()
