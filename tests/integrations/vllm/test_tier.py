@@ -455,7 +455,7 @@ def test_load_jobs_queued_together_are_read_as_one_batch(primary, make_tier):
 def test_merged_loads_stop_at_the_byte_cap_and_at_a_chunk_filled_twice(primary, make_tier, monkeypatch):
     from slabcache.integrations.vllm import tier as tier_mod
 
-    monkeypatch.setattr(tier_mod, "MERGE_LOAD_BYTES", 3 * BLOCK)
+    monkeypatch.setattr(tier_mod, "MERGE_JOB_BYTES", 3 * BLOCK)
     tier = make_tier(primary)
     assert tier._pool.threads == 1  # small mmap blocks: batches run in queue order
     data = primary.fill(range(8), seed=12)
@@ -496,3 +496,30 @@ def test_a_merged_batch_that_fails_fails_each_of_its_jobs(primary, make_tier):
     res = wait_jobs(tier, [ld.job_id for ld in loads])
     assert sorted(res) == sorted(ld.job_id for ld in loads) and not any(r.success for r in res.values())
     assert tier.stats()["failed_jobs"] == 4 and not tier.has_pending_work()
+
+
+def test_store_jobs_queued_together_are_written_as_one_batch(primary, make_tier):
+    tier = make_tier(primary)
+    data = primary.fill(range(6), seed=14)
+    store = tier._stores[0]
+    calls, real = [], store.write
+
+    def write(keys, rows, descs):
+        calls.append(len(keys))
+        held = real(keys, rows, descs)
+        # The block of key 4 is refused (every slot pinned, say).
+        return [ok and k != tier_key(tier, key(4)) for k, ok in zip(keys, held)]
+
+    store.write = write
+    gate = _hold_dispatchers(tier)
+    stores = [job([key(0), key(1)], [0, 1]), job([key(2), key(3)], [2, 3]), job([key(4), key(5)], [4, 5])]
+    for st in stores:
+        tier.submit_store(st)
+    gate.set()
+    res = wait_jobs(tier, [st.job_id for st in stores])
+    assert calls == [6]
+    assert [res[st.job_id].success for st in stores] == [True, True, False]
+    primary.array[:] = 0
+    tier.submit_load(ld := job([key(i) for i in (0, 1, 2, 3, 5)], [10, 11, 12, 13, 15]))
+    assert wait_jobs(tier, [ld.job_id])[ld.job_id].success
+    assert [primary.array[10 + i].tobytes() for i in (0, 1, 2, 3, 5)] == [data[i] for i in (0, 1, 2, 3, 5)]
