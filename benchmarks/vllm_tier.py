@@ -2,8 +2,9 @@
 
 Both tiers are driven exactly as vLLM's TieringOffloadingManager drives a
 secondary tier: store jobs and load jobs of ``JOB_BLOCKS`` blocks each
-(a request's worth) between the CPU tier's shared buffer and the tier,
-all submitted at once, then ``get_finished_jobs`` polled until every job
+(a request's worth) between the CPU tier's shared buffer (a chunk of it
+for every block, as vLLM gives each transfer in flight its own) and the
+tier, all submitted at once, then ``get_finished_jobs`` polled until every job
 has reported.  No vLLM engine runs; vLLM 0.32 must be installed
 (``./tools/bootstrap.sh --with-vllm`` builds .venv-vllm).
 
@@ -54,7 +55,10 @@ from report import resident, save_json, span, turns
 from slabcache.bench.contenders import drop_file_cache
 
 SIZES = {"64K": 64 << 10, "1M": 1 << 20, "8M": 8 << 20}
-WORKING_SET = 64 << 20  # bytes of blocks per size (at least 32 blocks: 256 MiB of 8 MiB ones)
+# Bytes of blocks per size (at least 32 blocks).  256 MiB makes a cold load
+# phase last a few hundred milliseconds; at 64 MiB (40 ms) thread start-up
+# and the device's first requests moved the ratios by a third between rounds.
+WORKING_SET = 256 << 20
 JOB_BLOCKS = 8
 CONTENDERS = ("fs", "slabcache-direct", "slabcache-mmap", "memory")
 
@@ -183,7 +187,9 @@ def one_size(label: str, block: int, base: str, rounds: int, quick: bool,
     from slabcache.testing.vllm_tier import Primary
 
     n_blocks = max(32, WORKING_SET // block // (2 if quick else 1))
-    chunks = 32  # CPU-tier chunks the jobs cycle through
+    # A CPU-tier chunk for every block: vLLM never has two transfers in
+    # flight on one CPU block, and all the jobs here are in flight at once.
+    chunks = n_blocks
     primary = Primary(chunks=chunks, block=block)
     primary.fill(range(chunks), seed=1)
     res: dict = {c: {} for c in contenders}
