@@ -35,7 +35,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -43,6 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import xxhash
 
+from report import fio_gbps
 from slabcache import SlabStore
 from slabcache.device.memory import aligned_empty
 from slabcache.device.syscalls import preadv_all, pwritev_all
@@ -230,15 +230,6 @@ def warm_and_cold_batches(directory: str, size: int, count: int = 4, rounds: int
             "cold_of_qd16": rate["store_cold"] / rate["qd16_cold"]}
 
 
-def _fio(fio: str, *args: str) -> float:
-    """Bandwidth in GB/s of one fio job (its own clock, so fio's start-up
-    is not counted)."""
-    out = subprocess.run([fio, "--name=ref", "--output-format=json", "--direct=1", "--ioengine=libaio",
-                          "--norandommap", *args], check=True, capture_output=True, text=True).stdout
-    job = json.loads(out[out.index("{"):])["jobs"][0]
-    return max(job["read"]["bw_bytes"], job["write"]["bw_bytes"]) / 1e9
-
-
 def fio_vs_store(directory: str, size: int, total: int = 512 * MiB, rounds: int = 5) -> dict | None:
     fio = shutil.which("fio")
     if fio is None:
@@ -268,7 +259,7 @@ def fio_vs_store(directory: str, size: int, total: int = 512 * MiB, rounds: int 
         common = [f"--bs={size}", f"--size={count * size}"]
         # fio's write target is written once first, as the slab was: first
         # writes to fresh extents cost the filesystem extra work.
-        _fio(fio, f"--filename={target}", "--rw=write", "--iodepth=1", *common)
+        fio_gbps(fio, f"--filename={target}", "--rw=write", "--iodepth=1", *common)
 
         def store_read(io):
             st = stores[io]
@@ -285,10 +276,10 @@ def fio_vs_store(directory: str, size: int, total: int = 512 * MiB, rounds: int 
         for r in range(rounds):
             steps = [("direct_read", lambda: store_read("direct")),
                      ("mmap_cold_read", lambda: store_read("mmap")),
-                     ("fio_read", lambda: _fio(fio, f"--filename={slab}", "--readonly", "--rw=randread",
+                     ("fio_read", lambda: fio_gbps(fio, f"--filename={slab}", "--readonly", "--rw=randread",
                                                "--iodepth=16", f"--offset={first}", *common)),
                      ("direct_write", lambda: store_write(r)),
-                     ("fio_write", lambda: _fio(fio, f"--filename={target}", "--rw=randwrite",
+                     ("fio_write", lambda: fio_gbps(fio, f"--filename={target}", "--rw=randwrite",
                                                 f"--iodepth={qd_w}", *common))]
             for name, fn in (steps if r % 2 == 0 else steps[::-1]):
                 t0 = time.perf_counter()

@@ -13,6 +13,7 @@ import json
 import mmap
 import os
 import statistics
+import subprocess
 from typing import Iterable, Sequence
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -88,3 +89,12 @@ def resident(paths: Iterable[str], ranges: dict[str, list[tuple[int, int]]] | No
         finally:
             os.close(fd)
     return cached / total if total else 0.0
+
+
+def fio_gbps(fio: str, *args: str) -> float:
+    """Bandwidth in GB/s of one fio job with O_DIRECT and libaio (fio's own
+    clock, so its start-up is not counted)."""
+    out = subprocess.run([fio, "--name=ref", "--output-format=json", "--direct=1", "--ioengine=libaio",
+                          "--norandommap", *args], check=True, capture_output=True, text=True).stdout
+    job = json.loads(out[out.index("{"):])["jobs"][0]
+    return max(job["read"]["bw_bytes"], job["write"]["bw_bytes"]) / 1e9

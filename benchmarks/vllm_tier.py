@@ -34,6 +34,13 @@ Workloads, blocks per second (ratio slabcache / fs):
 - lookup: 1,000 keys, each asked until answered (fs answers RETRY first and
   resolves the batch on a background thread at the step's end).
 
+With fio on PATH, each round also times the device itself (DEVICE): O_DIRECT
+reads of the block size in order at queue depth 32 over a file of the
+working set's size, written just before; each tier's cold loads are
+reported as a share of it.  On the development machines' virtual disk fs's
+16 synchronous load threads get more than fio's one queue (up to 130% at 1
+MiB): there it is a floor for the device, not a ceiling.
+
 Each round runs the contenders in turn, the order reversed every other
 round; figures are medians over rounds.
 
@@ -51,7 +58,7 @@ import shutil
 import statistics
 import time
 
-from report import resident, save_json, span, turns
+from report import fio_gbps, resident, save_json, span, turns
 from slabcache.bench.contenders import drop_file_cache
 
 SIZES = {"64K": 64 << 10, "1M": 1 << 20, "8M": 8 << 20}
@@ -61,6 +68,13 @@ SIZES = {"64K": 64 << 10, "1M": 1 << 20, "8M": 8 << 20}
 WORKING_SET = 256 << 20
 JOB_BLOCKS = 8
 CONTENDERS = ("fs", "slabcache-direct", "slabcache-mmap", "memory")
+# The device's own ceiling for cold loads (with fio on PATH): O_DIRECT reads
+# of the block size, in order as the loads here ask for blocks in the order
+# they were stored, at a queue depth above fs's 16 load threads, from a file
+# of the working set's size, taking turns with the tiers.  (Random reads at
+# the same depth were no faster.)
+DEVICE = "fio-read"
+DEVICE_QD = 32
 
 
 def make_tier(name: str, root: str, block: int, capacity_blocks: int, primary):
@@ -193,9 +207,21 @@ def one_size(label: str, block: int, base: str, rounds: int, quick: bool,
     primary = Primary(chunks=chunks, block=block)
     primary.fill(range(chunks), seed=1)
     res: dict = {c: {} for c in contenders}
+    fio = shutil.which("fio")
+    device = os.path.join(base, f"device-{label}")
     try:
         for rnd in range(rounds):
-            for name in turns(contenders, rnd):
+            for name in turns(contenders + ((DEVICE,) if fio else ()), rnd):
+                if name == DEVICE:
+                    # Written just before it is read, as each tier's blocks
+                    # are: the virtual disk's host keeps recent writes
+                    # cached, and a ceiling read from an older file was
+                    # slower than fs's own loads.
+                    common = (f"--filename={device}", f"--bs={block}", f"--size={n_blocks * block}")
+                    fio_gbps(fio, "--rw=write", "--iodepth=1", *common)
+                    gbps = fio_gbps(fio, "--readonly", "--rw=read", f"--iodepth={DEVICE_QD}", *common)
+                    res.setdefault(DEVICE, {}).setdefault("cold_load", []).append(gbps * 1e9 / block)
+                    continue
                 root = os.path.join(base, f"{name}-{label}")
                 shutil.rmtree(root, ignore_errors=True)
                 os.sync()  # nothing left to write back from the last contender
@@ -221,6 +247,8 @@ def one_size(label: str, block: int, base: str, rounds: int, quick: bool,
                     shutil.rmtree(root, ignore_errors=True)
     finally:
         primary.close()
+        if os.path.exists(device):
+            os.unlink(device)
     return {name: {w: statistics.median(v) for w, v in r.items()} | {"runs": r} for name, r in res.items()}
 
 
@@ -276,7 +304,16 @@ def report(results: dict) -> str:
                          + f" | {s['lookup_1000_ms']:.2f} vs {fs['lookup_1000_ms']:.2f} |")
     lines.append("")
     for label, r in results.items():
+        if DEVICE in r:
+            dev = r[DEVICE]["cold_load"]
+            lines.append(f"{label}: the device (fio, reads in order, queue depth {DEVICE_QD}) {dev:.0f} blocks/s; cold loads "
+                         + ", ".join(f"{n} {r[n]['cold_load'] / dev:.0%}" for n in r if n not in (DEVICE, "memory"))
+                         + " of it")
+    lines.append("")
+    for label, r in results.items():
         for name, s in r.items():
+            if name == DEVICE:
+                continue
             cold = f", cold resident {s['cold_resident']:.1%}" if "cold_resident" in s else ""
             lines.append(f"{label:>4} {name:17s} blocks/s: " + " ".join(f"{w} {s[w]:.0f}" for w in WORK)
                          + f"; churn {s['churn_loads']:.0f} loads, {s['churn_stores']:.0f} stores{cold}")
