@@ -287,7 +287,8 @@ class MmapEngine(Engine):
         out, total = [], 0
         for slot, parts in zip(slots, parts_list, strict=True):
             n = parts[0].numel() if len(parts) == 1 else room + 1
-            if n > room or not 0 <= slot < count:
+            # One hash is the format's checksum only up to one checksum block.
+            if n > room or n > CHECKSUM_BLOCK or not 0 <= slot < count:
                 out.append(read_or_error(self.read_into, slot, parts, hashed))
                 continue
             a = as_numpy(parts[0])

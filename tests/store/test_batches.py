@@ -391,6 +391,24 @@ def test_a_value_shorter_than_its_slot_ends_a_run_read_together(make_store):
     assert all(d is not None for d in got) and all(torch.equal(o, v) for o, v in zip(outs, vals))
 
 
+@pytest.mark.parametrize("cold", [False, True])
+def test_values_of_several_checksum_blocks_read_one_after_another_are_verified(make_store, cold):
+    """A batch read value by value in the caller (spread_from above the
+    values: what a tuned engine or a 2-core host may choose) still checks
+    each value against the format's block-wise checksum."""
+    n = CHECKSUM_BLOCK + 4096
+    s = make_store(capacity_bytes=3 * 2 * CHECKSUM_BLOCK, slot_bytes=2 * CHECKSUM_BLOCK)
+    vals = [rand_tensor(n, i) for i in range(3)]
+    assert all(s.put_many(["a", "b", "c"], vals))
+    s.engine.spread_from = 1 << 40
+    if cold:
+        s.engine.drop_cache()
+    outs = [s.engine.empty(n) for _ in vals]
+    assert s.get_many_into(["a", "b", "c"], outs) == [True] * 3
+    assert all(torch.equal(o, v) for o, v in zip(outs, vals))
+    assert s.stats()["checksum_failures"] == 0 and s.stats()["misses"] == 0
+
+
 def test_a_cold_batch_of_small_values_is_asked_for_at_once(tmp_path):
     """Through the page cache (mmap), a batch of small values found out of
     the cache asks the kernel for every value before reading the first, so
