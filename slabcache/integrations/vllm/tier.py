@@ -8,7 +8,8 @@ one batch call on the store for the jobs of its kind queued by then (up to
 MERGE_JOB_BYTES): ``write`` (one reserve and one commit transaction for
 their blocks) or ``lookup`` + ``read_into`` (one lookup, one validation),
 copying straight between the slab and the CPU tier's shared buffer; each
-job is then answered for its own blocks.  ``lookup`` is a single LMDB read (microseconds).
+job is then answered for its own blocks.  ``lookup`` is a single LMDB read
+(microseconds).
 
 A store job is reported finished only after its entries are committed, so
 a block vLLM counts as stored survives a killed engine (vLLM may kill the
