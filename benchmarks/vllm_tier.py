@@ -4,8 +4,8 @@ Both tiers are driven exactly as vLLM's TieringOffloadingManager drives a
 secondary tier: store jobs and load jobs of ``JOB_BLOCKS`` blocks each
 (a request's worth) between the CPU tier's shared buffer (a chunk of it
 for every block, as vLLM gives each transfer in flight its own) and the
-tier, all submitted at once, then ``get_finished_jobs`` polled until every job
-has reported.  No vLLM engine runs; vLLM 0.32 must be installed
+tier, all submitted at once, then ``get_finished_jobs`` polled until every
+job has reported.  No vLLM engine runs; vLLM 0.32 must be installed
 (``./tools/bootstrap.sh --with-vllm`` builds .venv-vllm).
 
 Contenders, one directory each on the same filesystem, in one process,
@@ -68,8 +68,9 @@ SIZES = {"64K": 64 << 10, "1M": 1 << 20, "8M": 8 << 20}
 WORKING_SET = 256 << 20
 JOB_BLOCKS = 8
 CONTENDERS = ("fs", "slabcache-direct", "slabcache-mmap", "memory")
-# The device's own ceiling for cold loads (with fio on PATH): O_DIRECT reads
-# of the block size, in order as the loads here ask for blocks in the order
+# The device's own rate for cold loads (with fio on PATH; see the module
+# docstring for why it is not a ceiling on every disk): O_DIRECT reads of
+# the block size, in order as the loads here ask for blocks in the order
 # they were stored, at a queue depth above fs's 16 load threads, from a file
 # of the working set's size, taking turns with the tiers.  (Random reads at
 # the same depth were no faster.)
