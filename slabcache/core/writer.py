@@ -149,18 +149,22 @@ class Writer:
                 except BaseException as exc:  # every write is waited for first
                     out.append(exc)
             return out
-        out: list = []
-        failed = False
-        for r, it in todo:
-            if failed:  # stop at the first failure: the rest are not tried
-                out.append(None)
-                continue
-            try:
-                out.append(self.write_slot(r.slot, r.generation, it))
-            except BaseException as exc:
-                out.append(exc)
-                failed = True
-        return out
+        # One after another, stopping at the first failure (the rest are not
+        # tried): every payload, then every slot record, so that runs of
+        # adjacent slots are written with one request each.
+        digests, error = self.engine.write_many([r.slot for r, _it in todo],
+                                                [it.parts for _r, it in todo], hashed=self.checksum)
+        out: list = [d or 0 for d in digests]
+        written = todo[:len(out)]
+        try:
+            self.records.write_many([(r.slot, r.generation, it.desc.length, d, key_hash(it.key.canon),
+                                      record_meta(it.key.canon, it.desc.encoded))
+                                     for (r, it), d in zip(written, out)])
+        except BaseException as exc:
+            out = [exc] * len(out)
+        if error is not None:
+            out.append(error)
+        return out + [None] * (len(todo) - len(out))
 
     def _write_in_batch(self, slot: int, generation: int, item: Item) -> int:
         with BatchThread():  # the batch is already spread: its values are not

@@ -74,6 +74,7 @@ class DirectEngine(Engine):
     # request.  (The mmap engine reads warm blocks faster one by one: its
     # small reads are copies, not requests.)
     coalesce_below = 1 << 20
+    coalesce_writes = True
 
     def _coalescable(self, parts) -> bool:
         # Read straight into the caller's buffers: each aligned, and each
@@ -94,6 +95,9 @@ class DirectEngine(Engine):
     def _write_impl(self, offset, parts, n):
         if self._direct_ok(parts):
             pwritev_all(self.fd, [as_numpy(parts[0])], offset)
+            return
+        if all(p.data_ptr() % self.align == 0 and p.numel() % self.align == 0 for p in parts):
+            pwritev_all(self.fd, [as_numpy(p) for p in parts], offset)  # a run of whole slots
             return
         total = round_up(n, self.align)
         buf = self._scratch.get(total)

@@ -3,7 +3,8 @@
 ``Engine.write`` / ``Engine.read_into`` are the one checked path: they check
 the slot number and length, count bytes, and turn OS errors into
 ``SlabIOError``; engines override only ``_write_impl`` / ``_read_impl`` (and
-``_read_hashed`` where reading and hashing can overlap).
+``_read_hashed`` where reading and hashing can overlap, ``_write_run_impl``
+where a run of slots has a faster path).
 
 Anything that counts, throttles or injects faults wraps the public calls
 instead (:class:`EngineWrapper`), so real engines carry no test hooks.
@@ -100,6 +101,8 @@ class Engine(abc.ABC):
     # several, and a larger request for the disk.  Off unless an engine
     # gains from it (DirectEngine).
     coalesce_below = 0
+    # Whether write_many writes runs of adjacent whole slots as one request.
+    coalesce_writes = False
 
     def __init__(self, path: str, g: Geometry):
         self.path = path
@@ -161,6 +164,62 @@ class Engine(abc.ABC):
         if hashed and digest is None:
             digest = checksum([as_numpy(p) for p in parts])
         return digest
+
+    def write_many(self, slots: list[int], parts_list: list[list[torch.Tensor]],
+                   hashed: bool = False) -> tuple[list, BaseException | None]:
+        """:meth:`write` for each (slot, parts) in order, stopping at the
+        first failure: (the checksums of the values written, None each
+        unhashed; the exception that stopped it, or None).  With
+        ``coalesce_writes``, values that fill slots that follow one another
+        are written as one request of up to COALESCE_BYTES (one syscall for
+        a run of small puts); a failed run fails all its values."""
+        done: list = []
+        for run in self._write_runs(slots, parts_list):
+            try:
+                if len(run) == 1:
+                    done.append(self.write(slots[run[0]], parts_list[run[0]], hashed))
+                else:
+                    done.extend(self._write_run(slots[run[0]], [parts_list[i][0] for i in run], hashed))
+            except BaseException as exc:  # the caller gives back what it reserved
+                return done, exc
+        return done, None
+
+    def _write_runs(self, slots, parts_list) -> list[list[int]]:
+        """Positions in order, cut into runs of adjacent slots (see write_many)."""
+        if not self.coalesce_writes or len(slots) < 2:
+            return [[i] for i in range(len(slots))]
+        most = max(1, COALESCE_BYTES // self.geometry.slot_bytes)
+        count = self.geometry.slot_count
+        runs: list[list[int]] = []
+        last, last_joins = -2, False
+        for i, (slot, parts) in enumerate(zip(slots, parts_list, strict=True)):
+            joins = 0 <= slot < count and self._coalescable(parts)
+            if joins and last_joins and slot == last + 1 and len(runs[-1]) < most:
+                runs[-1].append(i)
+            else:
+                runs.append([i])
+            last, last_joins = slot, joins
+        return runs
+
+    def _write_run(self, first: int, parts: list[torch.Tensor], hashed: bool) -> list:
+        """Whole-slot values into slots ``first``, ``first + 1``, ... with
+        one request; their checksums.  Raises SlabIOError."""
+        arrays = [as_numpy(p) for p in parts]
+        # Each value is within one checksum block (a run is at most
+        # COALESCE_BYTES): one hash each, while the run's bytes are in cache.
+        digests = [xxhash.xxh3_64_intdigest(a) for a in arrays] if hashed else [None] * len(arrays)
+        n = len(parts) * self.geometry.slot_bytes
+        try:
+            self._write_run_impl(self.geometry.slot_offset(first), parts, arrays, n)
+        except OSError as exc:
+            raise SlabIOError(f"writing slots {first}-{first + len(parts) - 1} of {self.path} "
+                              f"failed: {exc}") from exc
+        with self._count_lock:
+            self.bytes_written += n
+        return digests
+
+    def _write_run_impl(self, offset: int, parts: list[torch.Tensor], arrays: list, n: int) -> None:
+        self._write_impl(offset, parts, n)  # ``arrays``: the parts' numpy views
 
     def read_into(self, slot: int, parts: list[torch.Tensor], hashed: bool = False) -> int | None:
         """Fill ``parts`` from ``slot``; returns the bytes' checksum when
@@ -404,6 +463,15 @@ class EngineWrapper:
 
     def read_into(self, slot, parts, hashed=False):
         return self.inner.read_into(slot, parts, hashed)
+
+    def write_many(self, slots, parts_list, hashed=False):
+        done = []  # through this wrapper's write, so a subclass sees every write
+        for slot, parts in zip(slots, parts_list, strict=True):
+            try:
+                done.append(self.write(slot, parts, hashed))
+            except BaseException as exc:
+                return done, exc
+        return done, None
 
     def read_many_into(self, slots, parts_list, hashed=False):
         # Through this wrapper's read_into, so a subclass that overrides it

@@ -15,8 +15,19 @@ from ..errors import ConfigError, CorruptStoreError, LayoutMismatchError, Storag
 from ..format.files import open_regular
 from ..format.header import SLAB_HEADER, Geometry, pack_header, plan_geometry, round_up, unpack_header
 from ..format.records import EMPTY_RECORD, SlotRecord, pack_record, pack_record_fields, unpack_record
+from .syscalls import pwritev_all
 
 log = logging.getLogger(__name__)
+
+_ZEROS: dict[int, bytes] = {}
+
+
+def _zeros(n: int) -> bytes:
+    """n zero bytes, one object per size (records pad to their full size)."""
+    z = _ZEROS.get(n)
+    if z is None:
+        z = _ZEROS[n] = bytes(n)
+    return z
 
 
 def copy_mode_and_owner(src: str, dst: str) -> None:
@@ -172,6 +183,27 @@ class SlotRecords:
         """:meth:`write` of a record with these fields."""
         raw = pack_record_fields(generation, length, checksum, key_hash, meta, self.g.record_bytes)
         os.pwrite(self._fd, raw, self.g.record_offset(slot))
+
+    def write_many(self, rows: list[tuple[int, int, int, int, bytes, bytes]]) -> None:
+        """:meth:`write_fields` for each (slot, generation, length, checksum,
+        key hash, meta), records of slots that follow one another with one
+        request (each padded to its full size)."""
+        rb, g = self.g.record_bytes, self.g
+        run: list = []
+        first = last = -2
+        for slot, gen, length, csum, khash, meta in rows:
+            raw = pack_record_fields(gen, length, csum, khash, meta, rb)
+            if slot != last + 1 and run:
+                pwritev_all(self._fd, run, g.record_offset(first))
+                run = []
+            if not run:
+                first = slot
+            run.append(raw)
+            if len(raw) < rb:
+                run.append(_zeros(rb - len(raw)))
+            last = slot
+        if run:
+            pwritev_all(self._fd, run, g.record_offset(first))
 
     def read(self, slot: int) -> SlotRecord | None:
         raw = os.pread(self._fd, self.g.record_bytes, self.g.record_offset(slot))

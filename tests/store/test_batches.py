@@ -88,6 +88,52 @@ def test_put_many_write_failure_keeps_what_was_written(tmp_path, engine, big):
         _no_leak(s)
 
 
+def test_put_many_of_adjacent_slots_written_as_runs_keeps_the_runs_written(tmp_path, engine,
+                                                                            monkeypatch):
+    """Small whole-slot values of a batch go to adjacent slots and are written
+    a run at a time: a run that fails fails its values only, the runs before
+    it are committed, the rest are not tried, and every record written
+    rebuilds the index."""
+    from slabcache.admin.fsck import check
+    from slabcache.device import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "COALESCE_BYTES", 2 * 4096)  # runs of two
+    path = tmp_path / "s"
+    keys = [f"k{i}" for i in range(6)]
+    with SlabStore.open(path, capacity_bytes=16 * 4096, slot_bytes=4096, io=engine) as s:
+        eng = s._writer.engine
+        buf = eng.empty(6 * 4096)
+        values = [buf[i * 4096:(i + 1) * 4096] for i in range(6)]
+        for i, v in enumerate(values):
+            v.copy_(rand_tensor(4096, i))
+        runs, real = [], eng._write_run_impl
+
+        def fail_second(offset, parts, arrays, n):
+            runs.append(len(parts))
+            if len(runs) == 2:
+                raise OSError(5, "injected")
+            real(offset, parts, arrays, n)
+
+        monkeypatch.setattr(eng, "_write_run_impl", fail_second)
+        with pytest.raises(SlabIOError, match="writing slots"):
+            s.put_many(keys, values)
+        assert runs == [2, 2]
+        assert [k for k in keys if k in s] == ["k0", "k1"]
+        _no_leak(s)
+        monkeypatch.setattr(eng, "_write_run_impl", real)
+        assert s.put_many(keys, values) == [True] * 6
+        assert runs == [2, 2]  # the spy is gone: these runs went to the disk
+        for i, k in enumerate(keys):
+            assert torch.equal(s.get(k), rand_tensor(4096, i)), k
+    assert check(path, deep=True, progress=False).exit_code == 0
+    rebuilt = check(path, rebuild_index=True, progress=False)
+    assert [f.kind for f in rebuilt.findings] == ["index rebuilt"], rebuilt.findings
+    with SlabStore.open(path) as s:
+        assert sorted(s.keys()) == keys
+        for i, k in enumerate(keys):
+            assert torch.equal(s.get(k), rand_tensor(4096, i)), k
+
+
 def test_a_failed_read_in_a_batch_is_a_miss_for_that_key_only(make_store):
     s = make_store(capacity_bytes=16 * 4096, engine_wrapper=FaultyEngine)
     keys = [f"k{i}" for i in range(6)]

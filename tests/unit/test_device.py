@@ -116,3 +116,94 @@ def test_slab_header_and_records(slab):
         assert rec.read(6) == r
         rec.clear(6)
         assert rec.read(6) is None
+
+
+def _whole_slots(eng, g, count, seed=0):
+    """``count`` slot-sized values in one aligned buffer (as a host's blocks are)."""
+    buf = eng.empty(count * g.slot_bytes)
+    buf.copy_(torch.randint(0, 256, (buf.numel(),), dtype=torch.uint8,
+                            generator=torch.Generator().manual_seed(seed)))
+    return [buf[i * g.slot_bytes:(i + 1) * g.slot_bytes] for i in range(count)]
+
+
+def _spy_runs(eng, monkeypatch, fail_on=None):
+    """Record each run write as (first slot, values); the ``fail_on``-th fails."""
+    runs, real = [], eng._write_run_impl
+
+    def spy(offset, parts, arrays, n):
+        runs.append(((offset - eng.geometry.data_offset) // eng.geometry.slot_bytes, len(parts)))
+        if len(runs) == fail_on:
+            raise OSError(5, "injected")
+        real(offset, parts, arrays, n)
+
+    monkeypatch.setattr(eng, "_write_run_impl", spy)
+    return runs
+
+
+@pytest.mark.parametrize("io", ["mmap", "direct"])
+def test_write_many_writes_adjacent_whole_slots_with_one_request(slab, io, monkeypatch):
+    from slabcache.device import engine as engine_module
+
+    path, g = slab
+    eng = make_engine(io, path, g)
+    try:
+        runs = _spy_runs(eng, monkeypatch)
+        whole = _whole_slots(eng, g, 5)
+        short = eng.empty(100)
+        short.copy_(torch.arange(100, dtype=torch.uint8))
+        # 2, 3 adjacent and whole; 4 holds a short value; 0 follows nothing; 6, 7 adjacent.
+        slots = [2, 3, 4, 0, 6, 7]
+        values = [whole[0], whole[1], short, whole[2], whole[3], whole[4]]
+        done, err = eng.write_many(slots, [[v] for v in values], hashed=True)
+        assert err is None and runs == [(2, 2), (6, 2)]
+        assert done == [checksum([v.numpy()]) for v in values]
+        assert eng.bytes_written == 5 * g.slot_bytes + 100
+        for slot, v in zip(slots, values):
+            out = eng.empty(v.numel())
+            assert eng.read_into(slot, [out], hashed=True) == checksum([v.numpy()])
+            assert torch.equal(out, v), slot
+        # A run stops at COALESCE_BYTES.
+        runs.clear()
+        monkeypatch.setattr(engine_module, "COALESCE_BYTES", 2 * g.slot_bytes)
+        done, err = eng.write_many([1, 2, 3], [[v] for v in whole[:3]], hashed=False)
+        assert err is None and done == [None] * 3 and runs == [(1, 2)]
+    finally:
+        eng.close()
+
+
+@pytest.mark.parametrize("io", ["mmap", "direct"])
+def test_write_many_stops_at_a_run_that_fails(slab, io, monkeypatch):
+    path, g = slab
+    eng = make_engine(io, path, g)
+    try:
+        runs = _spy_runs(eng, monkeypatch, fail_on=2)
+        whole = _whole_slots(eng, g, 5, seed=1)
+        done, err = eng.write_many([0, 1, 3, 4, 6], [[v] for v in whole], hashed=True)
+        assert runs == [(0, 2), (3, 2)]  # slot 6 is never tried
+        assert done == [checksum([v.numpy()]) for v in whole[:2]]
+        assert isinstance(err, SlabIOError) and "slots 3-4" in str(err)
+        assert eng.bytes_written == 2 * g.slot_bytes
+        out = eng.empty(g.slot_bytes)
+        eng.read_into(6, [out])
+        assert not out.any()  # a new slab's slot, untouched
+    finally:
+        eng.close()
+
+
+def test_slot_records_of_adjacent_slots_are_written_with_one_request(slab, monkeypatch):
+    from slabcache.device import slabfile
+
+    path, g = slab
+    calls = []
+    real = slabfile.pwritev_all
+    monkeypatch.setattr(slabfile, "pwritev_all", lambda fd, bufs, off: (calls.append(off), real(fd, bufs, off)))
+    with SlotRecords(path, g, writable=True) as recs:
+        keep = SlotRecord(9, 10, 11, b"k" * 8, b"meta-of-4")
+        recs.write(4, keep)
+        rows = [(slot, slot + 1, 100 * slot, 7 * slot, bytes([slot]) * 8, b"m" * slot)
+                for slot in (1, 2, 3, 5)]
+        recs.write_many(rows)
+        assert calls == [g.record_offset(1), g.record_offset(5)]
+        for slot, gen, length, csum, khash, meta in rows:
+            assert recs.read(slot) == SlotRecord(gen, length, csum, khash, meta)
+        assert recs.read(4) == keep  # padding ends at each record's end
