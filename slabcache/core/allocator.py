@@ -246,10 +246,10 @@ class SlotAllocator:
         adds = sum(len(it.key.canon) + len(it.key.ikey) + len(it.desc.encoded) + ENTRY_OVERHEAD
                    for _r, it, _c in done)
         with self.index.write(durable=durable, keys=len(done), adds=adds) as t:
-            for r, item, csum in done:
-                (canon, ikey), desc = item.key, item.desc
-                got = _SETTLED[t.settle(r.slot, r.generation, owner, ikey, canon, desc.length, csum,
-                                        desc.encoded, policy, now)]
+            settled = t.settle_many([(r.slot, r.generation, it.key.ikey, it.key.canon, it.desc.length,
+                                      csum, it.desc.encoded) for r, it, csum in done], owner, policy, now)
+            for (r, item, _csum), how in zip(done, settled):
+                got, desc = _SETTLED[how], item.desc
                 if got is PutStatus.STORED:
                     stored += 1
                     nbytes += desc.length

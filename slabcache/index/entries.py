@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Iterator
 
 from .entry import Entry, EntryRef, canon_of, encode_entry, ref_of, slot_gen_of, use_of, with_use
-from .meta import U64
 from .policy import Policy, UseStats
 
 
@@ -68,7 +67,7 @@ class EntryOps:
         since (another slot or generation) is dropped.  Entries are patched
         in place and the clock advanced once for the batch."""
         entries, order = self.db["entries"], self.db["order"]
-        tick = self._u64("tick")
+        tick = self.tick()
         for ikey, (count, when, slot, gen) in uses.items():
             raw = self.txn.get(ikey, db=entries)
             if raw is None or slot_gen_of(raw) != (slot, gen):
@@ -81,7 +80,7 @@ class EntryOps:
             if new_key != old_key:
                 self.txn.delete(old_key, db=order)
                 self.txn.put(new_key, ikey, db=order)
-        self.meta_put("tick", U64.pack(tick))
+        self.set_tick(tick)
 
     def use_if_stored(self, ikey: bytes, canon: bytes, policy: Policy, now: float) -> bool:
         """True when ``canon`` is stored, recording a use of it."""

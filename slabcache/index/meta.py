@@ -59,9 +59,19 @@ class MetaOps:
     def set_policy(self, policy: Policy) -> None:
         self.meta_put("policy", policy.name.encode())
 
-    def next_tick(self) -> int:
-        t = self._u64("tick") + 1
+    def tick(self) -> int:
+        """The logical clock."""
+        if self._tick is None:
+            self._tick = self._u64("tick")
+        return self._tick
+
+    def set_tick(self, t: int) -> None:
+        self._tick = t
         self.meta_put("tick", U64.pack(t))
+
+    def next_tick(self) -> int:
+        t = self.tick() + 1
+        self.set_tick(t)
         return t
 
     def counters(self) -> dict[str, int]:
@@ -79,8 +89,12 @@ class MetaOps:
         self.meta_put("counters", _COUNTERS.pack(*(cur[k] for k in COUNTERS)))
 
     def next_unused(self) -> int:
-        return self._u64("next_unused")
+        """The allocation high-water mark: slots from here on were never used."""
+        if self._unused is None:
+            self._unused = self._u64("next_unused")
+        return self._unused
 
     def set_next_unused(self, mark: int) -> None:
+        self._unused = mark
         self.meta_put("next_unused", U64.pack(mark))
         self._no_free = False

@@ -17,9 +17,9 @@ import struct
 from typing import Iterator
 
 from ..errors import CorruptStoreError
-from .entry import Entry, canon_of, slot_gen_of
+from .entry import Entry, canon_of, encode_entry, slot_gen_of
 from .meta import U64
-from .policy import Policy
+from .policy import Policy, UseStats
 
 _U32 = struct.Struct("<I")
 
@@ -45,15 +45,17 @@ class SlotOps:
         """Pop a free slot: (slot, last generation), or None when none is free."""
         if self._no_free:
             return None
-        with self.txn.cursor(db=self.db["free"]) as cur:
-            if cur.first():
-                slot = U64.unpack(cur.key())[0]
-                gen = _U32.unpack(cur.value())[0]
-                cur.delete()
-                return slot, gen
-        nxt = self._u64("next_unused")
+        if self._free_listed:
+            with self.txn.cursor(db=self.db["free"]) as cur:
+                if cur.first():
+                    slot = U64.unpack(cur.key())[0]
+                    gen = _U32.unpack(cur.value())[0]
+                    cur.delete()
+                    return slot, gen
+            self._free_listed = False  # until a slot is released in this transaction
+        nxt = self.next_unused()
         if nxt < slot_count:
-            self.meta_put("next_unused", U64.pack(nxt + 1))
+            self.set_next_unused(nxt + 1)
             return nxt, 0
         self._no_free = True  # until a slot is released in this transaction
         return None
@@ -62,6 +64,7 @@ class SlotOps:
         self.txn.put(U64.pack(slot), _U32.pack(generation), db=self.db["free"])
         self._vacate(slot)
         self._no_free = False
+        self._free_listed = True
 
     def is_free(self, slot: int) -> bool:
         """Whether ``slot`` is on the free list."""
@@ -74,13 +77,13 @@ class SlotOps:
 
     def free_count(self, slot_count: int) -> int:
         listed = self.txn.stat(self.db["free"])["entries"]
-        return listed + max(0, slot_count - self._u64("next_unused"))
+        return listed + max(0, slot_count - self.next_unused())
 
     def has_free_slot(self, slot_count: int) -> bool:
         with self.txn.cursor(db=self.db["free"]) as cur:
             if cur.first():
                 return True
-        return self._u64("next_unused") < slot_count
+        return self.next_unused() < slot_count
 
     def reserve(self, slot: int, generation: int, who: bytes) -> None:
         self.txn.put(U64.pack(slot), _U32.pack(generation) + who, db=self.db["reserved"])
@@ -128,20 +131,39 @@ class SlotOps:
         """Turn the reservation (slot, generation) of ``owner`` into the entry
         for ``canon``.  Returns "stored", "present" (someone stored the key
         meanwhile; the slot is freed) or "lost" (the reservation is gone)."""
-        reserved = self.db["reserved"]
-        skey = U64.pack(slot)
-        raw = self.txn.get(skey, db=reserved)
-        if raw is None or _U32.unpack_from(raw)[0] != generation or raw[4:] != owner:
-            return "lost"
-        self.txn.delete(skey, db=reserved)
-        old = self.txn.get(ikey, db=self.db["entries"])
-        if old is not None:
-            if canon_of(old) == canon:
-                self.release_slot(slot, generation)
-                return "present"
-            self.free_entry(Entry.decode(ikey, old), policy)  # a long key's hash collided
-        self.add(ikey, canon, slot, generation, length, checksum, meta_raw, policy, now)
-        return "stored"
+        return self.settle_many([(slot, generation, ikey, canon, length, checksum, meta_raw)],
+                                owner, policy, now)[0]
+
+    def settle_many(self, rows, owner: bytes, policy: Policy, now: float) -> list[str]:
+        """:meth:`settle` for each (slot, generation, ikey, canon, length,
+        checksum, meta_raw) in order, in one loop (a batch's commit): the
+        clock is read once and written once."""
+        txn, reserved, entries, order = self.txn, self.db["reserved"], self.db["entries"], self.db["order"]
+        tick = start = self.tick()
+        out = []
+        for slot, generation, ikey, canon, length, checksum, meta_raw in rows:
+            skey = U64.pack(slot)
+            raw = txn.get(skey, db=reserved)
+            if raw is None or _U32.unpack_from(raw)[0] != generation or raw[4:] != owner:
+                out.append("lost")
+                continue
+            txn.delete(skey, db=reserved)
+            old = txn.get(ikey, db=entries)
+            if old is not None:
+                if canon_of(old) == canon:
+                    self.release_slot(slot, generation)
+                    out.append("present")
+                    continue
+                self.free_entry(Entry.decode(ikey, old), policy)  # a long key's hash collided
+            tick += 1  # the new entry is last in its use order (EntryOps.add)
+            use = UseStats(tick, 0, tick)
+            txn.put(ikey, encode_entry(slot, generation, length, checksum, use, now, now, meta_raw,
+                                       canon), db=entries)
+            txn.put(policy.order_key(slot, use), ikey, db=order)
+            out.append("stored")
+        if tick != start:
+            self.set_tick(tick)
+        return out
 
     def evict_next(self, policy: Policy) -> tuple[int, int] | None:
         """Evict the first entry in eviction order that nobody alive has

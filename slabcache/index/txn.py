@@ -30,7 +30,8 @@ __all__ = ["COUNTERS", "TABLES", "IndexTxn", "next_generation"]
 class IndexTxn(MetaOps, EntryOps, SlotOps, PinOps, RepairOps):
     """Typed operations over one LMDB transaction."""
 
-    __slots__ = ("txn", "db", "alive", "vacated", "evicted", "_pins_exist", "_no_free")
+    __slots__ = ("txn", "db", "alive", "vacated", "evicted", "_pins_exist", "_no_free",
+                 "_free_listed", "_tick", "_unused")
 
     def __init__(self, txn: lmdb.Transaction, dbs: dict, alive: Callable[[bytes], bool]):
         self.txn = txn
@@ -48,6 +49,13 @@ class IndexTxn(MetaOps, EntryOps, SlotOps, PinOps, RepairOps):
         self.evicted: list[bytes] | None = None
         # What a batch of puts in one write transaction need not ask again:
         # None until known, then whether any pin exists; whether the free
-        # list and the unused slots ran out.
+        # list and the unused slots ran out; whether the free list may hold
+        # a slot.
         self._pins_exist: bool | None = None
         self._no_free = False
+        self._free_listed = True  # False once the free table was found empty
+        # The clock and the allocation high-water mark as this transaction
+        # last read or wrote them (None until then): a batch of puts moves
+        # both once a key and need not read them back each time.
+        self._tick: int | None = None
+        self._unused: int | None = None

@@ -134,6 +134,33 @@ def test_settle_stores_finds_present_or_lost(index, me):
         assert t.is_free(1) and 1 in t.vacated and t.reservations() == []
 
 
+def test_a_batch_settled_in_one_loop_keeps_the_clock_and_the_free_list_true(index, me):
+    """settle_many and take_free_slot keep the clock, the allocation mark
+    and the free list in the transaction between calls: what they write
+    must be what the next transaction reads."""
+    lru = LRU()
+    with index.write() as t:
+        t.set_tick(10)
+        got = [t.take_free_slot(8) for _ in range(3)]
+        assert got == [(0, 0), (1, 0), (2, 0)]
+        for slot, _gen in got:
+            t.reserve(slot, 1, me)
+        rows = [(slot, 1, k, k, 10, 5, b"") for (slot, _g), k in zip(got, (b"a", b"b", b"c"))]
+        assert t.settle_many(rows, me, lru, 0.0) == ["stored"] * 3
+        assert [t.entry(k).use.tick for k in (b"a", b"b", b"c")] == [11, 12, 13]
+        assert t.tick() == 13
+        t.release_slot(6, 4)  # the free list holds a slot again: it comes first
+        assert t.take_free_slot(8) == (6, 4) and t.take_free_slot(8) == (3, 0)
+    with index.write() as t:
+        assert t.tick() == 13 and t.next_unused() == 4
+        t.reserve(4, 1, me)
+        assert t.settle_many([(4, 1, b"d", b"d", 10, 5, b"")], me, lru, 0.0) == ["stored"]
+        assert t.entry(b"d").use.tick == 14
+        assert [v for _k, v in t.order_keys()] == [b"a", b"b", b"c", b"d"]
+    with index.read() as t:
+        assert t.tick() == 14
+
+
 def test_eviction_follows_the_policy_and_spares_pins(index, me):
     mru = MRU()
     with index.write() as t:
