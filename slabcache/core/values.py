@@ -113,7 +113,10 @@ def host_parts(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def on_cuda(tensors: Sequence[torch.Tensor]) -> bool:
-    return any(t.device.type == "cuda" for t in tensors)
+    for t in tensors:  # a loop, not any(...): every put asks, mostly of one tensor
+        if t.is_cuda:
+            return True
+    return False
 
 
 def _span(t: torch.Tensor) -> tuple[int, int]:
@@ -254,9 +257,15 @@ def plan_for(meta_raw: bytes) -> Plan:
 def described(tensors: Sequence[torch.Tensor], is_list: bool, extra: bytes = b"") -> ValueDesc:
     """The description of checked tensors; cached per layout (its encoding
     is cached with it, ``desc.encoded``)."""
-    if not isinstance(extra, (bytes, bytearray)):
-        raise UnsupportedValueError(f"extra must be bytes, got {type(extra).__name__}")
-    key = (is_list, bytes(extra), *[(t.dtype, t.shape) for t in tensors])
+    if type(extra) is not bytes:
+        if not isinstance(extra, (bytes, bytearray)):
+            raise UnsupportedValueError(f"extra must be bytes, got {type(extra).__name__}")
+        extra = bytes(extra)
+    if is_list:
+        key = (True, extra, *[(t.dtype, t.shape) for t in tensors])
+    else:  # one tensor (every put of a KV chunk or block): no list to build
+        t = tensors[0]
+        key = (False, extra, t.dtype, t.shape)
     desc = _DESCS.get(key)
     if desc is None:
         desc = meta_for(tensors, is_list, extra)
