@@ -8,9 +8,10 @@
 3. The entry is committed; a failed write gives the slot back.
 
 A batch takes one transaction to reserve every slot and one to commit
-every entry; its slots are written one after another (stopping at the
-first failure) or, when large, side by side on the writer threads (all of
-them).  The entries written without error are committed either way.
+every entry; its slots are written one after another, runs of adjacent
+slots as one request (stopping at the first failure), or, when large and
+without such runs, side by side on the writer threads (all of them).  The
+entries written without error are committed either way.
 """
 
 from __future__ import annotations
