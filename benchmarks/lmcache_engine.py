@@ -22,7 +22,8 @@ Workloads, each as prompts per second:
   measured and reported (it must be near 0);
 - churn: a skewed request stream over twice as many prompts as fit: a full
   hit is retrieved, anything else stored (evicting); timed until every
-  store it queued is on disk, as the store workload is.
+  store it queued is on disk, as the store workload is, its new prompts
+  made before the clock starts.
 
 Each round runs the contenders in turn, the order reversed every other
 round; figures are medians over rounds.  ``backend_ms`` is the time a warm
