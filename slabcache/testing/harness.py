@@ -34,31 +34,36 @@ from .values import child_env, expected
 _WRITER = r"""
 import os, random, sys
 from slabcache import SlabStore
-from slabcache.testing import FaultyEngine, expected
+from slabcache.testing import FaultyEngine
+from slabcache.testing.harness import crash_value
 path, log_path, seed, durability, io, slow = sys.argv[1:7]
 rng = random.Random(int(seed))
 log = open(log_path, "a", buffering=1)
 s = SlabStore.open(path, io=io, durability=durability, engine_wrapper=FaultyEngine)
 if slow == "1":
-    # Every write waits before it lands, so kills fall inside puts in flight.
+    # Every write waits, so kills fall inside puts in flight (a batch's run
+    # of slots waits after its payloads, before their records).
     s.engine.delay = 0.005
     s.engine.inject("slow")
 print("ready", flush=True)
 while True:
     op = rng.random()
-    if op < 0.5:
+    if op < 0.45:
         k = f"k{rng.randrange(400)}"
         log.write(f"try {k}\n")  # a kill before the next line leaves k uncertain
-        if s.put(k, expected(k)):
+        if s.put(k, crash_value(k)):
             log.write(f"put {k}\n")
     elif op < 0.7:  # a batch: one transaction reserves, one commits
-        ks = sorted({f"k{rng.randrange(400)}" for _ in range(3)})
+        # "w" keys fill their slots: free slots that follow one another
+        # are written as one run.
+        ks = sorted({f"w{rng.randrange(96)}" for _ in range(4)} if op < 0.55 else
+                    {f"k{rng.randrange(400)}" for _ in range(3)})
         for k in ks:
             log.write(f"try {k}\n")
-        for k, ok in zip(ks, s.put_many(ks, [expected(k) for k in ks])):
+        for k, ok in zip(ks, s.put_many(ks, [crash_value(k) for k in ks])):
             log.write(f"{'put' if ok else 'failed'} {k}\n")
     elif op < 0.85:
-        k = f"k{rng.randrange(400)}"
+        k = f"{'w' if op < 0.74 else 'k'}{rng.randrange(96 if op < 0.74 else 400)}"
         log.write(f"try {k}\n")
         log.write(f"{'rm' if s.remove(k, force=True) else 'absent'} {k}\n")
     elif op < 0.95:
@@ -92,6 +97,12 @@ class CrashReport(_Report):
     notes: list = field(default_factory=list)
 
 
+def crash_value(key: str) -> torch.Tensor:
+    """The crash loop's value for ``key``: "w" keys fill a 4 KiB slot (their
+    batches are written a run of slots at a time), the rest are smaller."""
+    return expected(key, 4096, exact=True) if key.startswith("w") else expected(key)
+
+
 # fsck's findings that mean a committed entry names bytes that were never
 # (fully) written: a SIGKILL, unlike a power loss, can never cause one.
 TORN = ("checksum mismatch", "entry does not match its payload")
@@ -102,7 +113,7 @@ def crash_loop(path: str, kills: int = 50, durability: str = "fast", io: str = "
                progress=None) -> CrashReport:
     """Kill a writer with SIGKILL ``kills`` times; verify the store after each kill.
 
-    The writer's 400 keys fit the store, so nothing is evicted: every key
+    The writer's 496 keys fit the store, so nothing is evicted: every key
     whose last acknowledged operation is a put must read back (the page
     cache outlives a killed process, so this holds in every durability
     mode).  Every other run slows each write down, so kills land inside
@@ -170,7 +181,7 @@ def crash_loop(path: str, kills: int = 50, durability: str = "fast", io: str = "
                     if op == "put" and k not in uncertain:
                         rep.lost += 1
                         rep.notes.append(f"kill {i}: {k} acknowledged, then missing")
-                elif torch.equal(v, expected(k)):
+                elif torch.equal(v, crash_value(k)):
                     rep.served_right += 1
                 else:
                     rep.wrong += 1

@@ -16,11 +16,12 @@ def child_env(**extra: str) -> dict:
     return dict(os.environ, PYTHONPATH=root, **extra)
 
 
-def expected(key: str, size: int = 3000) -> torch.Tensor:
-    """The one right value for ``key``: bytes derived from the key itself."""
+def expected(key: str, size: int = 3000, exact: bool = False) -> torch.Tensor:
+    """The one right value for ``key``: bytes derived from the key itself,
+    ``size`` of them when ``exact``."""
     seed = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
     g = torch.Generator().manual_seed(seed & 0x7FFFFFFFFFFFFFFF)
-    n = size - (seed % 97)  # lengths vary, most not multiples of 4 KiB
+    n = size if exact else size - (seed % 97)  # lengths vary, most not multiples of 4 KiB
     return torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g)
 
 

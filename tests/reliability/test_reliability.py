@@ -38,6 +38,41 @@ def test_crash_loop(tmp_path, durability, io, kills):
     assert rep.leaks == 0 and rep.resurrected == 0
 
 
+def test_the_crash_writers_batches_still_go_a_run_of_slots_at_a_time(tmp_path, monkeypatch):
+    """The crash loop's writer runs behind FaultyEngine.  Without faults, and
+    slowed, its batches of slot-sized values are still written a run of
+    slots at a time, and slowed they wait after the run's payloads, before
+    their records: where a kill must find a batch.  (mmap: the direct
+    engine forms runs only from aligned buffers, which these are not.)"""
+    from types import SimpleNamespace
+
+    from slabcache.testing import faults
+    from slabcache.testing.harness import crash_value
+
+    with SlabStore.open(tmp_path / "s", capacity_bytes=32 * 4096, slot_bytes=4096, io="mmap",
+                        engine_wrapper=FaultyEngine) as s:
+        inner = s.engine.inner
+        events, real = [], inner._write_run_impl
+
+        def run(offset, parts, arrays, n):
+            events.append(("run", len(parts)))
+            real(offset, parts, arrays, n)
+
+        monkeypatch.setattr(inner, "_write_run_impl", run)
+        monkeypatch.setattr(faults, "time", SimpleNamespace(sleep=lambda d: events.append(("wait", d))))
+        first = ["w1", "w2", "w3"]
+        assert s.put_many(first, [crash_value(k) for k in first]) == [True] * 3
+        assert events == [("run", 3)]
+        events.clear()
+        inject(s, "slow")
+        then = ["w4", "w5"]
+        assert s.put_many(then, [crash_value(k) for k in then]) == [True] * 2
+        assert events == [("run", 2), ("wait", s.engine.delay)]
+        inject(s, None)
+        for k in first + then:
+            assert torch.equal(s.get(k), crash_value(k)), k
+
+
 # ------------------------------------------------------------------ faults
 
 
