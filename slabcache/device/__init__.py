@@ -3,6 +3,7 @@
 ``slabfile``  create / verify the slab, slot records
 ``storedir``  locks on the store directory, the compaction switch
 ``engine``    the checked I/O interface every engine (and wrapper) follows
+``wrapper``   EngineWrapper: counting, throttling or faults around an engine
 ``mmap``      pwrite in, copy out of a shared mapping
 ``direct``    O_DIRECT in and out
 ``memory``    aligned host buffers;  ``syscalls``: vectored pread/pwrite
@@ -12,7 +13,8 @@ from __future__ import annotations
 
 from ..errors import ConfigError
 from ..format.header import Geometry
-from .engine import Engine, EngineWrapper
+from .engine import Engine
+from .wrapper import EngineWrapper
 
 ENGINES = ("mmap", "direct")
 
