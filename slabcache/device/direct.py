@@ -82,8 +82,9 @@ class DirectEngine(Engine):
         return super()._coalescable(parts) and parts[0].data_ptr() % self.align == 0
 
     def _direct_ok(self, parts) -> bool:
-        return (len(parts) == 1 and parts[0].data_ptr() % self.align == 0
-                and parts[0].numel() % self.align == 0)
+        """Whether O_DIRECT can move ``parts`` as they are: each aligned, and
+        each a whole number of blocks (one value, or a run of whole slots)."""
+        return all(p.data_ptr() % self.align == 0 and p.numel() % self.align == 0 for p in parts)
 
     def empty(self, nbytes: int) -> torch.Tensor:
         # Room for the rounded-up read, so get() reads straight into it.
@@ -94,10 +95,7 @@ class DirectEngine(Engine):
 
     def _write_impl(self, offset, parts, n):
         if self._direct_ok(parts):
-            pwritev_all(self.fd, [as_numpy(parts[0])], offset)
-            return
-        if all(p.data_ptr() % self.align == 0 and p.numel() % self.align == 0 for p in parts):
-            pwritev_all(self.fd, [as_numpy(p) for p in parts], offset)  # a run of whole slots
+            pwritev_all(self.fd, [as_numpy(p) for p in parts], offset)
             return
         total = round_up(n, self.align)
         buf = self._scratch.get(total)
@@ -142,8 +140,8 @@ class DirectEngine(Engine):
         if len(parts) == 1 and parts[0].data_ptr() % self.align == 0 and self._owns_padding(parts[0], n):
             preadv_all(self.fd, [as_numpy(_padded(parts[0], total))], offset)
             return
-        if all(p.data_ptr() % self.align == 0 and p.numel() % self.align == 0 for p in parts):
-            preadv_all(self.fd, [as_numpy(p) for p in parts], offset)  # each part whole blocks
+        if self._direct_ok(parts):
+            preadv_all(self.fd, [as_numpy(p) for p in parts], offset)
             return
         buf = self._scratch.get(total)
         preadv_all(self.fd, [as_numpy(buf)], offset)

@@ -137,14 +137,17 @@ class MmapEngine(Engine):
         return digests
 
     def _write_run_impl(self, offset, parts, arrays, n):
-        done = os.pwritev(self.fd, arrays, offset)  # a run is far fewer buffers than IOV_MAX
-        if done != n:
-            pwritev_all(self.fd, Span(parts).range(done, n), offset + done)
+        self._pwritev(offset, parts, arrays, n)
 
     def _write_one(self, offset, part, array, n):
-        done = os.pwritev(self.fd, [array], offset)
+        self._pwritev(offset, [part], [array], n)
+
+    def _pwritev(self, offset, parts, arrays, n):
+        """One pwritev of ``arrays`` (the parts' numpy views, far fewer than
+        IOV_MAX); after a short write, the rest."""
+        done = os.pwritev(self.fd, arrays, offset)
         if done != n:
-            pwritev_all(self.fd, [array[done:]], offset + done)
+            pwritev_all(self.fd, Span(parts).range(done, n), offset + done)
 
     def _read_impl(self, offset, parts, n):
         preadv_all(self.fd, [as_numpy(p) for p in parts], offset)
