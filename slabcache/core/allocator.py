@@ -7,6 +7,8 @@ A put asks for a slot and gets a descriptor back:
   slot, then :meth:`FreeSlot.commit` inserts the entry in it.  No entry
   names a free slot, so no reader sees the bytes before the commit, and a
   crash or a failed write leaves the slot free.
+- :meth:`SlotAllocator.claim_free_many`: the same for a small batch, one
+  transaction for every key a free slot is found for (the others reserve).
 - :meth:`SlotAllocator.reserve_many`: a :class:`Reservation` per key (a free
   slot, or the policy's victim, evicted in the same transaction); the
   caller writes, then commits them (:meth:`commit_many`, one transaction)
@@ -41,6 +43,12 @@ log = logging.getLogger(__name__)
 # claim_free): a put at capacity then costs one index write transaction
 # instead of two, at the price of one slot in this many or fewer.
 KEEP_FREE_FROM = 256
+
+# A batch that claims free slots (claim_free_many) in a store that keeps
+# slots free keeps up to one slot in this many free ahead of need, as many
+# as the batch had keys: the next batch of its size then takes one
+# transaction at capacity instead of three.
+KEEP_AHEAD_PER = 128
 
 # Index bytes a new entry takes besides its keys and description (the
 # fixed head, an order record, LMDB's node headers), and a reservation.
@@ -158,6 +166,116 @@ class FreeSlot:
         return False
 
 
+class FreeSlots:
+    """``with allocator.claim_free_many(items) as c``: :class:`FreeSlot` for
+    a batch, one write transaction open inside.  ``c.claims[i]`` for each
+    item: PRESENT (its key is stored: a use was counted), the position of
+    the key's first occurrence (a repeat, sharing its outcome), a free
+    slot's (slot, new generation) to write now, or None (no slot was free:
+    reserve it after the block).  Write the claimed slots, then
+    :meth:`commit` those written and :meth:`give_back` the others; the
+    transaction commits when the block ends.  An exception inside aborts it
+    and clears the record of every claimed slot: they stay free and empty.
+
+    In a store that keeps slots free (``keep_free``), the transaction also
+    evicts onto the free list a slot for each key left to reserve, and
+    until as many slots as the batch had keys (at most one in
+    KEEP_AHEAD_PER) are free for the next batch, choosing those victims
+    before this batch's entries join the order.  Slots evicted here are
+    written only after this transaction commits: readers see their entries
+    until then."""
+
+    __slots__ = ("_alloc", "_items", "_cm", "_t", "_now", "_evicted", "_stored", "_nbytes",
+                 "claims")
+
+    def __init__(self, alloc: "SlotAllocator", items: Sequence[Item]):
+        self._alloc = alloc
+        self._items = items
+        self._cm = self._t = None
+        self._evicted = self._stored = self._nbytes = 0
+        self.claims: list = []
+
+    def __enter__(self) -> "FreeSlots":
+        a, items = self._alloc, self._items
+        if a._seems_full:
+            self.claims = [None] * len(items)
+            return self
+        self._now = now = time.time()
+        adds = sum(len(it.key.canon) + len(it.key.ikey) + len(it.desc.encoded) + ENTRY_OVERHEAD
+                   for it in items)
+        self._cm = a.index.write(keys=len(items), adds=adds)
+        t = self._t = self._cm.__enter__()  # the preludes run first: uses, orphans
+        try:
+            n, policy, claims, first = a.geometry.slot_count, a.policy, self.claims, {}
+            short = 0
+            for i, it in enumerate(items):
+                canon, ikey = it.key
+                at = first.setdefault(canon, i)
+                if at != i:
+                    claims.append(at)
+                elif t.use_if_stored(ikey, canon, policy, now):
+                    claims.append(PutStatus.PRESENT)
+                else:
+                    got = None if short else t.take_free_slot(n)
+                    if got is None:
+                        short += 1
+                        claims.append(None)
+                    else:
+                        claims.append((got[0], next_generation(got[1])))
+            if a.keep_free:
+                # Slots for the keys left to reserve, and the next batch's.
+                want = short + min(len(items), max(1, n // KEEP_AHEAD_PER))
+                have = t.free_count(n)
+                while have < want and t.free_next(policy):
+                    have += 1
+                    self._evicted += 1
+            elif short:
+                a._seems_full = True  # batches at capacity reserve without asking again
+        except BaseException as exc:
+            self._cm.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        return self
+
+    def commit(self, written: Sequence[tuple[int, int, Item, int]]) -> None:
+        """Each (slot, generation, item, payload checksum) written: its entry
+        joins the index with this transaction."""
+        if written:
+            self._t.add_many([(slot, gen, it.key.ikey, it.key.canon, it.desc.length, csum,
+                               it.desc.encoded) for slot, gen, it, csum in written],
+                             self._alloc.policy, self._now)
+            self._stored += len(written)
+            self._nbytes += sum(w[2].desc.length for w in written)
+
+    def give_back(self, slots: Sequence[tuple[int, int]]) -> None:
+        """Claimed (slot, generation) pairs not written: free again, their
+        records cleared before the commit."""
+        for slot, gen in slots:
+            self._t.release_slot(slot, gen)
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if self._cm is None:
+            return False
+        a, t = self._alloc, self._t
+        if exc_type is None:
+            a._clear_vacated(t)
+        else:
+            # Best effort, as in FreeSlot: the write's own error is raised.
+            for c in self.claims:
+                if type(c) is tuple:
+                    try:
+                        a.records.clear(c[0])
+                    except OSError:
+                        pass  # the error being raised is the one to report
+        self._cm.__exit__(exc_type, exc, tb)
+        if exc_type is None:
+            if self._stored:
+                a.uses.stored(self._stored, self._nbytes)
+            if self._evicted:
+                a.uses.count("evictions", self._evicted)
+                a.log_evicted(t)
+        return False
+
+
 class SlotAllocator:
     def __init__(self, index: Index, records: SlotRecords, geometry: Geometry, policy: Policy,
                  owner: bytes, uses: UseTracker, path: str, inline_puts: bool = False):
@@ -186,6 +304,10 @@ class SlotAllocator:
     def claim_free(self, key: Key) -> FreeSlot:
         """A free slot for ``key`` inside one write transaction (FreeSlot)."""
         return FreeSlot(self, key)
+
+    def claim_free_many(self, items: Sequence[Item]) -> FreeSlots:
+        """Free slots for a batch inside one write transaction (FreeSlots)."""
+        return FreeSlots(self, items)
 
     def reserve(self, key: Key) -> Reservation | PutStatus:
         """A Reservation, or PRESENT (counted as a use) or REJECTED."""

@@ -7,8 +7,11 @@
    strict mode).
 3. The entry is committed; a failed write gives the slot back.
 
-A batch takes one transaction to reserve every slot and one to commit
-every entry; its slots are written one after another, runs of adjacent
+A small batch takes the free slots it finds inside one transaction and
+writes them before that transaction commits, as a small put does (the
+keys no slot was free for are reserved afterwards); any other batch takes
+one transaction to reserve every slot and one to commit every entry.  A
+batch's slots are written one after another, runs of adjacent
 slots as one request (stopping at the first failure), or, when large and
 without such runs, side by side on the writer threads (all of them).  The
 entries written without error are committed either way.
@@ -48,6 +51,30 @@ PARALLEL_VALUE_BYTES = 256 << 10
 # engines that wait for the device on each write (direct), nor with strict
 # durability (which syncs the payload).
 INLINE_PUT_BYTES = 256 << 10
+
+
+# A batch of values of at most INLINE_PUT_BYTES is written in groups of at
+# most this many bytes, each inside the transaction that claims free slots
+# for it (Writer._put_many_free), as a single small put is: other writers
+# wait for up to this many bytes into the page cache, and each key saves
+# its reservation (three index operations) and its share of a transaction.
+INLINE_BATCH_BYTES = 1 << 20
+
+
+def _inline_groups(items: Sequence[Item]) -> list[tuple[int, int]] | None:
+    """The batch cut into (start, end) groups of at most INLINE_BATCH_BYTES
+    in all, or None when a value is larger than INLINE_PUT_BYTES."""
+    groups, lo, total = [], 0, 0
+    for i, it in enumerate(items):
+        n = it.desc.length
+        if n > INLINE_PUT_BYTES:
+            return None
+        if total + n > INLINE_BATCH_BYTES:
+            groups.append((lo, i))
+            lo, total = i, 0
+        total += n
+    groups.append((lo, len(items)))
+    return groups
 
 
 def parallel(count: int, total: int) -> bool:
@@ -94,9 +121,55 @@ class Writer:
             raise
 
     def put_many(self, items: Sequence[Item]) -> list[bool]:
-        """:meth:`put` for each item, one transaction to reserve and one to
-        commit.  If a write fails, the entries written without error are
-        committed and the SlabIOError is raised."""
+        """:meth:`put` for each item: a small batch written inside one
+        transaction where slots are free, the rest (or a large batch) with one
+        transaction to reserve and one to commit.  If a write fails, the
+        entries written without error are committed and the SlabIOError is
+        raised."""
+        groups = _inline_groups(items) if self.inline and len(items) > 1 else None
+        if groups is None:
+            return self._put_many_reserved(items)
+        out: list[bool] = []
+        for lo, hi in groups:  # one after another: a failure stops the rest
+            out.extend(self._put_many_free(items[lo:hi]))
+        return out
+
+    def _put_many_free(self, items: Sequence[Item]) -> list[bool]:
+        """Items with a free slot written and committed inside the one write
+        transaction that claims the slots (claim_free_many); the others, if
+        any, reserved afterwards."""
+        alloc = self.allocator
+        with alloc.claim_free_many(items) as c:
+            todo = [(Reservation(alloc, cl[0], cl[1]), items[i]) for i, cl in enumerate(c.claims)
+                    if type(cl) is tuple]
+            done, failed, error = [], [], None
+            for (r, it), res in zip(todo, self._write_all(todo) if todo else ()):
+                if isinstance(res, int):
+                    done.append((r.slot, r.generation, it, res))
+                else:
+                    failed.append((r.slot, r.generation))
+                    error = error or res
+            if error is not None and not isinstance(error, SlabIOError):
+                raise error  # aborts the transaction: every claimed slot stays free
+            c.commit(done)
+            c.give_back(failed)
+        if error is not None:
+            raise error  # the rest are not tried, as in _put_many_reserved
+        rest = [i for i, cl in enumerate(c.claims) if cl is None]
+        rest_out = dict(zip(rest, self._put_many_reserved([items[i] for i in rest]))) if rest else {}
+        out: list[bool] = []
+        for i, cl in enumerate(c.claims):
+            if cl is None:
+                out.append(rest_out[i])
+            elif type(cl) is int:  # a repeated key shares its first occurrence's outcome
+                out.append(out[cl])
+            else:
+                out.append(True)  # PRESENT, or written and committed
+        return out
+
+    def _put_many_reserved(self, items: Sequence[Item]) -> list[bool]:
+        """put_many with one transaction to reserve every slot and one to
+        commit every entry written."""
         alloc = self.allocator
         got = alloc.reserve_many([it.key for it in items])
         todo = [(r, it) for r, it in zip(got, items) if isinstance(r, Reservation)]

@@ -43,12 +43,25 @@ class EntryOps:
     def add(self, ikey: bytes, canon: bytes, slot: int, generation: int, length: int,
             checksum: int, meta_raw: bytes, policy: Policy, now: float) -> UseStats:
         """A new entry, last in its use order; returns its use statistics."""
-        tick = self.next_tick()
-        use = UseStats(tick, 0, tick)
-        self.txn.put(ikey, encode_entry(slot, generation, length, checksum, use, now, now,
-                                        meta_raw, canon), db=self.db["entries"])
-        self.txn.put(policy.order_key(slot, use), ikey, db=self.db["order"])
-        return use
+        return self.add_many([(slot, generation, ikey, canon, length, checksum, meta_raw)],
+                             policy, now)[0]
+
+    def add_many(self, rows, policy: Policy, now: float) -> list[UseStats]:
+        """:meth:`add` for each (slot, generation, ikey, canon, length,
+        checksum, meta_raw) in order, the clock read and written once."""
+        txn, entries, order = self.txn, self.db["entries"], self.db["order"]
+        tick = self.tick()
+        out = []
+        for slot, generation, ikey, canon, length, checksum, meta_raw in rows:
+            tick += 1
+            use = UseStats(tick, 0, tick)
+            txn.put(ikey, encode_entry(slot, generation, length, checksum, use, now, now, meta_raw,
+                                       canon), db=entries)
+            txn.put(policy.order_key(slot, use), ikey, db=order)
+            out.append(use)
+        if out:
+            self.set_tick(tick)
+        return out
 
     def free_entry(self, e: Entry, policy: Policy) -> None:
         """Remove ``e``: its entry, its place in the eviction order, its pins;

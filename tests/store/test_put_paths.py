@@ -1,19 +1,23 @@
-"""The two ways a single put reaches the index.
+"""The two ways a put reaches the index.
 
 With the mmap engine and fast durability, a small put with a free slot
 writes its payload inside its one index write transaction (no entry names a
 free slot, so nobody can read it before the commit); otherwise it reserves
-a slot, writes, and commits.  Such stores of KEEP_FREE_FROM slots or more
-keep one slot free ahead of need so that puts at capacity take the first
-way too.
+a slot, writes, and commits.  A small batch does the same for every key it
+finds a free slot for, a group of up to INLINE_BATCH_BYTES at a time.  Such
+stores of KEEP_FREE_FROM slots or more keep one slot free ahead of need (a
+batch: as many as it had keys, up to one in KEEP_AHEAD_PER) so that puts
+at capacity take the first way too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -22,7 +26,7 @@ import torch
 from slabcache import SlabIOError, SlabStore
 from slabcache.core import uses as uses_module
 from slabcache.admin.fsck import check
-from slabcache.core.allocator import KEEP_FREE_FROM
+from slabcache.core.allocator import KEEP_AHEAD_PER, KEEP_FREE_FROM
 from slabcache.testing import FaultyEngine, child_env, expected
 from tests.helpers import rand_tensor
 
@@ -48,12 +52,12 @@ def test_a_large_store_keeps_one_slot_free_and_evicts_in_policy_order(make_store
 
 
 @pytest.mark.parametrize("engine", ["mmap"], indirect=True)
-def test_a_batch_at_capacity_leaves_a_slot_free_for_the_next_single_put(make_store):
+def test_a_batch_at_capacity_leaves_slots_free_for_the_next_single_put(make_store):
     n = KEEP_FREE_FROM
     s = make_store(capacity_bytes=n * 4096, policy="lru")
     _fill(s, n)
     assert s.put_many([f"b{i}" for i in range(40)], [rand_tensor(100, i) for i in range(40)]) == [True] * 40
-    assert s.stats()["slots_free"] == 1
+    assert s.stats()["slots_free"] == n // KEEP_AHEAD_PER  # kept for the next batch
     assert s.put("single", rand_tensor(100, 1))
     st = s.stats()
     assert st["slots_used"] == n - 1 and st["evictions"] == 1 + 40 + 1
@@ -86,10 +90,10 @@ def test_a_put_of_a_stored_key_is_a_use_not_a_write(make_store):
 
 @pytest.mark.parametrize("call", ["put", "put_many"])
 def test_a_put_killed_inside_its_write_leaves_the_index_usable(tmp_path, engine, call):
-    # A small put holds the index's write lock while it writes: a process
-    # killed there must not leave the lock held, the slot taken or the key
-    # half stored.  A batch commits only after every write: a kill inside
-    # one leaves none of its keys stored.
+    # A small put, and a small batch, hold the index's write lock while they
+    # write: a process killed there must not leave the lock held, a slot
+    # taken or a key half stored.  A batch commits only after every write:
+    # a kill inside one leaves none of its keys stored.
     p = tmp_path / "s"
     doomed = ("s.put('doomed', expected('doomed'))" if call == "put" else
               "s.put_many(['doomed', 'doomed2'], [expected('doomed'), expected('doomed2')])")
@@ -170,3 +174,153 @@ def test_which_puts_take_one_index_transaction(tmp_path, io, durability, size, w
         finally:
             index.write = real
         assert len(calls) == want and torch.equal(s.get("k"), rand_tensor(size, 1))
+
+
+# -- batches ---------------------------------------------------------------
+
+def _no_leak(s):
+    st = s.stats()
+    assert st["slots_used"] + st["slots_free"] + st["slots_reserved"] == st["slots_total"]
+    assert st["slots_reserved"] == 0
+
+
+@contextlib.contextmanager
+def _counting_writes(s):
+    """A list that gets one item per index write transaction ``s`` opens
+    inside the block."""
+    index, calls = s._index, []
+    real = index.write
+
+    def counting(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw)
+
+    index.write = counting
+    try:
+        yield calls
+    finally:
+        del index.write  # the class's method again
+
+
+@pytest.mark.parametrize("io,durability,count,size,want", [
+    ("mmap", "fast", 8, 4096, 1),
+    ("mmap", "fast", 40, 64 << 10, 3),  # 2.5 MiB: groups of 1 MiB, one transaction each
+    ("mmap", "fast", 3, 300 << 10, 2),  # values over 256 KiB: reserved, written, committed
+    ("mmap", "strict", 8, 4096, 2),  # the payloads are synced before the commit
+    ("direct", "fast", 8, 4096, 2),  # each write waits for the device
+])
+def test_which_batches_take_one_index_transaction_a_group(tmp_path, io, durability, count, size, want):
+    with SlabStore.open(tmp_path / "s", capacity_bytes=64 * (512 << 10), slot_bytes=512 << 10, io=io,
+                        durability=durability) as s:
+        s.put("warm", rand_tensor(100, 0))  # the first put also registers this handle
+        keys = [f"k{i}" for i in range(count)]
+        with _counting_writes(s) as calls:
+            assert s.put_many(keys, [rand_tensor(size, i) for i in range(count)]) == [True] * count
+        assert len(calls) == want
+        for i, k in enumerate(keys):
+            assert torch.equal(s.get(k), rand_tensor(size, i)), k
+        st = s.stats()
+        assert st["slots_reserved"] == 0 and st["slots_used"] == count + 1 and st["puts"] == count + 1
+
+
+@pytest.mark.parametrize("engine", ["mmap"], indirect=True)
+def test_batches_at_capacity_keep_the_next_batch_free_and_take_one_transaction(make_store):
+    """The first batch at capacity finds one slot free: it claims it, evicts
+    ahead of need as many slots as it has keys, and reserves the rest.  Every
+    batch of that size after it takes one transaction and leaves as many
+    slots free again, evicting in policy order."""
+    n, batch = 4 * KEEP_FREE_FROM, 8  # at most one slot in 128 kept free: 8
+    s = make_store(capacity_bytes=n * 4096, policy="lru")
+    _fill(s, n)
+    assert s.stats()["slots_free"] == 1
+    txns, evictions = [], s.stats()["evictions"]
+    for b in range(4):
+        keys = [f"b{b}-{i}" for i in range(batch)]
+        with _counting_writes(s) as calls:
+            assert s.put_many(keys, [rand_tensor(100, b * batch + i) for i in range(batch)]) == [True] * batch
+        txns.append(len(calls))
+        st = s.stats()
+        assert st["slots_free"] == batch and st["slots_used"] == n - batch, (b, st)
+        assert all(torch.equal(s.get(k), rand_tensor(100, b * batch + i)) for i, k in enumerate(keys))
+    assert txns == [3, 1, 1, 1]
+    gone = s.stats()["evictions"] - evictions
+    assert gone == 4 * batch + batch - 1  # each batch's keys, and the slots kept free ahead
+    first = 1 + gone  # k0 was evicted by the fill; the oldest go first
+    assert all(f"k{i}" not in s for i in range(first)) and f"k{first}" in s
+    _no_leak(s)
+
+
+@pytest.mark.parametrize("engine", ["mmap"], indirect=True)
+def test_a_batch_never_writes_a_slot_a_committed_entry_still_names(make_store):
+    """A batch writes its payloads while its transaction is open: the slots
+    it writes must be free in what readers see (the last commit), never
+    slots whose entries the same transaction evicts."""
+    n, batch = 2 * KEEP_FREE_FROM, 4
+    s = make_store(capacity_bytes=n * 4096, policy="lru")
+    _fill(s, n)
+    eng, index = s._writer.engine, s._index
+    real, clashes, writes = eng.write_many, [], []
+
+    def committed_slots() -> set:
+        seen: set = set()
+
+        def look():  # another thread: a reader, seeing the last commit only
+            with index.read() as t:
+                seen.update(e.slot for e in t.entries())
+
+        th = threading.Thread(target=look)
+        th.start()
+        th.join()
+        return seen
+
+    def spying(slots, parts_list, hashed=False):
+        writes.append(len(slots))
+        clashes.extend(set(slots) & committed_slots())
+        return real(slots, parts_list, hashed)
+
+    eng.write_many = spying
+    for b in range(6):
+        keys = [f"b{b}-{i}" for i in range(batch)]
+        assert s.put_many(keys, [rand_tensor(100, i) for i in range(batch)]) == [True] * batch
+    assert len(writes) >= 6 and clashes == []
+
+
+@pytest.mark.parametrize("engine", ["mmap"], indirect=True)
+@pytest.mark.parametrize("error", [OSError(5, "injected"), KeyboardInterrupt()])
+def test_a_failed_group_keeps_the_groups_before_it_and_leaves_its_slots_free(make_store, monkeypatch,
+                                                                             error):
+    """A batch of three 1 MiB groups whose second group's second value fails:
+    the first group is committed, the second keeps its first value (an I/O
+    error) or nothing (any other exception, which aborts its transaction),
+    the third is not tried, and every other slot is free with its record
+    cleared."""
+    size = 256 << 10
+    s = make_store(capacity_bytes=16 * size, slot_bytes=size)
+    eng = s._writer.engine
+    real, calls = eng._write_one, []
+
+    def fail_sixth(offset, part, array, n):
+        calls.append(offset)
+        if len(calls) == 6:
+            raise error
+        real(offset, part, array, n)
+
+    monkeypatch.setattr(eng, "_write_one", fail_sixth)
+    keys = [f"k{i}" for i in range(12)]
+    # Values one byte short of their slot never form runs: one write each.
+    values = [rand_tensor(size - 1, i) for i in range(12)]
+    with pytest.raises(SlabIOError if isinstance(error, OSError) else KeyboardInterrupt):
+        s.put_many(keys, values)
+    monkeypatch.setattr(eng, "_write_one", real)
+    kept = keys[:5] if isinstance(error, OSError) else keys[:4]
+    assert [k for k in keys if k in s] == kept
+    for k in kept:
+        assert torch.equal(s.get(k), values[keys.index(k)])
+    _no_leak(s)
+    assert s.stats()["slots_used"] == len(kept)
+    assert check(s.path, deep=True, progress=False).exit_code == 0
+    records = s._writer.records
+    written = {s.entry(k).slot for k in kept}
+    for slot in range(16):
+        if slot not in written:
+            assert records.read(slot) is None, slot
