@@ -207,7 +207,7 @@ class FreeSlots:
         t = self._t = self._cm.__enter__()  # the preludes run first: uses, orphans
         try:
             n, policy, claims, first = a.geometry.slot_count, a.policy, self.claims, {}
-            short = 0
+            need = []
             for i, it in enumerate(items):
                 canon, ikey = it.key
                 at = first.setdefault(canon, i)
@@ -216,12 +216,12 @@ class FreeSlots:
                 elif t.use_if_stored(ikey, canon, policy, now):
                     claims.append(PutStatus.PRESENT)
                 else:
-                    got = None if short else t.take_free_slot(n)
-                    if got is None:
-                        short += 1
-                        claims.append(None)
-                    else:
-                        claims.append((got[0], next_generation(got[1])))
+                    claims.append(None)
+                    need.append(i)
+            got = t.take_free_slots(len(need), n)
+            for i, (slot, gen) in zip(need, got):
+                claims[i] = (slot, next_generation(gen))
+            short = len(need) - len(got)
             if a.keep_free:
                 # Slots for the keys left to reserve, and the next batch's.
                 want = short + min(len(items), max(1, n // KEEP_AHEAD_PER))

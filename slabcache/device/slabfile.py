@@ -188,13 +188,13 @@ class SlotRecords:
         """:meth:`write_fields` for each (slot, generation, length, checksum,
         key hash, meta), records of slots that follow one another with one
         request (each padded to its full size)."""
-        rb, g = self.g.record_bytes, self.g
+        rb = self.g.record_bytes
         run: list = []
         first = last = -2
         for slot, gen, length, csum, khash, meta in rows:
             raw = pack_record_fields(gen, length, csum, khash, meta, rb)
             if slot != last + 1 and run:
-                pwritev_all(self._fd, run, g.record_offset(first))
+                self._write_run(run, first, last)
                 run = []
             if not run:
                 first = slot
@@ -203,7 +203,19 @@ class SlotRecords:
                 run.append(_zeros(rb - len(raw)))
             last = slot
         if run:
-            pwritev_all(self._fd, run, g.record_offset(first))
+            self._write_run(run, first, last)
+
+    def _write_run(self, run: list[bytes], first: int, last: int) -> None:
+        """The padded records of slots ``first`` to ``last``: one pwritev
+        when the run has few enough pieces (IOV_MAX), the rest after a short
+        write; pwritev_all otherwise."""
+        offset = self.g.record_offset(first)
+        if len(run) > 512:
+            pwritev_all(self._fd, run, offset)
+            return
+        done = os.pwritev(self._fd, run, offset)
+        if done != (last - first + 1) * self.g.record_bytes:
+            pwritev_all(self._fd, [b"".join(run)[done:]], offset + done)
 
     def read(self, slot: int) -> SlotRecord | None:
         raw = os.pread(self._fd, self.g.record_bytes, self.g.record_offset(slot))

@@ -43,22 +43,34 @@ class SlotOps:
 
     def take_free_slot(self, slot_count: int) -> tuple[int, int] | None:
         """Pop a free slot: (slot, last generation), or None when none is free."""
-        if self._no_free:
-            return None
+        got = self.take_free_slots(1, slot_count)
+        return got[0] if got else None
+
+    def take_free_slots(self, count: int, slot_count: int) -> list[tuple[int, int]]:
+        """Pop up to ``count`` free slots, (slot, last generation) each: listed
+        ones first, in slot order, then never-used ones (one cursor and one
+        update of the mark for a batch)."""
+        out: list[tuple[int, int]] = []
+        if self._no_free or count <= 0:
+            return out
         if self._free_listed:
             with self.txn.cursor(db=self.db["free"]) as cur:
-                if cur.first():
-                    slot = U64.unpack(cur.key())[0]
-                    gen = _U32.unpack(cur.value())[0]
-                    cur.delete()
-                    return slot, gen
-            self._free_listed = False  # until a slot is released in this transaction
-        nxt = self.next_unused()
-        if nxt < slot_count:
-            self.set_next_unused(nxt + 1)
-            return nxt, 0
-        self._no_free = True  # until a slot is released in this transaction
-        return None
+                ok = cur.first()
+                while ok and len(out) < count:
+                    out.append((U64.unpack(cur.key())[0], _U32.unpack(cur.value())[0]))
+                    cur.delete()  # leaves the cursor on the next record, or on none
+                    ok = bool(cur.key())
+            if len(out) < count:
+                self._free_listed = False  # until a slot is released in this transaction
+        if len(out) < count:
+            nxt = self.next_unused()
+            end = min(slot_count, nxt + count - len(out))
+            if end > nxt:
+                self.set_next_unused(end)
+                out.extend((slot, 0) for slot in range(nxt, end))
+            if len(out) < count:
+                self._no_free = True  # until a slot is released in this transaction
+        return out
 
     def release_slot(self, slot: int, generation: int) -> None:
         self.txn.put(U64.pack(slot), _U32.pack(generation), db=self.db["free"])

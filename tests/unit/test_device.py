@@ -1,5 +1,7 @@
 """The device layer on its own: a slab file and its engines, no index."""
 
+import os
+
 import pytest
 import torch
 
@@ -195,8 +197,8 @@ def test_slot_records_of_adjacent_slots_are_written_with_one_request(slab, monke
 
     path, g = slab
     calls = []
-    real = slabfile.pwritev_all
-    monkeypatch.setattr(slabfile, "pwritev_all", lambda fd, bufs, off: (calls.append(off), real(fd, bufs, off)))
+    real = os.pwritev
+    monkeypatch.setattr(slabfile.os, "pwritev", lambda fd, bufs, off: (calls.append(off), real(fd, bufs, off))[1])
     with SlotRecords(path, g, writable=True) as recs:
         keep = SlotRecord(9, 10, 11, b"k" * 8, b"meta-of-4")
         recs.write(4, keep)
@@ -207,3 +209,32 @@ def test_slot_records_of_adjacent_slots_are_written_with_one_request(slab, monke
         for slot, gen, length, csum, khash, meta in rows:
             assert recs.read(slot) == SlotRecord(gen, length, csum, khash, meta)
         assert recs.read(4) == keep  # padding ends at each record's end
+
+
+@pytest.mark.parametrize("short", ["short write", "more pieces than IOV_MAX"])
+def test_a_run_of_slot_records_is_written_whole(tmp_path, monkeypatch, short):
+    """A run's request that the kernel takes only part of is finished, and a
+    run of more records than one request may carry goes in several."""
+    from slabcache.device import slabfile
+
+    count = 300 if short == "more pieces than IOV_MAX" else 8  # two pieces a record
+    path = str(tmp_path / "slab")
+    g, _cid = create_slab(path, count * 4096, 4096)
+    real, calls = os.pwritev, []
+
+    def half_first(fd, bufs, off):
+        if len(bufs) > 1024:
+            raise OSError(22, "Invalid argument")  # what IOV_MAX does
+        calls.append(len(bufs))
+        if len(calls) == 1 and short == "short write":
+            return real(fd, [bytes(b"".join(bufs)[:g.record_bytes * 3 + 100])], off)
+        return real(fd, bufs, off)
+
+    monkeypatch.setattr(slabfile.os, "pwritev", half_first)
+    rows = [(slot, slot + 1, 10 * slot, 7 * slot, bytes([slot % 256]) * 8, b"m" * (slot % 50))
+            for slot in range(count)]
+    with SlotRecords(path, g, writable=True) as recs:
+        recs.write_many(rows)
+        assert len(calls) >= 2 and max(calls) <= 1024
+        for slot, gen, length, csum, khash, meta in rows:
+            assert recs.read(slot) == SlotRecord(gen, length, csum, khash, meta), slot

@@ -103,6 +103,21 @@ def test_free_slots_come_from_the_list_then_the_mark(index):
         assert t.take_free_slot(3) == (1, 5) and not t.has_free_slot(3)
 
 
+def test_a_batch_takes_free_slots_from_the_list_then_the_mark_in_one_go(index):
+    with index.write() as t:
+        t.set_next_unused(12)
+        for slot, gen in ((9, 4), (5, 2), (7, 3)):
+            t.release_slot(slot, gen)
+        assert t.take_free_slots(2, 14) == [(5, 2), (7, 3)]  # listed first, in slot order
+        assert t.take_free_slots(5, 14) == [(9, 4), (12, 0), (13, 0)]  # all that is left
+        assert t.next_unused() == 14 and t.free_count(14) == 0
+        assert t.take_free_slots(1, 14) == [] and t.take_free_slot(14) is None
+        t.release_slot(5, 6)  # free again: found in the same transaction
+        assert t.take_free_slots(3, 14) == [(5, 6)]
+    with index.read() as t:
+        assert t.next_unused() == 14 and t.free_count(14) == 0
+
+
 def test_claim_takes_a_free_slot_then_evicts(index, me):
     lru = LRU()
     never = lambda: False  # noqa: E731 - no reaping in this test
