@@ -16,6 +16,9 @@ from typing import NamedTuple
 from ..errors import ConfigError
 
 _BE = struct.Struct(">Q")
+# Order keys packed in one call (every put and every recorded use makes two).
+_BE2 = struct.Struct(">QQ")
+_BE3 = struct.Struct(">QQQ")
 
 
 class UseStats(NamedTuple):
@@ -42,7 +45,7 @@ class LRU(Policy):
     name = "lru"
 
     def order_key(self, slot: int, use: UseStats) -> bytes:
-        return _BE.pack(use.tick) + _BE.pack(slot)
+        return _BE2.pack(use.tick, slot)
 
 
 class MRU(LRU):
@@ -54,7 +57,7 @@ class FIFO(Policy):
     name = "fifo"
 
     def order_key(self, slot: int, use: UseStats) -> bytes:
-        return _BE.pack(use.inserted) + _BE.pack(slot)
+        return _BE2.pack(use.inserted, slot)
 
 
 class LFU(Policy):
@@ -63,7 +66,7 @@ class LFU(Policy):
     name = "lfu"
 
     def order_key(self, slot: int, use: UseStats) -> bytes:
-        return _BE.pack(use.hits) + _BE.pack(use.tick) + _BE.pack(slot)
+        return _BE3.pack(use.hits, use.tick, slot)
 
 
 POLICIES: dict[str, type[Policy]] = {p.name: p for p in (LRU, LFU, FIFO, MRU)}
