@@ -372,15 +372,15 @@ def test_a_failed_reserve_gives_back_the_orphans_and_uses_it_took(tmp_path, monk
         s.get("a")
         assert s._uses.pending_keys() == 1
         boom = RuntimeError("injected failure inside the transaction")
-        take = IndexTxn.take_free_slot  # every way a put gets a slot goes through it
+        take = IndexTxn.take_free_slots  # every way a put gets a free slot goes through it
 
         def fail(*a, **kw):
             raise boom
 
-        monkeypatch.setattr(IndexTxn, "take_free_slot", fail)
+        monkeypatch.setattr(IndexTxn, "take_free_slots", fail)
         with pytest.raises(RuntimeError, match="injected"):
             s.put_many(["b", "c"], [expected("b"), expected("c")])
-        monkeypatch.setattr(IndexTxn, "take_free_slot", take)
+        monkeypatch.setattr(IndexTxn, "take_free_slots", take)
         assert s.stats()["slots_reserved"] == 1  # the aborted transaction released nothing...
         assert s._uses.pending_keys() == 1 and s._allocator.pending_keys() == 1  # ...and owes it still
         assert s.put("b", expected("b"))  # the next write does it
