@@ -129,6 +129,7 @@ class FreeSlot:
             if a.keep_free and not t.has_free_slot(n):
                 # Chosen before this entry joins the order.
                 self._evicted = t.free_next(policy)
+                a._overflowed = a._overflowed or self._evicted
             self.slot, self.generation = got[0], next_generation(got[1])
         except BaseException as exc:
             self._cm.__exit__(type(exc), exc, exc.__traceback__)
@@ -177,10 +178,11 @@ class FreeSlots:
     transaction commits when the block ends.  An exception inside aborts it
     and clears the record of every claimed slot: they stay free and empty.
 
-    In a store that keeps slots free (``keep_free``), the transaction also
-    evicts onto the free list a slot for each key left to reserve, and
-    until as many slots as the batch had keys (at most one in
-    KEEP_AHEAD_PER) are free for the next batch, choosing those victims
+    In a store that keeps slots free (``keep_free``) and has been full (a
+    put of this handle evicted, or this batch found too few free slots),
+    the transaction also evicts onto the free list a slot for each key left
+    to reserve, and until as many slots as the batch had keys (at most one
+    in KEEP_AHEAD_PER) are free for the next batch, choosing those victims
     before this batch's entries join the order.  Slots evicted here are
     written only after this transaction commits: readers see their entries
     until then."""
@@ -223,12 +225,14 @@ class FreeSlots:
                 claims[i] = (slot, next_generation(gen))
             short = len(need) - len(got)
             if a.keep_free:
-                # Slots for the keys left to reserve, and the next batch's.
-                want = short + min(len(items), max(1, n // KEEP_AHEAD_PER))
-                have = t.free_count(n)
-                while have < want and t.free_next(policy):
-                    have += 1
-                    self._evicted += 1
+                a._overflowed = a._overflowed or short > 0
+                if a._overflowed:
+                    # Slots for the keys left to reserve, and the next batch's.
+                    want = short + min(len(items), max(1, n // KEEP_AHEAD_PER))
+                    have = t.free_count(n)
+                    while have < want and t.free_next(policy):
+                        have += 1
+                        self._evicted += 1
             elif short:
                 a._seems_full = True  # batches at capacity reserve without asking again
         except BaseException as exc:
@@ -296,6 +300,11 @@ class SlotAllocator:
         # Set when claim_free found no free slot, so puts at capacity do
         # not ask again each time; cleared when a slot is freed.
         self._seems_full = False
+        # Set once this handle has evicted to make room (the store is full):
+        # from then on batches keep slots free ahead of need (FreeSlots).  A
+        # store filled to the last slot, and no further, evicts nothing for
+        # them.  Cleared when a slot is freed.
+        self._overflowed = False
         self.eviction_log = None  # an EvictionLog, once a host asks for one
         index.add_prelude(self)  # orphans go back in the next write (before_write)
 
@@ -349,6 +358,7 @@ class SlotAllocator:
                     out.append(Reservation(self, got[0], got[1]))
             self._clear_vacated(t)
         if evictions:
+            self._overflowed = True
             self.uses.count("evictions", evictions)
             self.log_evicted(t)
         if rejected:
@@ -458,7 +468,7 @@ class SlotAllocator:
         reused)."""
         t.free_entry(e, self.policy)
         self._clear_vacated(t)
-        self._seems_full = False
+        self._seems_full = self._overflowed = False
 
     def free_if_current(self, e, counters: UseTracker | None = None) -> bool:
         """Free the entry ``e`` (an Entry or EntryRef) names, unless it was

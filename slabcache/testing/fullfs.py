@@ -131,8 +131,7 @@ def run_reads(root: str, keys: int = 4000) -> dict:
     rep: dict = {"stored": 0, "ops": {}, "other_errors": [], "wrong": 0, "right_after": 0}
     path = os.path.join(root, "s")
     names = [f"k{i}" for i in range(keys - 1)]
-    # Room for every key and the slots batches keep free: nothing is evicted.
-    with SlabStore.open(path, capacity_bytes=(keys + 32) * 4096, slot_bytes=4096) as s:
+    with SlabStore.open(path, capacity_bytes=keys * 4096, slot_bytes=4096) as s:
         for j in range(0, len(names), 16):  # batches small enough to fit before the filler
             s.put_many(names[j:j + 16], [expected(k, 600) for k in names[j:j + 16]])
         rep["stored"] = len(s)

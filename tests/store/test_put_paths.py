@@ -251,6 +251,32 @@ def test_batches_at_capacity_keep_the_next_batch_free_and_take_one_transaction(m
 
 
 @pytest.mark.parametrize("engine", ["mmap"], indirect=True)
+def test_batches_that_fill_a_store_to_its_last_slot_evict_nothing(make_store):
+    """A host that sizes the store to its working set (vLLM's benchmark
+    stores exactly its capacity) keeps every block: slots are kept free
+    ahead of need only once the store has overflowed."""
+    n, batch = 4 * KEEP_FREE_FROM, 8
+    s = make_store(capacity_bytes=n * 4096, policy="lru")
+    keys = [f"k{i}" for i in range(n)]
+    for j in range(0, n, batch):
+        assert s.put_many(keys[j:j + batch], [rand_tensor(100, i) for i in range(j, j + batch)]) == [True] * batch
+    st = s.stats()
+    assert st["evictions"] == 0 and st["slots_used"] == n and st["slots_free"] == 0
+    assert all(k in s for k in keys)
+    txns = []
+    for b in range(3):  # overflowing: the first evicts, the next take one transaction
+        with _counting_writes(s) as calls:
+            s.put_many([f"o{b}-{i}" for i in range(batch)], [rand_tensor(100, i) for i in range(batch)])
+        txns.append(len(calls))
+    assert txns == [3, 1, 1] and s.stats()["slots_free"] == batch
+    s.remove("o2-0")  # room again: nothing is evicted ahead until the store overflows anew
+    evictions = s.stats()["evictions"]
+    assert s.put_many([f"a{i}" for i in range(batch)], [rand_tensor(100, i) for i in range(batch)]) == [True] * batch
+    st = s.stats()
+    assert st["slots_free"] == 1 and st["evictions"] == evictions
+
+
+@pytest.mark.parametrize("engine", ["mmap"], indirect=True)
 def test_a_batch_never_writes_a_slot_a_committed_entry_still_names(make_store):
     """A batch writes its payloads while its transaction is open: the slots
     it writes must be free in what readers see (the last commit), never
