@@ -48,8 +48,11 @@ class TensorVerbs:
 
     def put_many(self, keys: Sequence[str | bytes], values: Sequence, *,
                  extra: bytes = b"") -> list[bool]:
-        """:meth:`put` for each (key, value) pair, with one index transaction
-        to reserve every slot and one to commit every entry.
+        """:meth:`put` for each (key, value) pair: with the ``mmap`` engine
+        and ``fast`` durability, values of up to 256 KiB in groups of up to
+        1 MiB, each written inside one index transaction where slots are
+        free; other batches with one transaction to reserve every slot and
+        one to commit every entry.
 
         Every key and value is checked before anything is reserved.  If a
         write fails, the entries written without error are still committed
