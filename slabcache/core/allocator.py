@@ -145,25 +145,11 @@ class FreeSlot:
         self._length = length
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if self._cm is None:
-            return False
-        a = self._alloc
-        if exc_type is None:
-            a._clear_vacated(self._t)
-        elif self.slot is not None:
-            # The slot stays free: it must not keep what was written (best
-            # effort: the write's own error is the one to raise).
-            try:
-                a.records.clear(self.slot)
-            except OSError:
-                pass  # the write's own error is raised below
-        self._cm.__exit__(exc_type, exc, tb)
-        if exc_type is None:
-            if self.status is PutStatus.STORED:
-                a.uses.stored(1, self._length)
-            if self._evicted:
-                a.uses.count("evictions")
-                a.log_evicted(self._t)
+        if self._cm is not None:
+            stored = self.status is PutStatus.STORED
+            self._alloc._end_claim(self._cm, self._t, (exc_type, exc, tb),
+                                   () if self.slot is None else (self.slot,),
+                                   int(stored), self._length if stored else 0, int(self._evicted))
         return False
 
 
@@ -257,26 +243,10 @@ class FreeSlots:
             self._t.release_slot(slot, gen)
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if self._cm is None:
-            return False
-        a, t = self._alloc, self._t
-        if exc_type is None:
-            a._clear_vacated(t)
-        else:
-            # Best effort, as in FreeSlot: the write's own error is raised.
-            for c in self.claims:
-                if type(c) is tuple:
-                    try:
-                        a.records.clear(c[0])
-                    except OSError:
-                        pass  # the error being raised is the one to report
-        self._cm.__exit__(exc_type, exc, tb)
-        if exc_type is None:
-            if self._stored:
-                a.uses.stored(self._stored, self._nbytes)
-            if self._evicted:
-                a.uses.count("evictions", self._evicted)
-                a.log_evicted(t)
+        if self._cm is not None:
+            self._alloc._end_claim(self._cm, self._t, (exc_type, exc, tb),
+                                   [c[0] for c in self.claims if type(c) is tuple],
+                                   self._stored, self._nbytes, self._evicted)
         return False
 
 
@@ -317,6 +287,28 @@ class SlotAllocator:
     def claim_free_many(self, items: Sequence[Item]) -> FreeSlots:
         """Free slots for a batch inside one write transaction (FreeSlots)."""
         return FreeSlots(self, items)
+
+    def _end_claim(self, cm, t: IndexTxn, exc_info: tuple, claimed, stored: int, nbytes: int,
+                   evicted: int) -> None:
+        """End the write transaction of a FreeSlot or FreeSlots: committed,
+        with its vacated records cleared first and what it stored and evicted
+        counted after; or aborted, with the record of each ``claimed`` slot
+        cleared first, so the slot stays free and empty."""
+        if exc_info[0] is None:
+            self._clear_vacated(t)
+        else:
+            for slot in claimed:
+                try:
+                    self.records.clear(slot)
+                except OSError:
+                    pass  # best effort: the write's own error is the one raised
+        cm.__exit__(*exc_info)
+        if exc_info[0] is None:
+            if stored:
+                self.uses.stored(stored, nbytes)
+            if evicted:
+                self.uses.count("evictions", evicted)
+                self.log_evicted(t)
 
     def reserve(self, key: Key) -> Reservation | PutStatus:
         """A Reservation, or PRESENT (counted as a use) or REJECTED."""

@@ -77,6 +77,19 @@ def _inline_groups(items: Sequence[Item]) -> list[tuple[int, int]] | None:
     return groups
 
 
+def _outcomes(results) -> tuple[list[tuple[int, int]], list[int], BaseException | None]:
+    """Split _write_all's results: (position, checksum) of each write that
+    succeeded, positions of the others, and the first exception raised."""
+    done, failed, error = [], [], None
+    for i, res in enumerate(results):
+        if isinstance(res, int):
+            done.append((i, res))
+        else:
+            failed.append(i)
+            error = error or res
+    return done, failed, error
+
+
 def parallel(count: int, total: int) -> bool:
     """Whether a batch of ``count`` values, ``total`` bytes, goes to threads."""
     return count > 1 and total >= PARALLEL_IO_BYTES and total >= count * PARALLEL_VALUE_BYTES
@@ -138,21 +151,13 @@ class Writer:
         """Items with a free slot written and committed inside the one write
         transaction that claims the slots (claim_free_many); the others, if
         any, reserved afterwards."""
-        alloc = self.allocator
-        with alloc.claim_free_many(items) as c:
-            todo = [(Reservation(alloc, cl[0], cl[1]), items[i]) for i, cl in enumerate(c.claims)
-                    if type(cl) is tuple]
-            done, failed, error = [], [], None
-            for (r, it), res in zip(todo, self._write_all(todo) if todo else ()):
-                if isinstance(res, int):
-                    done.append((r.slot, r.generation, it, res))
-                else:
-                    failed.append((r.slot, r.generation))
-                    error = error or res
+        with self.allocator.claim_free_many(items) as c:
+            todo = [(cl[0], cl[1], items[i]) for i, cl in enumerate(c.claims) if type(cl) is tuple]
+            done, failed, error = _outcomes(self._write_all(todo) if todo else ())
             if error is not None and not isinstance(error, SlabIOError):
                 raise error  # aborts the transaction: every claimed slot stays free
-            c.commit(done)
-            c.give_back(failed)
+            c.commit([(*todo[i], csum) for i, csum in done])
+            c.give_back([todo[i][:2] for i in failed])
         if error is not None:
             raise error  # the rest are not tried, as in _put_many_reserved
         rest = [i for i, cl in enumerate(c.claims) if cl is None]
@@ -173,13 +178,9 @@ class Writer:
         alloc = self.allocator
         got = alloc.reserve_many([it.key for it in items])
         todo = [(r, it) for r, it in zip(got, items) if isinstance(r, Reservation)]
-        done, failed, error = [], [], None
-        for (r, it), res in zip(todo, self._write_all(todo)):
-            if isinstance(res, int):
-                done.append((r, it, res))
-            else:
-                failed.append(r)
-                error = error or res
+        ok, bad, error = _outcomes(self._write_all([(r.slot, r.generation, it) for r, it in todo]))
+        done = [(*todo[i], csum) for i, csum in ok]
+        failed = [todo[i][0] for i in bad]
         if error is not None and not isinstance(error, SlabIOError):
             alloc.abandon([d[0] for d in done] + failed)
             raise error
@@ -210,17 +211,16 @@ class Writer:
                                   record_meta(canon, item.desc.encoded))
         return csum
 
-    def _write_all(self, todo: list[tuple[Reservation, Item]]) -> list:
-        """Per (reservation, item): its checksum, the exception its write
+    def _write_all(self, todo: list[tuple[int, int, Item]]) -> list:
+        """Per (slot, generation, item): its checksum, the exception its write
         raised, or None when it was not tried."""
-        slots, parts = [r.slot for r, _it in todo], [it.parts for _r, it in todo]
+        slots, parts = [slot for slot, _g, _it in todo], [it.parts for _s, _g, it in todo]
         # Runs of adjacent slots go as one request each, in the caller; only
         # batches without runs go to the threads.  Batches of 4 x 256 KiB:
         # direct 1.0 GB/s on the threads, 1.3 as one run; mmap 1.6 and 3.2.
-        if parallel(len(todo), sum(it.desc.length for _r, it in todo)) and \
+        if parallel(len(todo), sum(it.desc.length for _s, _g, it in todo)) and \
                 not self.engine.coalesces(slots, parts):
-            futs = [self._threads_pool().submit(self._write_in_batch, r.slot, r.generation, it)
-                    for r, it in todo]
+            futs = [self._threads_pool().submit(self._write_in_batch, *row) for row in todo]
             out = []
             for f in futs:
                 try:
@@ -235,9 +235,9 @@ class Writer:
         out: list = [d or 0 for d in digests]
         written = todo[:len(out)]
         try:
-            self.records.write_many([(r.slot, r.generation, it.desc.length, d, key_hash(it.key.canon),
+            self.records.write_many([(slot, gen, it.desc.length, d, key_hash(it.key.canon),
                                       record_meta(it.key.canon, it.desc.encoded))
-                                     for (r, it), d in zip(written, out)])
+                                     for (slot, gen, it), d in zip(written, out)])
         except BaseException as exc:
             out = [exc] * len(out)
         if error is not None:

@@ -49,19 +49,25 @@ class EntryOps:
     def add_many(self, rows, policy: Policy, now: float) -> list[UseStats]:
         """:meth:`add` for each (slot, generation, ikey, canon, length,
         checksum, meta_raw) in order, the clock read and written once."""
-        txn, entries, order = self.txn, self.db["entries"], self.db["order"]
         tick = self.tick()
         out = []
-        for slot, generation, ikey, canon, length, checksum, meta_raw in rows:
+        for row in rows:
             tick += 1
-            use = UseStats(tick, 0, tick)
-            txn.put(ikey, encode_entry(slot, generation, length, checksum, use, now, now, meta_raw,
-                                       canon), db=entries)
-            txn.put(policy.order_key(slot, use), ikey, db=order)
-            out.append(use)
+            out.append(self.put_entry(row, tick, policy, now))
         if out:
             self.set_tick(tick)
         return out
+
+    def put_entry(self, row, tick: int, policy: Policy, now: float) -> UseStats:
+        """Write the entry of ``row`` (slot, generation, ikey, canon, length,
+        checksum, meta_raw) last in its use order at ``tick``; the caller
+        advances the clock."""
+        slot, generation, ikey, canon, length, checksum, meta_raw = row
+        use = UseStats(tick, 0, tick)
+        self.txn.put(ikey, encode_entry(slot, generation, length, checksum, use, now, now, meta_raw,
+                                        canon), db=self.db["entries"])
+        self.txn.put(policy.order_key(slot, use), ikey, db=self.db["order"])
+        return use
 
     def free_entry(self, e: Entry, policy: Policy) -> None:
         """Remove ``e``: its entry, its place in the eviction order, its pins;

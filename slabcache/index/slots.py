@@ -17,9 +17,9 @@ import struct
 from typing import Iterator
 
 from ..errors import CorruptStoreError
-from .entry import Entry, canon_of, encode_entry, slot_gen_of
+from .entry import Entry, canon_of, slot_gen_of
 from .meta import U64
-from .policy import Policy, UseStats
+from .policy import Policy
 
 _U32 = struct.Struct("<I")
 
@@ -150,10 +150,11 @@ class SlotOps:
         """:meth:`settle` for each (slot, generation, ikey, canon, length,
         checksum, meta_raw) in order, in one loop (a batch's commit): the
         clock is read once and written once."""
-        txn, reserved, entries, order = self.txn, self.db["reserved"], self.db["entries"], self.db["order"]
+        txn, reserved, entries = self.txn, self.db["reserved"], self.db["entries"]
         tick = start = self.tick()
         out = []
-        for slot, generation, ikey, canon, length, checksum, meta_raw in rows:
+        for row in rows:
+            slot, generation, ikey, canon = row[:4]
             skey = U64.pack(slot)
             raw = txn.get(skey, db=reserved)
             if raw is None or _U32.unpack_from(raw)[0] != generation or raw[4:] != owner:
@@ -167,11 +168,8 @@ class SlotOps:
                     out.append("present")
                     continue
                 self.free_entry(Entry.decode(ikey, old), policy)  # a long key's hash collided
-            tick += 1  # the new entry is last in its use order (EntryOps.add)
-            use = UseStats(tick, 0, tick)
-            txn.put(ikey, encode_entry(slot, generation, length, checksum, use, now, now, meta_raw,
-                                       canon), db=entries)
-            txn.put(policy.order_key(slot, use), ikey, db=order)
+            tick += 1  # the new entry is last in its use order
+            self.put_entry(row, tick, policy, now)
             out.append("stored")
         if tick != start:
             self.set_tick(tick)
