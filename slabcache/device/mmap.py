@@ -42,6 +42,14 @@ FUSED_STEP = 512 << 10
 # 8 MiB the batch path below (readahead for all, 512 KiB pieces) was level.
 COLD_WHOLE_FROM = 16 << 20
 COLD_WHOLE_READS = 4
+# Not kept: reading cold values of 2 MiB or more with O_DIRECT (a second
+# open of the slab, the direct engine's path).  In vLLM's tier, cold loads
+# of 2 / 4 / 8 MiB blocks took 704 / 451 / 197 blocks/s against 616 / 391 /
+# 172 buffered (the same process, contenders in turn); inside LMCache's
+# engine, cold retrieves of 4 x 8 / 32 MiB took 33.4 / 8.7 prompts/s against
+# 46.7 / 14.8, and churn at 32 MiB 11.3 against 25.5 (bytes read with
+# O_DIRECT never become warm).  Dropping the readahead request for large
+# cold batches (_before_batch) was level in vLLM's tier: 166 against 160.
 # Buffers of this size or more are hashed with xxhash's streaming hasher,
 # which releases the GIL (its one-shot digest of a buffer holds it).
 STREAM_HASH_FROM = 64 << 10
