@@ -31,6 +31,7 @@ retrieve spent inside the disk tier (the rest is LMCache's engine).
 Chunk sizes: 256 KiB, 8 MiB and 32 MiB of bf16 KV.  Needs lmcache==0.5.6.
 
 Run:  python benchmarks/lmcache_engine.py [--dir DIR] [--json FILE] [--quick] [--sizes 256K,8M,32M]
+      python benchmarks/lmcache_engine.py --from-json RUN1.json [RUN2.json ...]  (several runs' rounds pooled)
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from lmcache.v1.cache_engine import LMCacheEngineBuilder  # noqa: E402
 from lmcache.v1.config import LMCacheEngineConfig  # noqa: E402
 from lmcache.v1.metadata import LMCacheMetadata  # noqa: E402
 
-from report import human, medians, resident, save_json, span, turns  # noqa: E402
+from report import human, load_runs, medians, resident, save_json, span, turns  # noqa: E402
 from slabcache.bench.contenders import drop_file_cache  # noqa: E402
 from slabcache.format.sizes import parse_size  # noqa: E402
 from slabcache.integrations.lmcache.cpu_connector import CPUConnector  # noqa: E402
@@ -249,7 +250,15 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer prompts and rounds")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--sizes", default="256K,8M,32M", help="chunk sizes, comma list")
+    ap.add_argument("--from-json", nargs="+", help="only report the results in these JSON files "
+                    "(several runs: their rounds pooled)")
     args = ap.parse_args(argv)
+    if args.from_json:
+        reports = load_runs(args.from_json)
+        print(f"{sum(r['rounds'] for r in reports)} rounds in {len(reports)} run(s): "
+              "medians over every round (range over rounds)\n")
+        print_table(pool(reports))
+        return 0
     os.makedirs(args.dir, exist_ok=True)
     rounds = args.rounds or (1 if args.quick else 5)
     report: dict = {"rounds": rounds, "results": []}
@@ -267,6 +276,20 @@ def main(argv=None) -> int:
         save_json(args.json, report)
     print_table(report)
     return 0
+
+
+def pool(reports: list[dict]) -> dict:
+    """The results of several runs as one run of all their rounds."""
+    rows: dict = {}
+    for rep in reports:
+        for r in rep["results"]:
+            rows.setdefault((r["chunk"], r["contender"]), []).append(r)
+    results = []
+    for (chunk, contender), rs in rows.items():
+        runs = [rnd for r in rs for rnd in r["runs"]]
+        results.append({"chunk": chunk, "contender": contender, "prompts": rs[0]["prompts"],
+                        "median": medians(runs), "runs": runs})
+    return {"rounds": sum(rep["rounds"] for rep in reports), "results": results}
 
 
 def print_table(report: dict) -> None:

@@ -41,6 +41,26 @@ def medians(runs: list[dict]) -> dict:
     return {k: statistics.median(r[k] for r in runs) for k in keys}
 
 
+def pooled_runs(runs_by_file: list[dict]) -> dict:
+    """Several runs' ``runs`` (workload -> one value a round) as one: each
+    workload's rounds, run after run.  Rounds stay paired across
+    contenders, as every run ran its contenders in the same rounds."""
+    out: dict = {}
+    for runs in runs_by_file:
+        for w, vals in runs.items():
+            out.setdefault(w, []).extend(vals)
+    return out
+
+
+def load_runs(paths: Sequence[str]) -> list[dict]:
+    """The JSON reports of several runs of one benchmark."""
+    reports = []
+    for path in paths:
+        with open(path) as f:
+            reports.append(json.load(f))
+    return reports
+
+
 def span(values: Iterable[float], fmt: str = "{:.2f}") -> str:
     """'lo-hi' of ``values`` ('v' when they agree to the format)."""
     vals = sorted(values)

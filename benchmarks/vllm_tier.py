@@ -45,7 +45,8 @@ Each round runs the contenders in turn, the order reversed every other
 round; figures are medians over rounds.
 
 Run:  .venv-vllm/bin/python benchmarks/vllm_tier.py [--dir DIR] [--json FILE] [--quick]
-      python benchmarks/vllm_tier.py --from-json FILE --plot FILE.png   (any venv with matplotlib)
+      python benchmarks/vllm_tier.py --from-json RUN1.json [RUN2.json ...] [--plot FILE.png]
+          (several runs' rounds pooled; any venv, matplotlib for the plot)
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ import shutil
 import statistics
 import time
 
-from report import fio_gbps, resident, save_json, span, turns
+from report import fio_gbps, load_runs, pooled_runs, resident, save_json, span, turns
 from slabcache.bench.contenders import drop_file_cache
 
 SIZES = {"64K": 64 << 10, "1M": 1 << 20, "8M": 8 << 20}
@@ -282,6 +283,18 @@ def churn(tier, capacity_blocks: int, chunks: int, seed: int) -> tuple[float, in
 WORK = ("store", "warm_load", "cold_load", "churn")
 
 
+def pool(reports: list[dict]) -> dict:
+    """The results of several runs as one run of all their rounds."""
+    out: dict = {}
+    for label in reports[0]["results"]:
+        out[label] = {}
+        for name in reports[0]["results"][label]:
+            runs = pooled_runs([r["results"][label][name]["runs"] for r in reports
+                                if name in r["results"].get(label, {})])
+            out[label][name] = {w: statistics.median(v) for w, v in runs.items()} | {"runs": runs}
+    return out
+
+
 def report(results: dict) -> str:
     """Ratios to fs (median over rounds, range over rounds) and each one's
     share of the gap from fs to the in-memory ceiling; then the raw figures."""
@@ -355,11 +368,14 @@ def main() -> None:
     ap.add_argument("--sizes", default=",".join(SIZES))
     ap.add_argument("--contenders", default=",".join(CONTENDERS), help="fs must be one of them")
     ap.add_argument("--plot", help="write a chart (needs matplotlib) to this PNG")
-    ap.add_argument("--from-json", help="only report and plot the results in this JSON")
+    ap.add_argument("--from-json", nargs="+", help="only report and plot the results in these JSON "
+                    "files (several runs: their rounds pooled)")
     args = ap.parse_args()
     if args.from_json:
-        with open(args.from_json) as f:
-            results = json.load(f)["results"]
+        reports = load_runs(args.from_json)
+        results = pool(reports)
+        rounds = sum(r["rounds"] for r in reports)
+        print(f"{rounds} rounds in {len(reports)} run(s): medians over every round (range over rounds)\n")
         print(report(results))
         if args.plot:
             plot(results, args.plot)
