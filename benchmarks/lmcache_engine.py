@@ -51,7 +51,7 @@ from lmcache.v1.cache_engine import LMCacheEngineBuilder  # noqa: E402
 from lmcache.v1.config import LMCacheEngineConfig  # noqa: E402
 from lmcache.v1.metadata import LMCacheMetadata  # noqa: E402
 
-from report import human, load_runs, medians, resident, save_json, span, turns  # noqa: E402
+from report import human, load_runs, medians, pooled_heading, resident, save_json, span, turns  # noqa: E402
 from slabcache.bench.contenders import drop_file_cache  # noqa: E402
 from slabcache.format.sizes import parse_size  # noqa: E402
 from slabcache.integrations.lmcache.cpu_connector import CPUConnector  # noqa: E402
@@ -255,8 +255,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.from_json:
         reports = load_runs(args.from_json)
-        print(f"{sum(r['rounds'] for r in reports)} rounds in {len(reports)} run(s): "
-              "medians over every round (range over rounds)\n")
+        print(pooled_heading(reports))
         print_table(pool(reports))
         return 0
     os.makedirs(args.dir, exist_ok=True)

@@ -61,6 +61,12 @@ def load_runs(paths: Sequence[str]) -> list[dict]:
     return reports
 
 
+def pooled_heading(reports: list[dict]) -> str:
+    """The line above a table of several runs pooled."""
+    return (f"{sum(r['rounds'] for r in reports)} rounds in {len(reports)} run(s): "
+            "medians over every round (range over rounds)\n")
+
+
 def span(values: Iterable[float], fmt: str = "{:.2f}") -> str:
     """'lo-hi' of ``values`` ('v' when they agree to the format)."""
     vals = sorted(values)

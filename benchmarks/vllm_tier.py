@@ -59,7 +59,7 @@ import shutil
 import statistics
 import time
 
-from report import fio_gbps, load_runs, pooled_runs, resident, save_json, span, turns
+from report import fio_gbps, load_runs, pooled_heading, pooled_runs, resident, save_json, span, turns
 from slabcache.bench.contenders import drop_file_cache
 
 SIZES = {"64K": 64 << 10, "1M": 1 << 20, "8M": 8 << 20}
@@ -374,8 +374,7 @@ def main() -> None:
     if args.from_json:
         reports = load_runs(args.from_json)
         results = pool(reports)
-        rounds = sum(r["rounds"] for r in reports)
-        print(f"{rounds} rounds in {len(reports)} run(s): medians over every round (range over rounds)\n")
+        print(pooled_heading(reports))
         print(report(results))
         if args.plot:
             plot(results, args.plot)
