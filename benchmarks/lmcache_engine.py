@@ -16,10 +16,11 @@ Workloads, each as prompts per second:
 - store:  engine.store of every prompt, until every chunk is on disk;
   ``store() blocks`` is the time the caller spends inside store();
 - warm retrieve: engine.retrieve of every prompt, pages cached, three
-  passes;
-- cold retrieve: the same after dropping the files' pages (written back
-  first); the fraction of the stored bytes still in the page cache is
-  measured and reported (it must be near 0);
+  passes, the prompts in a shuffled order (the same for every contender
+  of a round; report.read_order);
+- cold retrieve: the same, one pass, after dropping the files' pages
+  (written back first); the fraction of the stored bytes still in the
+  page cache is measured and reported (it must be near 0);
 - churn: a skewed request stream over twice as many prompts as fit: a full
   hit is retrieved, anything else stored (evicting); timed until every
   store it queued is on disk, as the store workload is, its new prompts
@@ -51,7 +52,9 @@ from lmcache.v1.cache_engine import LMCacheEngineBuilder  # noqa: E402
 from lmcache.v1.config import LMCacheEngineConfig  # noqa: E402
 from lmcache.v1.metadata import LMCacheMetadata  # noqa: E402
 
-from report import human, load_runs, medians, pooled_heading, resident, save_json, span, turns  # noqa: E402
+from report import (  # noqa: E402
+    human, load_runs, medians, pooled_heading, read_order, resident, save_json, span, turns,
+)
 from slabcache.bench.contenders import drop_file_cache  # noqa: E402
 from slabcache.format.sizes import parse_size  # noqa: E402
 from slabcache.integrations.lmcache.cpu_connector import CPUConnector  # noqa: E402
@@ -151,7 +154,8 @@ class Engine:
         LMCacheEngineBuilder.destroy(self.cfg.lmcache_instance_id)
 
 
-def run_one(contender: str, directory: str, chunk_bytes: int, prompts: int, churn_ops: int) -> dict:
+def run_one(contender: str, directory: str, chunk_bytes: int, prompts: int, churn_ops: int,
+            round_: int = 0) -> dict:
     path = os.path.join(directory, f"{contender}-{chunk_bytes}")
     shutil.rmtree(path, ignore_errors=True)
     os.makedirs(path)
@@ -177,6 +181,7 @@ def run_one(contender: str, directory: str, chunk_bytes: int, prompts: int, chur
         res["store"] = prompts / (time.perf_counter() - t0)
         res["store_blocks_ms"] = 1e3 * blocked / prompts
         inside = _time_backend_reads(e.backend)
+        reads = read_order(data, round_)
         for name in ("warm retrieve", "cold retrieve"):
             if name == "cold retrieve":
                 still = e.drop_cache()
@@ -189,14 +194,14 @@ def run_one(contender: str, directory: str, chunk_bytes: int, prompts: int, chur
             passes = WARM_PASSES if name == "warm retrieve" else 1
             t0 = time.perf_counter()
             for _ in range(passes):
-                for tokens, kv in data:
+                for tokens, kv in reads:
                     good += int(e.eng.retrieve(tokens, kv=out).sum()) == PROMPT
             res[name] = passes * prompts / (time.perf_counter() - t0)
             res[name + " hits"] = good / passes
             res[name + " backend_ms"] = 1e3 * sum(inside) / (passes * prompts)
             if name == "warm retrieve":
                 # Spot-check the bytes: the last prompt retrieved must be the one stored.
-                assert torch.equal(out, data[-1][1]), f"{contender}: wrong bytes retrieved"
+                assert torch.equal(out, reads[-1][1]), f"{contender}: wrong bytes retrieved"
         universe = 2 * prompts
         rng = random.Random(5)
         stream = [min(universe - 1, int(rng.expovariate(1.0 / (universe / 3)))) for _ in range(churn_ops)]
@@ -268,7 +273,7 @@ def main(argv=None) -> int:
         runs: dict = {c: [] for c in contenders}
         for r in range(rounds):  # taking turns, so drift hits all alike
             for c in turns(contenders, r):
-                runs[c].append(run_one(c, args.dir, chunk, prompts, churn_ops))
+                runs[c].append(run_one(c, args.dir, chunk, prompts, churn_ops, r))
         for c, rs in runs.items():
             report["results"].append({"chunk": chunk, "contender": c, "prompts": prompts,
                                       "median": medians(rs), "runs": rs})

@@ -12,6 +12,7 @@ import ctypes
 import json
 import mmap
 import os
+import random
 import statistics
 import subprocess
 from typing import Iterable, Sequence
@@ -33,6 +34,17 @@ def turns(contenders: Sequence[str], round_: int) -> list[str]:
     so neither always goes first (into a cold cache, a fresh disk...)."""
     order = list(contenders)
     return order if round_ % 2 == 0 else order[::-1]
+
+
+def read_order(items: Sequence, round_: int) -> list:
+    """``items`` (the prompts, jobs or requests written) in the order a
+    round reads them back: shuffled, seeded by the round, so every
+    contender of a round reads the same order.  Read in the order written,
+    a buffered tier's readahead runs on into the next request, which it
+    does not for a server whose requests arrive in any order."""
+    order = list(items)
+    random.Random(7919 + round_).shuffle(order)
+    return order
 
 
 def medians(runs: list[dict]) -> dict:

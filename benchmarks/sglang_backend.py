@@ -23,7 +23,8 @@ Workloads, pages per second (ratio slabcache / file):
 
 - store: every request's pages backed up once;
 - warm prefetch: every request prefetched back, page cache as the store
-  left it;
+  left it, the requests in a shuffled order (the same for every contender
+  of a round; report.read_order);
 - cold prefetch: the same after writing back and dropping the pages from
   the page cache (slabcache's through its engine, which also unmaps them);
   the fraction still cached is measured and reported;
@@ -48,7 +49,7 @@ import time
 
 import torch
 
-from report import resident, save_json, span, turns
+from report import read_order, resident, save_json, span, turns
 from slabcache.bench.contenders import drop_file_cache
 
 # Page sizes from tokens a page: 4 layers x 8 KV heads x 128 x K,V x fp16 = 16 KiB a token.
@@ -185,11 +186,14 @@ def one_size(label: str, base: str, rounds: int, quick: bool, contenders: tuple[
                 total = n_req * pages
                 res[name].setdefault("store", []).append(total / store_all(node, idx, reqs))
                 node.free(idx)
-                res[name].setdefault("warm", []).append(total / prefetch_all(node, reqs, want))
+                order = read_order(range(n_req), rnd)
+                reads = [reqs[r] for r in order]
+                want = [want[r * pages + p] for r in order for p in range(pages)]
+                res[name].setdefault("warm", []).append(total / prefetch_all(node, reads, want))
                 still = drop(name, node, root)
                 if still is not None:
                     res[name].setdefault("cold_resident", []).append(still)
-                res[name].setdefault("cold", []).append(total / prefetch_all(node, reqs))
+                res[name].setdefault("cold", []).append(total / prefetch_all(node, reads))
             finally:
                 node.close()
                 shutil.rmtree(root, ignore_errors=True)

@@ -23,7 +23,9 @@ taking turns within each round:
 Workloads, blocks per second (ratio slabcache / fs):
 
 - store: every block of the working set stored once;
-- warm load: every block loaded back, page cache as the store left it;
+- warm load: every block loaded back, page cache as the store left it,
+  the jobs in a shuffled order (the same for every contender of a round;
+  report.read_order);
 - cold load: the same after writing back and dropping the tier's pages
   (slabcache's through its engine, which also unmaps them); the fraction
   of the blocks' bytes still in the page cache is measured and reported;
@@ -59,7 +61,9 @@ import shutil
 import statistics
 import time
 
-from report import fio_gbps, load_runs, pooled_heading, pooled_runs, resident, save_json, span, turns
+from report import (
+    fio_gbps, load_runs, pooled_heading, pooled_runs, read_order, resident, save_json, span, turns,
+)
 from slabcache.bench.contenders import drop_file_cache
 
 SIZES = {"64K": 64 << 10, "1M": 1 << 20, "8M": 8 << 20}
@@ -232,12 +236,13 @@ def one_size(label: str, block: int, base: str, rounds: int, quick: bool,
                     ids = list(range(n_blocks))
                     t = run_jobs(tier, "submit_store", batches(ids, list(range(chunks))))
                     res[name].setdefault("store", []).append(n_blocks / t)
-                    t = run_jobs(tier, "submit_load", batches(ids, list(range(chunks))))
+                    reads = read_order(batches(ids, list(range(chunks))), rnd)
+                    t = run_jobs(tier, "submit_load", reads)
                     res[name].setdefault("warm_load", []).append(n_blocks / t)
                     still = drop_tier_cache(name, tier, root)
                     if still is not None:
                         res[name].setdefault("cold_resident", []).append(still)
-                    t = run_jobs(tier, "submit_load", batches(ids, list(range(chunks))))
+                    t = run_jobs(tier, "submit_load", reads)
                     res[name].setdefault("cold_load", []).append(n_blocks / t)
                     res[name].setdefault("lookup_1000_ms", []).append(lookup_1000(tier) * 1e3)
                     rate, loads, stores = churn(tier, n_blocks, chunks, seed=rnd)

@@ -68,3 +68,23 @@ def test_a_report_of_several_runs_pools_their_rounds_in_pairs(tmp_path, script):
     # Medians over all four rounds: 5 / 1; the range over the rounds' own ratios.
     assert cell.startswith("**5.00x** (2.00-8.00)")
     assert _ratio_cell(script, row, a)[1].startswith("**3.00x** (2.00-4.00)")
+
+
+def _report_module():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import report
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return report
+
+
+def test_each_round_reads_back_in_one_shuffled_order_for_every_contender():
+    read_order = _report_module().read_order
+    written = [f"prompt-{i}" for i in range(48)]
+    first = read_order(written, 0)
+    assert sorted(first) == sorted(written)  # each request read once
+    assert first != written  # not the order written: readahead gets no help
+    assert read_order(written, 0) == first  # every contender of the round alike
+    assert read_order(written, 1) != first  # a new order each round
+    assert written == [f"prompt-{i}" for i in range(48)]  # the caller's list untouched
