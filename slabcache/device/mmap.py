@@ -292,12 +292,15 @@ class MmapEngine(Engine):
         of its reads in flight rather than the few the cores are copying."""
         # Measured against the alternatives: asking for nothing, leaving it
         # to the kernel's readahead, halved vLLM's cold loads of 64 KiB
-        # blocks (0.42x of fs against 0.84x, each in its own run), though it
-        # was faster inside LMCache's benchmark, whose cold phase reads
-        # prompts in the order they were stored, so readahead streams ahead
-        # into the next (256 KiB chunks, in turn in one run: 1041 against
-        # 664 prompts/s); asking for all but the first value was level (571
-        # against 642).
+        # blocks (0.42x of fs against 0.84x, each in its own run); it was
+        # faster inside LMCache's benchmark only while that read prompts in
+        # the order they were stored, readahead streaming into the next
+        # (256 KiB chunks, in turn in one run: 1041 against 664 prompts/s).
+        # Prompts of 4 x 256 KiB in a shuffled order, cold, in turn in one
+        # process (8 rounds, ms a prompt): 1.12 asking for all, 1.64 asking
+        # for nothing, 1.45 the four read side by side on threads, 1.07 for
+        # LMCache's way (a file each, read on four threads).  Asking for all
+        # but the first value was level (571 against 642 prompts/s).
         if not self._is_cold(slots[0], parts_list[0]):
             return False
         g = self.geometry
