@@ -1,8 +1,13 @@
-"""Helpers for tests (not fixtures): child interpreters, reproducible bytes."""
+"""Helpers for tests (not fixtures): child interpreters, reproducible bytes,
+what the page cache holds."""
 
+import ctypes
+import mmap
+import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import torch
@@ -51,3 +56,42 @@ def run_suite_in_venv(python: Path, suite: str, tmp_path, host: str, timeout: fl
     print(proc.stdout[-4000:])
     assert proc.returncode == 0, f"{host} tests failed:\n{proc.stdout[-8000:]}\n{proc.stderr[-4000:]}"
     assert " skipped" not in proc.stdout.splitlines()[-1], f"{host} tests skipped in the {host} venv"
+
+
+def resident_pages(path: str, offset: int, length: int) -> int:
+    """Pages of ``path`` in [offset, offset+length) that sit in the page cache (mincore)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    size = offset + length
+    pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    vec = (ctypes.c_ubyte * pages)()
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ)
+        try:
+            if libc.mincore(ctypes.c_void_p(_address_of(mm)), ctypes.c_size_t(size), vec) != 0:
+                raise OSError(ctypes.get_errno(), "mincore failed")
+        finally:
+            mm.close()
+    return sum(v & 1 for v in vec[offset // mmap.PAGESIZE:])
+
+
+def _address_of(mm: mmap.mmap) -> int:
+    # A read-only mmap cannot be exported writable; numpy reads its address.
+    import numpy as np
+
+    return np.frombuffer(mm, dtype=np.uint8, count=1).__array_interface__["data"][0]
+
+
+def drop_until_cold(store, tries: int = 20) -> None:
+    """``store.engine.drop_cache()`` until none of its slab's payload pages
+    is in the page cache (mincore, which reads nothing): the kernel keeps a
+    page that a drop finds busy, and a test of the cold path must start
+    cold."""
+    g = store.geometry
+    slab = os.path.join(store.path, "slab")
+    for _ in range(tries):
+        store.engine.drop_cache()
+        left = resident_pages(slab, g.data_offset, g.capacity_bytes)
+        if left == 0:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"{left} payload pages of {slab} stayed in the page cache through {tries} drops")

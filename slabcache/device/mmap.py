@@ -28,7 +28,7 @@ from ..errors import SlabIOError
 from .engine import Engine, cores, in_batch, read_or_error
 from .memory import Span, as_numpy
 from .slabfile import open_slab
-from .syscalls import preadv_all, pwritev_all
+from .syscalls import mapping_address, page_cached, preadv_all, pwritev_all
 
 # A value read in one piece below this (one preadv, then one hash); at and
 # above it, read and hashed in FUSED_STEP pieces.
@@ -114,6 +114,7 @@ class MmapEngine(Engine):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self.view = torch.frombuffer(self.mm, dtype=torch.uint8)
+        self._base = mapping_address(self.mm)  # what mincore is asked about (_is_cold)
         self._nowait = hasattr(os, "RWF_NOWAIT")  # cleared if the filesystem refuses it
         self._readers = threading.local()  # a thread's own open of the slab (_reader_fd)
         self._reader_fds: list[int] = []
@@ -228,8 +229,12 @@ class MmapEngine(Engine):
 
     def _is_cold(self, slot, parts, page: str = "first") -> bool:
         """Whether the ``page`` ("first" or "last") of the value in ``slot``
-        is out of the page cache (read into ``parts`` if not); False where
-        the filesystem cannot say.  A head found cached usually means the
+        is out of the page cache: asked with mincore, which reads nothing;
+        where it cannot say, with a RWF_NOWAIT read of the page into
+        ``parts``; False where neither can.  (A RWF_NOWAIT read starts
+        readahead, and where the disk answers within the call, it read a
+        cold page and called it cached: here one cold batch in six or so
+        was judged warm.)  A head found cached usually means the
         kernel's readahead is streaming through these slots, and the
         values are best read plainly behind it; but a value of
         COLD_WHOLE_FROM or more is judged by its last page, since readahead
@@ -239,9 +244,14 @@ class MmapEngine(Engine):
         against 60-70)."""
         n = parts[0].numel() if len(parts) == 1 else sum(p.numel() for p in parts)
         g = self.geometry
-        if not self._nowait or not 0 < n <= g.slot_bytes or not 0 <= slot < g.slot_count:
+        if not 0 < n <= g.slot_bytes or not 0 <= slot < g.slot_count:
             return False
         start = (n - 1) // PAGE * PAGE if page == "last" else 0
+        cached = page_cached(self._base + g.slot_offset(slot) + start)
+        if cached is not None:
+            return not cached
+        if not self._nowait:
+            return False
         n = n if page == "last" else min(n, PAGE)
         dst = Span(parts).range(start, n)
         return self._cached(dst, g.slot_offset(slot) + start) < n - start

@@ -1,8 +1,11 @@
-"""Vectored positional I/O that moves every byte or raises."""
+"""Vectored positional I/O that moves every byte or raises; whether a page
+is in the page cache."""
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import mmap
 import os
 
 
@@ -27,3 +30,37 @@ def pwritev_all(fd: int, bufs: list, offset: int) -> None:
 
 def preadv_all(fd: int, bufs: list, offset: int) -> None:
     _vector_all(os.preadv, fd, bufs, offset, "short read: the slab ends before the slot does")
+
+
+def _libc_mincore():
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).mincore
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_MINCORE = _libc_mincore()
+PAGE = mmap.PAGESIZE
+
+
+def mapping_address(mm: mmap.mmap) -> int:
+    """Where ``mm`` starts in this process (it stays there until closed)."""
+    import numpy as np
+
+    return np.frombuffer(mm, dtype=np.uint8, count=1).__array_interface__["data"][0]
+
+
+def page_cached(address: int) -> bool | None:
+    """Whether the page of a file mapping holding ``address`` is in the
+    page cache, or None where mincore cannot say.  It reads nothing and
+    starts no readahead (a RWF_NOWAIT read starts one, and where the disk
+    answers within the call it reads a cold page and calls it cached)."""
+    if _MINCORE is None:
+        return None
+    vec = ctypes.c_ubyte(0)
+    if _MINCORE(address - address % PAGE, PAGE, ctypes.byref(vec)) != 0:
+        return None
+    return bool(vec.value & 1)

@@ -10,7 +10,7 @@ from slabcache.format.checksum import CHECKSUM_BLOCK
 from slabcache import SlabIOError, SlabStore, UnsupportedValueError
 from slabcache.core.values import describe
 from slabcache.testing import FaultyEngine, inject
-from tests.helpers import rand_tensor
+from tests.helpers import drop_until_cold, rand_tensor
 
 
 def _no_leak(s):
@@ -493,7 +493,7 @@ def test_a_cold_batch_of_small_values_is_asked_for_at_once(tmp_path):
         s.engine._readahead = lambda offset, n: (asked.append((offset, n)), real(offset, n))
         for cold in (True, False):
             if cold:
-                s.engine.drop_cache()
+                drop_until_cold(s)
             asked.clear()
             outs = [torch.zeros(size - 7 * i, dtype=torch.uint8) for i in range(8)]
             assert s.get_many_into(keys, outs) == [True] * 8

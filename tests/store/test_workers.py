@@ -1,7 +1,5 @@
 """Worker pool priorities, async puts, batched reads, close semantics, O_DIRECT."""
 
-import ctypes
-import mmap
 import os
 import threading
 import time
@@ -13,7 +11,7 @@ from slabcache import ConfigError, QueueFullError, SlabStore, StoreClosedError
 from slabcache.device import EngineWrapper
 from slabcache.runtime.workers import Priority, WorkerPool
 
-from tests.helpers import rand_tensor, run_py
+from tests.helpers import rand_tensor, resident_pages, run_py
 
 
 def test_priority_order_and_fifo_within_priority():
@@ -189,29 +187,6 @@ def test_get_many_into_cpu(make_store):
         s.get_many_into(["k0"], [])
 
 
-def _resident_pages(path: str, offset: int, length: int) -> int:
-    """Pages of ``path`` in [offset, offset+length) that sit in the page cache (mincore)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    size = offset + length
-    pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
-    vec = (ctypes.c_ubyte * pages)()
-    with open(path, "rb") as f:
-        mm = mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ)
-        try:
-            if libc.mincore(ctypes.c_void_p(_address_of(mm)), ctypes.c_size_t(size), vec) != 0:
-                raise OSError(ctypes.get_errno(), "mincore failed")
-        finally:
-            mm.close()
-    return sum(v & 1 for v in vec[offset // mmap.PAGESIZE:])
-
-
-def _address_of(mm: mmap.mmap) -> int:
-    # A read-only mmap cannot be exported writable; numpy reads its address.
-    import numpy as np
-
-    return np.frombuffer(mm, dtype=np.uint8, count=1).__array_interface__["data"][0]
-
-
 def test_direct_puts_leave_no_page_cache(tmp_path):
     p = tmp_path / "s"
     with SlabStore.open(p, capacity_bytes=64 * 65536, slot_bytes=65536, io="direct") as s:
@@ -223,13 +198,13 @@ def test_direct_puts_leave_no_page_cache(tmp_path):
         for i in range(32):
             assert torch.equal(s.get(f"k{i}"), rand_tensor(65536 - 100 * i, i))
         g = s.geometry
-        resident = _resident_pages(str(p / "slab"), g.data_offset, g.capacity_bytes)
+        resident = resident_pages(str(p / "slab"), g.data_offset, g.capacity_bytes)
     assert resident == 0
     # The mmap engine, by contrast, leaves what it reads cached: the check can fail.
     with SlabStore.open(p, io="mmap") as s:
         for i in range(32):
             s.get(f"k{i}")
-        assert _resident_pages(str(p / "slab"), g.data_offset, g.capacity_bytes) > 0
+        assert resident_pages(str(p / "slab"), g.data_offset, g.capacity_bytes) > 0
 
 
 def test_remove_async(make_store):

@@ -238,3 +238,26 @@ def test_a_run_of_slot_records_is_written_whole(tmp_path, monkeypatch, short):
         assert len(calls) >= 2 and max(calls) <= 1024
         for slot, gen, length, csum, khash, meta in rows:
             assert recs.read(slot) == SlotRecord(gen, length, csum, khash, meta), slot
+
+
+def test_page_cached_says_what_the_page_cache_holds_and_reads_nothing(tmp_path):
+    import mmap
+
+    from slabcache.device.syscalls import PAGE, mapping_address, page_cached
+
+    path = tmp_path / "f"
+    path.write_bytes(os.urandom(16 * PAGE))
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.fsync(fd)
+        mm = mmap.mmap(fd, 16 * PAGE)
+        base = mapping_address(mm)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        assert page_cached(base + 5 * PAGE + 17) is False
+        assert page_cached(base + 5 * PAGE + 17) is False  # asking read nothing in
+        os.pread(fd, 1, 5 * PAGE)
+        assert page_cached(base + 5 * PAGE) is True
+        assert page_cached(base + 6 * PAGE - 1) is True  # any byte of the page
+        mm.close()
+    finally:
+        os.close(fd)
