@@ -11,6 +11,9 @@ slab ("raw"):
             (put_evict: the same puts into a full store, each evicting;
             put_2txn, put_evict_2txn: both with every put taking two index
             transactions, as before a free slot was written under the lock)
+- put_many: per batch, one pwritev of its values (slots that follow one
+            another) + xxh3 of each + one pwrite of its slot records: the
+            floor the store's runs of adjacent slots aim at
 - get:      torch.empty + pread + xxh3
 - get_into: pread into the caller's tensor + xxh3
 - contains: nothing (the raw cost of a lookup is zero)
@@ -90,8 +93,11 @@ def measure(directory: str, size: int, n: int, rounds: int) -> dict:
             full.put(f"filler-{i}", value)
         fd = os.open(os.path.join(path, "slab"), os.O_RDWR)
         g = s.geometry
-        # Raw work goes to the upper half of the slab; the store uses the lower half.
-        raw_offs = [g.slot_offset(slots // 2 + i % (slots // 2)) for i in range(n)]
+        # Raw work goes to the upper half of the slab, in slots that follow
+        # one another (a batch's raw values are written with one pwritev);
+        # the store uses the lower half.
+        assert n <= slots // 2
+        raw_offs = [g.slot_offset(slots // 2 + i) for i in range(n)]
         rec_off = g.records_offset
         keys = [f"model@1@0@{i:x}@bfloat16" for i in range(n)]
         try:
@@ -166,7 +172,16 @@ def measure(directory: str, size: int, n: int, rounds: int) -> dict:
                     for b in batches:
                         s.put_many(b, [value] * BATCH)
 
-                add("put_many", _per_op(put_many_store, m), _per_op(put_raw, n))
+                records = record * BATCH
+
+                def put_many_raw():
+                    for j in range(0, m, BATCH):
+                        os.pwritev(fd, [arr] * BATCH, raw_offs[j])
+                        for _ in range(BATCH):
+                            xxhash.xxh3_64_intdigest(arr)
+                        os.pwrite(fd, records, rec_off)
+
+                add("put_many", _per_op(put_many_store, m), _per_op(put_many_raw, m))
                 oas = [o.numpy() for o in outs]
 
                 def get_many_store():
