@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from slabcache.device.syscalls import mapping_address
 from slabcache.testing import child_env
 
 
@@ -67,18 +68,11 @@ def resident_pages(path: str, offset: int, length: int) -> int:
     with open(path, "rb") as f:
         mm = mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ)
         try:
-            if libc.mincore(ctypes.c_void_p(_address_of(mm)), ctypes.c_size_t(size), vec) != 0:
+            if libc.mincore(ctypes.c_void_p(mapping_address(mm)), ctypes.c_size_t(size), vec) != 0:
                 raise OSError(ctypes.get_errno(), "mincore failed")
         finally:
             mm.close()
     return sum(v & 1 for v in vec[offset // mmap.PAGESIZE:])
-
-
-def _address_of(mm: mmap.mmap) -> int:
-    # A read-only mmap cannot be exported writable; numpy reads its address.
-    import numpy as np
-
-    return np.frombuffer(mm, dtype=np.uint8, count=1).__array_interface__["data"][0]
 
 
 def drop_until_cold(store, tries: int = 20) -> None:

@@ -28,7 +28,7 @@ from ..errors import SlabIOError
 from .engine import Engine, cores, in_batch, read_or_error
 from .memory import Span, as_numpy
 from .slabfile import open_slab
-from .syscalls import mapping_address, page_cached, preadv_all, pwritev_all
+from .syscalls import PAGE, mapping_address, page_cached, preadv_all, pwritev_all
 
 # A value read in one piece below this (one preadv, then one hash); at and
 # above it, read and hashed in FUSED_STEP pieces.
@@ -57,7 +57,6 @@ COLD_WHOLE_READS = 4
 # Buffers of this size or more are hashed with xxhash's streaming hasher,
 # which releases the GIL (its one-shot digest of a buffer holds it).
 STREAM_HASH_FROM = 64 << 10
-PAGE = 4096
 
 
 def _hash(a) -> int:
