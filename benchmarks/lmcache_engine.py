@@ -26,6 +26,16 @@ Workloads, each as prompts per second:
   store it queued is on disk, as the store workload is, its new prompts
   made before the clock starts.
 
+With fio on PATH, each round also times the device itself (DEVICE): O_DIRECT
+requests of one chunk, four in flight (a prompt's chunks at once, as both
+tiers read and write them), writes in order over a file of the working
+set's size, then random reads of it.  Each contender's store, cold
+retrieve and, for the O_DIRECT pair, warm retrieve (a second read from the
+device) are reported as a share of it, retrieves by the time spent inside
+the disk tier: where both of a pair sit near 100%, the device, not the
+tier, sets the ratio.  Buffered stores land in the page cache and may
+pass it.
+
 Each round runs the contenders in turn, the order reversed every other
 round; figures are medians over rounds.  ``backend_ms`` is the time a warm
 retrieve spent inside the disk tier (the rest is LMCache's engine).
@@ -53,7 +63,8 @@ from lmcache.v1.config import LMCacheEngineConfig  # noqa: E402
 from lmcache.v1.metadata import LMCacheMetadata  # noqa: E402
 
 from report import (  # noqa: E402
-    human, load_runs, medians, pooled_heading, read_order, resident, save_json, span, turns,
+    fio_gbps, human, load_runs, medians, pooled_heading, read_order, resident, save_json, span,
+    turns,
 )
 from slabcache.bench.contenders import drop_file_cache  # noqa: E402
 from slabcache.format.sizes import parse_size  # noqa: E402
@@ -154,8 +165,28 @@ class Engine:
         LMCacheEngineBuilder.destroy(self.cfg.lmcache_instance_id)
 
 
+def run_device(fio: str, directory: str, chunk_bytes: int, prompts: int) -> dict:
+    """The device's own rate, in prompts per second, for the stores and
+    retrieves the tiers do (see DEVICE)."""
+    path = os.path.join(directory, f"{DEVICE}-{chunk_bytes}")
+    common = (f"--filename={path}", f"--bs={chunk_bytes}", f"--size={prompts * 4 * chunk_bytes}",
+              f"--iodepth={DEVICE_QD}")
+    try:
+        # Written just before it is read, as each tier's chunks are: the
+        # virtual disk's host keeps recent writes cached.
+        write = fio_gbps(fio, "--rw=write", *common)
+        read = fio_gbps(fio, "--readonly", "--rw=randread", *common)
+    finally:
+        if os.path.exists(path):
+            os.remove(path)
+    prompt = 4 * chunk_bytes
+    return {"store": write * 1e9 / prompt, "read": read * 1e9 / prompt}
+
+
 def run_one(contender: str, directory: str, chunk_bytes: int, prompts: int, churn_ops: int,
             round_: int = 0) -> dict:
+    if contender == DEVICE:
+        return run_device(shutil.which("fio"), directory, chunk_bytes, prompts)
     path = os.path.join(directory, f"{contender}-{chunk_bytes}")
     shutil.rmtree(path, ignore_errors=True)
     os.makedirs(path)
@@ -246,6 +277,16 @@ WARM_PASSES = 3
 PAIRS = (("slabcache-mmap", "lmcache-buffered"), ("slabcache-direct", "lmcache-odirect"))
 CEILING = "memory"
 WORKLOADS = ("store", "warm retrieve", "cold retrieve", "churn")
+# The device's own rate (with fio on PATH): O_DIRECT requests of one chunk,
+# DEVICE_QD in flight, as a prompt's four chunks are stored and retrieved.
+DEVICE = "fio"
+DEVICE_QD = 4
+# What each contender is compared with on the device: its stores (until on
+# disk) with fio's writes; the time its disk tier spends in a cold retrieve
+# (and in a warm one for O_DIRECT tiers, which read the device again) with
+# fio's reads of a prompt, LMCache's engine around the tier left out.
+DEVICE_SHARES = (("store", "store", None), ("cold retrieve", "read", None),
+                 ("warm retrieve", "read", "direct"))
 
 
 def main(argv=None) -> int:
@@ -270,6 +311,8 @@ def main(argv=None) -> int:
         prompts = {256 << 10: 24, 8 << 20: 8, 32 << 20: 4}[chunk] * (1 if args.quick else 2)
         churn_ops = 3 * prompts
         contenders = [c for pair in PAIRS for c in pair] + [CEILING]
+        if shutil.which("fio"):
+            contenders.append(DEVICE)
         runs: dict = {c: [] for c in contenders}
         for r in range(rounds):  # taking turns, so drift hits all alike
             for c in turns(contenders, r):
@@ -330,6 +373,35 @@ def print_table(report: dict) -> None:
                 print(f"{human(chunk):>7} {c:18s} " + " ".join(f"{w} {m[w]:.1f}" for w in WORKLOADS) +
                       f", tier {m['warm retrieve backend_ms']:.2f} of "
                       f"{1e3 / m['warm retrieve']:.2f} ms{cold}")
+    lines = device_lines(by, chunks)
+    if lines:
+        print(f"\nthe device (fio, O_DIRECT, requests of one chunk, {DEVICE_QD} in flight: writes in "
+              "order, random reads), prompts/s, and each tier as a share of it (stores until on "
+              "disk; retrieves: the time inside the disk tier):\n")
+        print("\n".join(lines))
+
+
+def device_lines(by: dict, chunks: list[int]) -> list[str]:
+    """Per chunk size run with fio: the device's rates and each tier's share of them."""
+    lines = []
+    for chunk in chunks:
+        dev = by.get((chunk, DEVICE))
+        if not dev:
+            continue
+        d = dev["median"]
+        parts = []
+        for w, ref, only in DEVICE_SHARES:
+            shares = []
+            for c in [c for pair in PAIRS for c in pair]:
+                m = by[(chunk, c)]["median"] if (chunk, c) in by else None
+                if m is None or (only and not c.endswith(only)):
+                    continue
+                # A store's rate against fio's; a retrieve's time in the tier against fio's.
+                share = m[w] / d[ref] if w == "store" else 1e3 / d[ref] / m[w + " backend_ms"]
+                shares.append(f"{c} {share:.0%}")
+            parts.append(("store " if w == "store" else f"{w} (tier) ") + ", ".join(shares))
+        lines.append(f"{human(chunk):>7} writes {d['store']:.1f}, reads {d['read']:.1f}; " + "; ".join(parts))
+    return lines
 
 
 if __name__ == "__main__":

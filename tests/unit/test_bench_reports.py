@@ -88,3 +88,46 @@ def test_each_round_reads_back_in_one_shuffled_order_for_every_contender():
     assert read_order(written, 0) == first  # every contender of the round alike
     assert read_order(written, 1) != first  # a new order each round
     assert written == [f"prompt-{i}" for i in range(48)]  # the caller's list untouched
+
+
+def test_the_lmcache_report_puts_each_tier_beside_the_device(tmp_path):
+    """With fio's rounds in the report: each store as a share of fio's
+    writes, and each retrieve's time inside the tier as a share of fio's
+    reads of a prompt (warm ones only for the O_DIRECT pair)."""
+    pytest.importorskip("lmcache", reason="benchmarks/lmcache_engine.py needs lmcache "
+                        "(./tools/bootstrap.sh --with-lmcache)")
+
+    def row(contender, **m):
+        return {"chunk": 8 << 20, "contender": contender, "prompts": 8, "median": m, "runs": [m]}
+
+    def tier(store, warm_ms, cold_ms):
+        return {"store": store, "warm retrieve": 1.0, "cold retrieve": 1.0, "churn": 1.0,
+                "store_blocks_ms": 1.0, "warm retrieve backend_ms": warm_ms,
+                "cold retrieve backend_ms": cold_ms}
+
+    report = {"rounds": 1, "results": [
+        row("slabcache-mmap", **tier(5.0, 1.0, 100.0)),
+        row("lmcache-buffered", **tier(20.0, 1.0, 50.0)),
+        row("slabcache-direct", **tier(10.0, 25.0, 40.0)),
+        row("lmcache-odirect", **tier(8.0, 200.0, 100.0)),
+        # 10 prompts/s written, 20 read: 50 ms to read a prompt.
+        row("fio", store=10.0, read=20.0)]}
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(report))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "benchmarks/lmcache_engine.py", "--from-json", str(path)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    line = next(ln for ln in out.stdout.splitlines() if ln.strip().startswith("8 MiB writes"))
+    assert line.strip() == (
+        "8 MiB writes 10.0, reads 20.0; "
+        "store slabcache-mmap 50%, lmcache-buffered 200%, slabcache-direct 100%, lmcache-odirect 80%; "
+        "cold retrieve (tier) slabcache-mmap 50%, lmcache-buffered 100%, slabcache-direct 125%, "
+        "lmcache-odirect 50%; warm retrieve (tier) slabcache-direct 200%, lmcache-odirect 25%")
+    # A run without fio's rounds reports no device.
+    del report["results"][-1]
+    path.write_text(json.dumps(report))
+    out = subprocess.run([sys.executable, "benchmarks/lmcache_engine.py", "--from-json", str(path)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "the device" not in out.stdout
