@@ -52,6 +52,7 @@ import argparse
 import os
 import random
 import shutil
+import statistics
 import time
 import uuid
 
@@ -387,27 +388,28 @@ def print_table(report: dict) -> None:
 
 
 def device_lines(by: dict, chunks: list[int]) -> list[str]:
-    """Per chunk size run with fio: the device's rates and each tier's share of them."""
+    """Per chunk size run with fio: the device's rates (medians over rounds)
+    and each tier's share of them, round by round against the fio run of
+    the same round: median (range)."""
     lines = []
     for chunk in chunks:
         dev = by.get((chunk, DEVICE))
         if not dev:
             continue
-        d = dev["median"]
         parts = []
         for w, ref, only in DEVICE_SHARES:
             shares = []
             for c in [c for pair in PAIRS for c in pair]:
-                m = by[(chunk, c)]["median"] if (chunk, c) in by else None
-                if m is None or (only and not c.endswith(only)):
+                if (chunk, c) not in by or (only and not c.endswith(only)):
                     continue
                 # A store's rate against fio's; a retrieve's time in the tier against fio's.
-                share = m[w] / d[ref] if w == "store" else 1e3 / d[ref] / m[w + " backend_ms"]
-                shares.append(f"{c} {share:.0%}")
+                per_round = [r[w] / d[ref] if w == "store" else 1e3 / d[ref] / r[w + " backend_ms"]
+                             for r, d in zip(by[(chunk, c)]["runs"], dev["runs"])]
+                shares.append(f"{c} {statistics.median(per_round):.0%} ({span(per_round, '{:.0%}')})")
             parts.append(("store " if w == "store" else f"{w} (tier) ") + ", ".join(shares))
+        d = dev["median"]
         lines.append(f"{human(chunk):>7} writes {d['store']:.1f}, reads {d['read']:.1f}; " + "; ".join(parts))
     return lines
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -93,25 +93,29 @@ def test_each_round_reads_back_in_one_shuffled_order_for_every_contender():
 def test_the_lmcache_report_puts_each_tier_beside_the_device(tmp_path):
     """With fio's rounds in the report: each store as a share of fio's
     writes, and each retrieve's time inside the tier as a share of fio's
-    reads of a prompt (warm ones only for the O_DIRECT pair)."""
+    time to read a prompt (warm ones only for the O_DIRECT pair), round by
+    round against the fio run of the same round: median (range)."""
     pytest.importorskip("lmcache", reason="benchmarks/lmcache_engine.py needs lmcache "
                         "(./tools/bootstrap.sh --with-lmcache)")
 
-    def row(contender, **m):
-        return {"chunk": 8 << 20, "contender": contender, "prompts": 8, "median": m, "runs": [m]}
+    def row(contender, rounds):
+        median = {k: sorted(r[k] for r in rounds)[len(rounds) // 2] for k in rounds[0]}
+        return {"chunk": 8 << 20, "contender": contender, "prompts": 8, "median": median,
+                "runs": rounds}
 
-    def tier(store, warm_ms, cold_ms):
-        return {"store": store, "warm retrieve": 1.0, "cold retrieve": 1.0, "churn": 1.0,
-                "store_blocks_ms": 1.0, "warm retrieve backend_ms": warm_ms,
-                "cold retrieve backend_ms": cold_ms}
+    def tier(*rounds):
+        return [{"store": store, "warm retrieve": 1.0, "cold retrieve": 1.0, "churn": 1.0,
+                 "store_blocks_ms": 1.0, "warm retrieve backend_ms": warm_ms,
+                 "cold retrieve backend_ms": cold_ms} for store, warm_ms, cold_ms in rounds]
 
-    report = {"rounds": 1, "results": [
-        row("slabcache-mmap", **tier(5.0, 1.0, 100.0)),
-        row("lmcache-buffered", **tier(20.0, 1.0, 50.0)),
-        row("slabcache-direct", **tier(10.0, 25.0, 40.0)),
-        row("lmcache-odirect", **tier(8.0, 200.0, 100.0)),
-        # 10 prompts/s written, 20 read: 50 ms to read a prompt.
-        row("fio", store=10.0, read=20.0)]}
+    # Two rounds.  fio: 10 then 20 prompts/s written, 20 then 10 read (50
+    # then 100 ms to read a prompt).
+    report = {"rounds": 2, "results": [
+        row("slabcache-mmap", tier((5.0, 1.0, 100.0), (20.0, 1.0, 100.0))),
+        row("lmcache-buffered", tier((20.0, 1.0, 50.0), (20.0, 1.0, 50.0))),
+        row("slabcache-direct", tier((10.0, 25.0, 40.0), (10.0, 50.0, 200.0))),
+        row("lmcache-odirect", tier((8.0, 200.0, 100.0), (8.0, 100.0, 100.0))),
+        row("fio", [{"store": 10.0, "read": 20.0}, {"store": 20.0, "read": 10.0}])]}
     path = tmp_path / "run.json"
     path.write_text(json.dumps(report))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -119,11 +123,14 @@ def test_the_lmcache_report_puts_each_tier_beside_the_device(tmp_path):
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     line = next(ln for ln in out.stdout.splitlines() if ln.strip().startswith("8 MiB writes"))
+    # Medians of two rounds are their means; each share is paired with its own round's fio.
     assert line.strip() == (
-        "8 MiB writes 10.0, reads 20.0; "
-        "store slabcache-mmap 50%, lmcache-buffered 200%, slabcache-direct 100%, lmcache-odirect 80%; "
-        "cold retrieve (tier) slabcache-mmap 50%, lmcache-buffered 100%, slabcache-direct 125%, "
-        "lmcache-odirect 50%; warm retrieve (tier) slabcache-direct 200%, lmcache-odirect 25%")
+        "8 MiB writes 15.0, reads 15.0; "
+        "store slabcache-mmap 75% (50%-100%), lmcache-buffered 150% (100%-200%), "
+        "slabcache-direct 75% (50%-100%), lmcache-odirect 60% (40%-80%); "
+        "cold retrieve (tier) slabcache-mmap 75% (50%-100%), lmcache-buffered 150% (100%-200%), "
+        "slabcache-direct 88% (50%-125%), lmcache-odirect 75% (50%-100%); "
+        "warm retrieve (tier) slabcache-direct 200% (200%), lmcache-odirect 62% (25%-100%)")
     # A run without fio's rounds reports no device.
     del report["results"][-1]
     path.write_text(json.dumps(report))
