@@ -37,12 +37,17 @@ the disk tier: where both of a pair sit near 100%, the device, not the
 tier, sets the ratio.  Buffered stores land in the page cache and may
 pass it.
 
+With --unverified, the plugin also runs with ``slabcache.checksum: false``
+(``slabcache-mmap-unverified``, ``slabcache-direct-unverified``), against
+the same LMCache contenders: what verifying every read and write costs.
+
 Each round runs the contenders in turn, the order reversed every other
 round; figures are medians over rounds.  ``backend_ms`` is the time a warm
 retrieve spent inside the disk tier (the rest is LMCache's engine).
 Chunk sizes: 256 KiB, 8 MiB and 32 MiB of bf16 KV.  Needs lmcache==0.5.6.
 
 Run:  python benchmarks/lmcache_engine.py [--dir DIR] [--json FILE] [--quick] [--sizes 256K,8M,32M]
+                                          [--rounds N] [--unverified]
       python benchmarks/lmcache_engine.py --from-json RUN1.json [RUN2.json ...]  (several runs' rounds pooled)
 """
 
@@ -85,7 +90,7 @@ class Engine:
     def __init__(self, contender: str, path: str, chunk_bytes: int, capacity_prompts: int):
         self.contender, self.path = contender, path
         self.layers, self.hidden = GEOMETRIES[chunk_bytes]
-        odirect = contender.endswith("direct")
+        odirect = "direct" in contender
         # One prompt of headroom: the GB figure rounds down to whole slots.
         disk_gb = (capacity_prompts + 1) * 4 * chunk_bytes / 1024 ** 3
         cfg = LMCacheEngineConfig.from_defaults(
@@ -99,7 +104,8 @@ class Engine:
             cfg.extra_config = {
                 "storage_plugin.LocalDiskBackend.module_path": "slabcache.integrations.lmcache",
                 "storage_plugin.LocalDiskBackend.class_name": "SlabCacheBackend",
-                "slabcache.paths": f"file://{path}", "use_odirect": odirect}
+                "slabcache.paths": f"file://{path}", "use_odirect": odirect,
+                "slabcache.checksum": not contender.endswith(UNVERIFIED)}
         elif contender == "memory":
             cfg.storage_plugins = ["LocalDiskBackend"]
             cfg.extra_config = {"storage_plugin.LocalDiskBackend.module_path": "memory_tier",
@@ -281,6 +287,10 @@ def _time_backend_reads(backend) -> list:
 
 WARM_PASSES = 3
 PAIRS = (("slabcache-mmap", "lmcache-buffered"), ("slabcache-direct", "lmcache-odirect"))
+# With --unverified: the plugin again with slabcache.checksum false, against
+# the same LMCache contenders: what verifying every read and write costs.
+UNVERIFIED = "-unverified"
+UNVERIFIED_PAIRS = tuple((ours + UNVERIFIED, theirs) for ours, theirs in PAIRS)
 CEILING = "memory"
 WORKLOADS = ("store", "warm retrieve", "cold retrieve", "churn")
 # The device's own rate (with fio on PATH): O_DIRECT requests of one chunk,
@@ -302,6 +312,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer prompts and rounds")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--sizes", default="256K,8M,32M", help="chunk sizes, comma list")
+    ap.add_argument("--unverified", action="store_true",
+                    help="also run the plugin with slabcache.checksum false (what checksums cost)")
     ap.add_argument("--from-json", nargs="+", help="only report the results in these JSON files "
                     "(several runs: their rounds pooled)")
     args = ap.parse_args(argv)
@@ -316,7 +328,7 @@ def main(argv=None) -> int:
     for chunk in [parse_size(x) for x in args.sizes.split(",")]:
         prompts = {256 << 10: 24, 8 << 20: 8, 32 << 20: 4}[chunk] * (1 if args.quick else 2)
         churn_ops = 3 * prompts
-        contenders = [c for pair in PAIRS for c in pair] + [CEILING]
+        contenders = _contenders(PAIRS + (UNVERIFIED_PAIRS if args.unverified else ())) + [CEILING]
         if shutil.which("fio"):
             contenders.append(DEVICE)
         runs: dict = {c: [] for c in contenders}
@@ -345,16 +357,22 @@ def pool(reports: list[dict]) -> dict:
     return {"rounds": sum(rep["rounds"] for rep in reports), "results": results}
 
 
+def _contenders(pairs) -> list[str]:
+    """Each contender of ``pairs`` once, in order."""
+    return list(dict.fromkeys(c for pair in pairs for c in pair))
+
+
 def print_table(report: dict) -> None:
     by = {(r["chunk"], r["contender"]): r for r in report["results"]}
     chunks = sorted({r["chunk"] for r in report["results"]})
+    pairs = [p for p in PAIRS + UNVERIFIED_PAIRS if any((c, p[0]) in by for c in chunks)]
     print("ratio slabcache / LocalDiskBackend in the same mode, medians over rounds (range over rounds);")
     print("share: slabcache's part of the gap from LocalDiskBackend to the in-memory ceiling\n")
     print("| chunk | pair | " + " | ".join(WORKLOADS) + " | store() blocks |")
     print("|---|---|" + "---:|" * (len(WORKLOADS) + 1))
     for chunk in chunks:
         ceiling = by.get((chunk, CEILING))
-        for ours, theirs in PAIRS:
+        for ours, theirs in pairs:
             a, b = by.get((chunk, ours)), by.get((chunk, theirs))
             if not (a and b):
                 continue
@@ -371,7 +389,7 @@ def print_table(report: dict) -> None:
             print(f"| {human(chunk)} | {ours} vs {theirs} | " + " | ".join(cells) + " |")
     print("\nprompts/s (median) and, for warm retrieve, ms a prompt inside the disk tier:\n")
     for chunk in chunks:
-        for c in [c for pair in PAIRS for c in pair] + [CEILING]:
+        for c in _contenders(pairs) + [CEILING]:
             r = by.get((chunk, c))
             if r:
                 m = r["median"]
@@ -379,7 +397,7 @@ def print_table(report: dict) -> None:
                 print(f"{human(chunk):>7} {c:18s} " + " ".join(f"{w} {m[w]:.1f}" for w in WORKLOADS) +
                       f", tier {m['warm retrieve backend_ms']:.2f} of "
                       f"{1e3 / m['warm retrieve']:.2f} ms{cold}")
-    lines = device_lines(by, chunks)
+    lines = device_lines(by, chunks, pairs)
     if lines:
         print(f"\nthe device (fio, O_DIRECT, requests of one chunk, {DEVICE_QD} in flight: writes in "
               f"order, random reads in bursts of {DEVICE_QD}), prompts/s, and each tier as a share of it (stores until on "
@@ -387,7 +405,7 @@ def print_table(report: dict) -> None:
         print("\n".join(lines))
 
 
-def device_lines(by: dict, chunks: list[int]) -> list[str]:
+def device_lines(by: dict, chunks: list[int], pairs=PAIRS) -> list[str]:
     """Per chunk size run with fio: the device's rates (medians over rounds)
     and each tier's share of them, round by round against the fio run of
     the same round: median (range)."""
@@ -399,8 +417,8 @@ def device_lines(by: dict, chunks: list[int]) -> list[str]:
         parts = []
         for w, ref, only in DEVICE_SHARES:
             shares = []
-            for c in [c for pair in PAIRS for c in pair]:
-                if (chunk, c) not in by or (only and not c.endswith(only)):
+            for c in _contenders(pairs):
+                if (chunk, c) not in by or (only and only not in c):
                     continue
                 # A store's rate against fio's; a retrieve's time in the tier against fio's.
                 per_round = [r[w] / d[ref] if w == "store" else 1e3 / d[ref] / r[w + " backend_ms"]

@@ -138,3 +138,27 @@ def test_the_lmcache_report_puts_each_tier_beside_the_device(tmp_path):
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "the device" not in out.stdout
+
+
+def test_the_unverified_contenders_are_the_plugin_without_checksums(tmp_path):
+    """``--unverified`` adds the plugin opened with slabcache.checksum false,
+    each in its pair's mode; the plain contenders verify."""
+    pytest.importorskip("lmcache", reason="benchmarks/lmcache_engine.py needs lmcache "
+                        "(./tools/bootstrap.sh --with-lmcache)")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import lmcache_engine
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    seen = {}
+    for name in ("slabcache-mmap", "slabcache-mmap-unverified", "slabcache-direct-unverified"):
+        path = tmp_path / name
+        path.mkdir()
+        e = lmcache_engine.Engine(name, str(path), 256 << 10, capacity_prompts=2)
+        try:
+            store = e.backend.store
+            seen[name] = (store.engine.name, store.checksum)
+        finally:
+            e.close()
+    assert seen == {"slabcache-mmap": ("mmap", True), "slabcache-mmap-unverified": ("mmap", False),
+                    "slabcache-direct-unverified": ("direct", False)}
