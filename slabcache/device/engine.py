@@ -94,8 +94,8 @@ class Engine(abc.ABC):
     cold_reads = 1  # a batch found out of the page cache (see MmapEngine)
     # A batch's values of this size or more are read side by side.
     spread_from = PARALLEL_READ_BYTES
-    # Single-buffer writes of at least this many bytes are written and
-    # hashed piece by piece (_write_fused); never by default.
+    # Writes of at least this many bytes go piece by piece, each piece
+    # hashed (when asked) as it is written (_write_fused); never by default.
     fuse_writes_from = 1 << 62
     # A batch's values below this size that each fill their slot, in slots
     # that follow one another (a request's blocks are stored together), are
@@ -133,9 +133,9 @@ class Engine(abc.ABC):
         Raises SlabIOError.
         """
         n = self._check(slot, parts)
-        if hashed and n >= self.fuse_writes_from:
+        if n >= self.fuse_writes_from:
             try:
-                digest = self._write_fused(self.geometry.slot_offset(slot), parts, n)
+                digest = self._write_fused(self.geometry.slot_offset(slot), parts, n, hashed)
             except OSError as exc:
                 raise SlabIOError(f"writing slot {slot} of {self.path} failed: {exc}") from exc
             with self._count_lock:
@@ -392,11 +392,12 @@ class Engine(abc.ABC):
         the array directly override this."""
         self._write_impl(offset, [part], n)
 
-    def _write_fused(self, offset: int, parts: list[torch.Tensor], n: int) -> int:
-        """Write ``parts`` and return their checksum; engines whose writes
-        pass through the CPU hash each piece as it is written."""
+    def _write_fused(self, offset: int, parts: list[torch.Tensor], n: int, hashed: bool) -> int | None:
+        """Write ``parts`` and return their checksum when ``hashed``; engines
+        whose writes pass through the CPU write in pieces, each hashed as it
+        is written."""
         self._write_impl(offset, parts, n)
-        return checksum([as_numpy(p) for p in parts])
+        return checksum([as_numpy(p) for p in parts]) if hashed else None
 
     def _read_hashed(self, offset: int, parts: list[torch.Tensor], n: int, hashed: bool) -> int | None:
         self._read_impl(offset, parts, n)

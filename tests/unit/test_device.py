@@ -173,6 +173,38 @@ def test_write_many_writes_adjacent_whole_slots_with_one_request(slab, io, monke
         eng.close()
 
 
+@pytest.mark.parametrize("hashed", [True, False])
+def test_a_large_value_goes_into_the_page_cache_in_pieces(tmp_path, monkeypatch, hashed):
+    """mmap: a value of FUSE_FROM bytes or more is written in pieces of at
+    most FUSED_STEP, hashed or not (one pwritev of a whole large value now
+    and then took twenty times as long), and reads back whole."""
+    from slabcache.device import mmap as mmap_module
+
+    path = str(tmp_path / "slab")
+    g, _cid = create_slab(path, 2 * (6 << 20), 6 << 20)
+    eng = make_engine("mmap", path, g)
+    sizes = []
+    real = os.pwritev
+
+    def spy(fd, buffers, offset, *flags):
+        sizes.append(sum(memoryview(b).nbytes for b in buffers))
+        return real(fd, buffers, offset, *flags)
+
+    try:
+        data = torch.randint(0, 256, (5 << 20,), dtype=torch.uint8)
+        parts = [data[:3 << 20], data[3 << 20:]]  # a piece straddles the two
+        monkeypatch.setattr(os, "pwritev", spy)
+        digest = eng.write(1, parts, hashed=hashed)
+        monkeypatch.setattr(os, "pwritev", real)
+        assert sum(sizes) == 5 << 20 and max(sizes) <= mmap_module.FUSED_STEP
+        assert digest == (checksum([data.numpy()]) if hashed else None)
+        out = eng.empty(5 << 20)
+        assert eng.read_into(1, [out], hashed=True) == checksum([data.numpy()])
+        assert torch.equal(out, data) and eng.bytes_written == 5 << 20
+    finally:
+        eng.close()
+
+
 @pytest.mark.parametrize("io", ["mmap", "direct"])
 def test_write_many_stops_at_a_run_that_fails(slab, io, monkeypatch):
     path, g = slab
