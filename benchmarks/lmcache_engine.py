@@ -405,7 +405,7 @@ def print_table(report: dict) -> None:
         print("\n".join(lines))
 
 
-def device_lines(by: dict, chunks: list[int], pairs=PAIRS) -> list[str]:
+def device_lines(by: dict, chunks: list[int], pairs) -> list[str]:
     """Per chunk size run with fio: the device's rates (medians over rounds)
     and each tier's share of them, round by round against the fio run of
     the same round: median (range)."""

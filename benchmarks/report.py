@@ -17,6 +17,8 @@ import statistics
 import subprocess
 from typing import Iterable, Sequence
 
+from slabcache.device.syscalls import cached_pages
+
 KiB, MiB = 1 << 10, 1 << 20
 
 
@@ -97,7 +99,6 @@ _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                        ctypes.c_long)
 _libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
-_libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p)
 
 
 def resident(paths: Iterable[str], ranges: dict[str, list[tuple[int, int]]] | None = None) -> float:
@@ -118,10 +119,10 @@ def resident(paths: Iterable[str], ranges: dict[str, list[tuple[int, int]]] | No
                 for off, length in (ranges or {}).get(path, [(0, size)]):
                     start = off // page * page
                     n = (off + length - start + page - 1) // page
-                    vec = ctypes.create_string_buffer(n)
-                    if _libc.mincore(addr + start, off + length - start, vec) == 0:
+                    vec = cached_pages(addr + start, off + length - start)
+                    if vec is not None:
                         total += n
-                        cached += sum(b & 1 for b in vec.raw)
+                        cached += sum(b & 1 for b in vec)
             finally:
                 _libc.munmap(addr, size)
         finally:

@@ -1,7 +1,6 @@
 """Helpers for tests (not fixtures): child interpreters, reproducible bytes,
 what the page cache holds."""
 
-import ctypes
 import mmap
 import os
 import subprocess
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from slabcache.device.syscalls import mapping_address
+from slabcache.device.syscalls import cached_pages, mapping_address
 from slabcache.testing import child_env
 
 
@@ -61,18 +60,15 @@ def run_suite_in_venv(python: Path, suite: str, tmp_path, host: str, timeout: fl
 
 def resident_pages(path: str, offset: int, length: int) -> int:
     """Pages of ``path`` in [offset, offset+length) that sit in the page cache (mincore)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    size = offset + length
-    pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
-    vec = (ctypes.c_ubyte * pages)()
     with open(path, "rb") as f:
-        mm = mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ)
+        mm = mmap.mmap(f.fileno(), offset + length, prot=mmap.PROT_READ)
         try:
-            if libc.mincore(ctypes.c_void_p(mapping_address(mm)), ctypes.c_size_t(size), vec) != 0:
-                raise OSError(ctypes.get_errno(), "mincore failed")
+            vec = cached_pages(mapping_address(mm) + offset, length)
         finally:
             mm.close()
-    return sum(v & 1 for v in vec[offset // mmap.PAGESIZE:])
+    if vec is None:
+        raise OSError("mincore cannot say what the page cache holds here")
+    return sum(v & 1 for v in vec)
 
 
 def drop_until_cold(store, tries: int = 20) -> None:

@@ -53,14 +53,24 @@ def mapping_address(mm: mmap.mmap) -> int:
     return np.frombuffer(mm, dtype=np.uint8, count=1).__array_interface__["data"][0]
 
 
-def page_cached(address: int) -> bool | None:
-    """Whether the page of a file mapping holding ``address`` is in the
-    page cache, or None where mincore cannot say.  It reads nothing and
-    starts no readahead (a RWF_NOWAIT read starts one, and where the disk
-    answers within the call it reads a cold page and calls it cached)."""
+def cached_pages(address: int, length: int) -> bytes | None:
+    """mincore's answer for the pages of a file mapping that hold bytes
+    ``address`` to ``address + length``: a byte a page, bit 0 set where the
+    page is in the page cache; None where mincore cannot say.  It reads
+    nothing and starts no readahead (a RWF_NOWAIT read starts one, and where
+    the disk answers within the call it reads a cold page and calls it
+    cached)."""
     if _MINCORE is None:
         return None
-    vec = ctypes.c_ubyte(0)
-    if _MINCORE(address - address % PAGE, PAGE, ctypes.byref(vec)) != 0:
+    start = address - address % PAGE
+    vec = ctypes.create_string_buffer(max(1, (address + length - start + PAGE - 1) // PAGE))
+    if _MINCORE(start, address + length - start, vec) != 0:
         return None
-    return bool(vec.value & 1)
+    return vec.raw
+
+
+def page_cached(address: int) -> bool | None:
+    """Whether the page of a file mapping holding ``address`` is in the
+    page cache, or None where mincore cannot say (cached_pages)."""
+    vec = cached_pages(address, 1)
+    return None if vec is None else bool(vec[0] & 1)
