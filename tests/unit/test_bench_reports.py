@@ -2,6 +2,7 @@
 every round of every run pooled, each round's contenders still paired.
 The README's LMCache and vLLM tables are made this way."""
 
+import errno
 import json
 import os
 import subprocess
@@ -162,3 +163,41 @@ def test_the_unverified_contenders_are_the_plugin_without_checksums(tmp_path):
             e.close()
     assert seen == {"slabcache-mmap": ("mmap", True), "slabcache-mmap-unverified": ("mmap", False),
                     "slabcache-direct-unverified": ("direct", False)}
+
+
+def _disk_reuse_module():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import disk_reuse
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return disk_reuse
+
+
+def test_the_disk_reuse_report_pairs_each_rewrite_with_its_rounds_fresh_write():
+    """Each kind over fresh is taken round by round, so a slow round of the
+    disk slows both of its writes alike (a ratio of medians would not)."""
+    summarize = _disk_reuse_module().summarize
+    rounds = [{"fresh": 1.0, "rewrite": 3.0, "zero-range": 1.0},
+              {"fresh": 2.0, "rewrite": 2.0, "zero-range": 4.0},
+              {"fresh": 3.0, "rewrite": 3.0, "zero-range": 3.0}]
+    s = summarize(rounds)
+    assert (s["fresh"], s["rewrite"], s["zero-range"]) == (2.0, 3.0, 3.0)
+    assert s["rewrite/fresh"] == 1.0 and s["rewrite/fresh range"] == "1.00-3.00"
+    assert s["zero-range/fresh"] == 1.0 and s["zero-range/fresh range"] == "1.00-2.00"
+
+
+def test_zero_range_keeps_the_file_and_reads_back_zeros(tmp_path):
+    """The zero-range kind rewrites blocks the disk has seen: the file keeps
+    its size (and blocks) and reads back as zeros."""
+    zero_range = _disk_reuse_module().zero_range
+    path = tmp_path / "f"
+    path.write_bytes(b"\xab" * (1 << 20))
+    try:
+        zero_range(str(path), 1 << 20)
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS):
+            pytest.skip(f"the filesystem under {tmp_path} has no FALLOC_FL_ZERO_RANGE ({exc})")
+        raise
+    data = path.read_bytes()
+    assert len(data) == 1 << 20 and data == bytes(1 << 20)
