@@ -152,7 +152,7 @@ def _open_locked(opts: StoreOptions, paths: StorePaths, lock: OpenLock) -> Opene
         raise
     if opts.engine_wrapper is not None:
         engine = opts.engine_wrapper(engine)
-    records = SlotRecords(paths.slab, g, writable=not opts.readonly)
+    records = SlotRecords(paths.slab, g, writable=not opts.readonly, direct=opts.io == "direct")
     return Opened(opts, paths, lock, index, engine, records, g, creation_id, policy)
 
 

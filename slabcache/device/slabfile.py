@@ -15,6 +15,7 @@ from ..errors import ConfigError, CorruptStoreError, LayoutMismatchError, Storag
 from ..format.files import open_regular
 from ..format.header import SLAB_HEADER, Geometry, pack_header, plan_geometry, round_up, unpack_header
 from ..format.records import EMPTY_RECORD, SlotRecord, pack_record, pack_record_fields, unpack_record
+from .memory import AlignedScratch, as_numpy
 from .syscalls import pwritev_all
 
 log = logging.getLogger(__name__)
@@ -167,22 +168,66 @@ def check_geometry(g: Geometry, path: str, capacity_bytes: int | None,
 
 
 class SlotRecords:
-    """Reads and writes the per-slot records through their own descriptor."""
+    """Reads and writes the per-slot records through their own descriptor.
 
-    def __init__(self, path: str, g: Geometry, writable: bool):
+    With ``direct`` (a store whose payloads move with O_DIRECT), records
+    that each fill whole blocks are written with O_DIRECT too.  A buffered
+    write takes the file's inode lock exclusively, and ext4 holds it shared
+    through every O_DIRECT read and write in flight: each buffered record
+    write waited for every payload in flight, and held back new ones until
+    it was done.  Measured here with 16 batches of 4 x 8 MiB queued on a
+    store's jobs (8 rounds, in turn): 1.50 against 1.35 GB/s into new
+    slots, 7 rounds of 8 faster (2.46 against 2.31 rewriting them).
+    Records smaller than a block (slots under about 400 KiB) share blocks
+    with their neighbours and stay buffered: an O_DIRECT write of one would
+    rewrite the others.
+    """
+
+    def __init__(self, path: str, g: Geometry, writable: bool, direct: bool = False):
         self.path = path
         self.g = g
         self._fd = open_slab(path, os.O_RDWR if writable else os.O_RDONLY)
+        self._direct_fd = None
+        if direct and writable and g.record_bytes % g.alignment == 0:
+            try:
+                self._direct_fd = open_slab(path, os.O_RDWR | os.O_DIRECT)
+            except BaseException:
+                os.close(self._fd)
+                raise
+            self._scratch = AlignedScratch(g.alignment)
+
+    @property
+    def direct(self) -> bool:
+        """Whether records are written with O_DIRECT (see the class)."""
+        return self._direct_fd is not None
+
+    def _put(self, pieces: list[bytes], offset: int, total: int) -> None:
+        """Write ``pieces`` at ``offset``; with O_DIRECT, padded with zeros
+        to ``total`` bytes (whole records)."""
+        if self._direct_fd is None:
+            if len(pieces) == 1:
+                os.pwrite(self._fd, pieces[0], offset)
+            else:
+                pwritev_all(self._fd, pieces, offset)
+            return
+        buf = as_numpy(self._scratch.get(total))
+        pos = 0
+        for p in pieces:
+            buf[pos:pos + len(p)] = memoryview(p).cast("B")
+            pos += len(p)
+        buf[pos:] = 0
+        pwritev_all(self._direct_fd, [buf], offset)
 
     def write(self, slot: int, rec: SlotRecord) -> None:
-        raw = pack_record(rec, self.g.record_bytes)
-        os.pwrite(self._fd, raw, self.g.record_offset(slot))
+        rb = self.g.record_bytes
+        self._put([pack_record(rec, rb)], self.g.record_offset(slot), rb)
 
     def write_fields(self, slot: int, generation: int, length: int, checksum: int,
                      key_hash: bytes, meta: bytes) -> None:
         """:meth:`write` of a record with these fields."""
-        raw = pack_record_fields(generation, length, checksum, key_hash, meta, self.g.record_bytes)
-        os.pwrite(self._fd, raw, self.g.record_offset(slot))
+        rb = self.g.record_bytes
+        raw = pack_record_fields(generation, length, checksum, key_hash, meta, rb)
+        self._put([raw], self.g.record_offset(slot), rb)
 
     def write_many(self, rows: list[tuple[int, int, int, int, bytes, bytes]]) -> None:
         """:meth:`write_fields` for each (slot, generation, length, checksum,
@@ -210,6 +255,9 @@ class SlotRecords:
         when the run has few enough pieces (IOV_MAX), the rest after a short
         write; pwritev_all otherwise."""
         offset = self.g.record_offset(first)
+        if self._direct_fd is not None:
+            self._put(run, offset, (last - first + 1) * self.g.record_bytes)
+            return
         if len(run) > 512:
             pwritev_all(self._fd, run, offset)
             return
@@ -222,7 +270,7 @@ class SlotRecords:
         return unpack_record(raw)
 
     def clear(self, slot: int) -> None:
-        os.pwrite(self._fd, EMPTY_RECORD, self.g.record_offset(slot))
+        self._put([EMPTY_RECORD], self.g.record_offset(slot), self.g.record_bytes)
 
     def read_payload(self, slot: int, length: int) -> bytes:
         """A slot's payload bytes through the buffered descriptor (fsck, compact)."""
@@ -235,6 +283,9 @@ class SlotRecords:
         os.fsync(self._fd)
 
     def close(self) -> None:
+        if self._direct_fd is not None:
+            os.close(self._direct_fd)
+            self._direct_fd = None
         os.close(self._fd)
 
     def __enter__(self) -> "SlotRecords":

@@ -293,3 +293,64 @@ def test_page_cached_says_what_the_page_cache_holds_and_reads_nothing(tmp_path):
         mm.close()
     finally:
         os.close(fd)
+
+
+def _record_writes(monkeypatch, g):
+    """Spy on writes into the slot records' region: (fd flags, offset, bytes) each."""
+    import fcntl
+
+    seen = []
+    lo, hi = g.records_offset, g.data_offset
+
+    def spy(real, sizes):
+        def write(fd, data, offset, *rest):
+            if lo <= offset < hi:
+                seen.append((fcntl.fcntl(fd, fcntl.F_GETFL), offset, sizes(data)))
+            return real(fd, data, offset, *rest)
+        return write
+
+    monkeypatch.setattr(os, "pwrite", spy(os.pwrite, len))
+    monkeypatch.setattr(os, "pwritev", spy(os.pwritev, lambda bufs: sum(memoryview(b).nbytes for b in bufs)))
+    return seen
+
+
+# (engine, slot size, slots, records written with O_DIRECT): a small store's
+# records fill a block each (so put_many's run of 256 KiB values, and its
+# records, go as one request); a thousand 8 KiB slots get 1 KiB records.
+@pytest.mark.parametrize("io, slot_bytes, slots, direct", [("direct", 256 << 10, 8, True),
+                                                           ("mmap", 256 << 10, 8, False),
+                                                           ("direct", 8192, 1000, False)])
+def test_a_direct_store_writes_whole_block_records_with_o_direct(tmp_path, monkeypatch, io, slot_bytes,
+                                                                 slots, direct):
+    """With ``direct``, a record that fills its blocks is written with
+    O_DIRECT (a buffered one would wait on the inode lock for every payload
+    in flight); records that share blocks, and the ``mmap`` engine's, stay
+    buffered.  Either way every key comes back from the records alone."""
+    from slabcache import SlabStore
+    from slabcache.admin.fsck import check
+
+    path = tmp_path / "s"
+    # k1-k4 fill their slots, so put_many writes them, and their records, as one run.
+    values = {f"k{i}": torch.randint(0, 256, (slot_bytes if 1 <= i <= 4 else slot_bytes // 2 + i,),
+                                     dtype=torch.uint8) for i in range(6)}
+    with SlabStore.open(path, capacity_bytes=slots * slot_bytes, slot_bytes=slot_bytes, io=io) as s:
+        g = s.geometry
+        assert (g.record_bytes == g.alignment) == (slots == 8)
+        seen = _record_writes(monkeypatch, g)
+        s.put("k0", values["k0"])
+        s.put_many([f"k{i}" for i in range(1, 6)], [values[f"k{i}"] for i in range(1, 6)])
+        s.remove("k5")
+        monkeypatch.undo()
+    assert seen, "no record was written"
+    for flags, offset, n in seen:
+        assert bool(flags & os.O_DIRECT) == direct, (offset, n)
+        if direct:
+            assert offset % g.alignment == 0 and n % g.record_bytes == 0
+    # The records hold every key: the index rebuilt from them alone serves each value.
+    assert check(path, deep=True, progress=False).exit_code == 0
+    os.unlink(path / "index" / "data.mdb")
+    assert check(path, rebuild_index=True, progress=False).exit_code == 1
+    with SlabStore.open(path) as s:
+        assert "k5" not in s
+        for k in ("k0", "k1", "k2", "k3", "k4"):
+            assert torch.equal(s.get(k), values[k]), k
