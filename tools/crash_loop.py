@@ -6,6 +6,7 @@ reopen, every key the writer acknowledged must be served bit-identical or
 be a miss, removed keys must stay removed, and no slot may leak.
 
     python tools/crash_loop.py [--kills 50] [--durability fast|strict] [--io mmap|direct] [--dir DIR]
+                               [--slot-bytes N]  (512 KiB or more: a block per slot record)
 """
 
 import argparse
@@ -28,6 +29,7 @@ def main() -> int:
     ap.add_argument("--io", choices=["mmap", "direct"], default="mmap")
     ap.add_argument("--dir", help="scratch directory (default: a temporary one)")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--slot-bytes", type=int, default=4096)
     args = ap.parse_args()
     work = args.dir or tempfile.mkdtemp(prefix="slabcache-crash-")
     path = os.path.join(work, "store")
@@ -35,7 +37,7 @@ def main() -> int:
 
     bar = Progress(args.kills, "kills ")
     rep = crash_loop(path, kills=args.kills, durability=args.durability, io=args.io,
-                     seed=args.seed, progress=lambda _i, _n: bar.step())
+                     seed=args.seed, progress=lambda _i, _n: bar.step(), slot_bytes=args.slot_bytes)
     print(json.dumps(rep.to_dict(), indent=1))
     if not args.dir:
         shutil.rmtree(work, ignore_errors=True)

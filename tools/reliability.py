@@ -153,6 +153,9 @@ def main() -> int:
         "crash_fast_mmap": lambda: crash_loop(os.path.join(work, "c1"), kills=args.kills).to_dict(),
         "crash_strict_direct": lambda: crash_loop(os.path.join(work, "c2"), kills=args.kills // 2,
                                                   durability="strict", io="direct").to_dict(),
+        # Slots of 512 KiB: each slot record fills a block, written with O_DIRECT.
+        "crash_fast_direct_512k": lambda: crash_loop(os.path.join(work, "c3"), kills=args.kills // 2,
+                                                     io="direct", slot_bytes=512 << 10).to_dict(),
         "faults": lambda: faults(work),
         "corruption": lambda: corruption_trials(work, trials=args.corruptions).to_dict(),
         "concurrency": lambda: concurrency(work),

@@ -110,7 +110,7 @@ TORN = ("checksum mismatch", "entry does not match its payload")
 
 def crash_loop(path: str, kills: int = 50, durability: str = "fast", io: str = "mmap",
                seed: int = 1, capacity_slots: int = 512, max_run: float = 0.6,
-               progress=None) -> CrashReport:
+               progress=None, slot_bytes: int = 4096) -> CrashReport:
     """Kill a writer with SIGKILL ``kills`` times; verify the store after each kill.
 
     The writer's 496 keys fit the store, so nothing is evicted: every key
@@ -119,11 +119,12 @@ def crash_loop(path: str, kills: int = 50, durability: str = "fast", io: str = "
     mode).  Every other run slows each write down, so kills land inside
     puts in flight.  After each kill ``fsck --repair --deep`` runs: what it
     repairs is counted, and a payload that does not match its committed
-    entry is ``torn``.
+    entry is ``torn``.  ``slot_bytes`` of 512 KiB or more gives the slot
+    records a block each (``direct`` writes them with O_DIRECT).
     """
     rep = CrashReport()
     rng = random.Random(seed)
-    SlabStore.open(path, capacity_bytes=capacity_slots * 4096, slot_bytes=4096, io=io).close()
+    SlabStore.open(path, capacity_bytes=capacity_slots * slot_bytes, slot_bytes=slot_bytes, io=io).close()
     log_path = os.path.join(os.path.dirname(os.path.abspath(path)), "crash-loop.log")
     open(log_path, "w").close()
     env = child_env()

@@ -27,9 +27,17 @@ def _no_leak(s):
 # ------------------------------------------------------------------ crash loop
 
 
-@pytest.mark.parametrize("durability,io,kills", [("fast", "mmap", 10), ("strict", "direct", 6)])
-def test_crash_loop(tmp_path, durability, io, kills):
-    rep = crash_loop(str(tmp_path / "s"), kills=kills, durability=durability, io=io, max_run=0.4)
+# The last: slots of 512 KiB, whose records fill a block each and are
+# written with O_DIRECT beside the payloads.
+@pytest.mark.parametrize("durability,io,kills,slot_bytes", [("fast", "mmap", 10, 4096),
+                                                            ("strict", "direct", 6, 4096),
+                                                            ("fast", "direct", 6, 512 << 10)])
+def test_crash_loop(tmp_path, durability, io, kills, slot_bytes):
+    rep = crash_loop(str(tmp_path / "s"), kills=kills, durability=durability, io=io, max_run=0.4,
+                     slot_bytes=slot_bytes)
+    with SlabStore.open(tmp_path / "s") as s:
+        g = s.geometry
+        assert (g.record_bytes == g.alignment) == (slot_bytes > 4096)
     assert rep.kills == kills
     assert rep.acked_puts > 0 and rep.verified > 0
     assert rep.wrong == 0, rep
