@@ -175,9 +175,13 @@ class SlotRecords:
     write takes the file's inode lock exclusively, and ext4 holds it shared
     through every O_DIRECT read and write in flight: each buffered record
     write waited for every payload in flight, and held back new ones until
-    it was done.  Measured here with 16 batches of 4 x 8 MiB queued on a
-    store's jobs (8 rounds, in turn): 1.50 against 1.35 GB/s into new
-    slots, 7 rounds of 8 faster (2.46 against 2.31 rewriting them).
+    it was done.  Measured here, in turn in one process: 16 batches of 4 x
+    8 MiB queued on a store's jobs, 1.50 against 1.35 GB/s into new slots
+    (7 rounds of 8 faster; 2.46 against 2.31 rewriting them); 4 x 8 MiB
+    reads beside such puts, 1.13 against 1.04 GB/s; vLLM's store jobs of 1
+    MiB blocks, all queued at once, 1.10x.  The cost is a second request
+    to the device after each payload: where one batch runs alone, it waits
+    for it (vLLM churn, one job of 8 x 1 MiB at a time: 0.90x; 8 MiB: 0.97x).
     Records smaller than a block (slots under about 400 KiB) share blocks
     with their neighbours and stay buffered: an O_DIRECT write of one would
     rewrite the others.
