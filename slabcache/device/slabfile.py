@@ -173,15 +173,16 @@ class SlotRecords:
     With ``direct`` (a store whose payloads move with O_DIRECT), records
     that each fill whole blocks are written with O_DIRECT too.  A buffered
     write takes the file's inode lock exclusively, and ext4 holds it shared
-    through every O_DIRECT read and write in flight: each buffered record
-    write waited for every payload in flight, and held back new ones until
-    it was done.  Measured here, in turn in one process: 16 batches of 4 x
-    8 MiB queued on a store's jobs, 1.50 against 1.35 GB/s into new slots
-    (7 rounds of 8 faster; 2.46 against 2.31 rewriting them); 4 x 8 MiB
-    reads beside such puts, 1.13 against 1.04 GB/s; vLLM's store jobs of 1
-    MiB blocks, all queued at once, 1.10x.  The cost is a second request
-    to the device after each payload: where one batch runs alone, it waits
-    for it (vLLM churn, one job of 8 x 1 MiB at a time: 0.90x; 8 MiB: 0.97x).
+    through every O_DIRECT read and write in flight: a 256-byte buffered
+    write beside four 8 MiB O_DIRECT reads took 32-35 ms here (0.01 ms
+    into another file), and new reads queue behind it.  With O_DIRECT
+    records, reads beside a thread of puts (4 x 8 MiB each) ran 1.10x and
+    1.14x as fast, the puts 0.90x and 0.84x (benchmarks/direct_records.py,
+    two runs of 8 rounds): loads, which a host waits for, go first.  Puts
+    alone, 16 batches queued: level (1.00x, 1.01x; 1.09x and 1.10x in two
+    earlier runs).  The cost is a second request to the device after each
+    payload: where one batch runs alone it waits for it (vLLM's churn, one
+    job of 8 x 1 MiB at a time: 0.90x; its store jobs queued at once: 1.10x).
     Records smaller than a block (slots under about 400 KiB) share blocks
     with their neighbours and stay buffered: an O_DIRECT write of one would
     rewrite the others.

@@ -201,3 +201,25 @@ def test_zero_range_keeps_the_file_and_reads_back_zeros(tmp_path):
         raise
     data = path.read_bytes()
     assert len(data) == 1 << 20 and data == bytes(1 << 20)
+
+
+def test_the_direct_records_comparison_opens_what_it_names(tmp_path, monkeypatch):
+    """Each contender's store writes its records the way it is named, and
+    the summary pairs the two round by round."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import direct_records
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    monkeypatch.setattr(direct_records, "VALUE", 1 << 20)
+    for contender, direct in (("o_direct", True), ("buffered", False)):
+        s = direct_records.open_store(str(tmp_path / contender), contender, 8)
+        try:
+            assert s._records.direct is direct
+        finally:
+            s.close()
+    rounds = {"o_direct": [{"m": 3.0}, {"m": 2.0}, {"m": 2.0}],
+              "buffered": [{"m": 1.0}, {"m": 2.0}, {"m": 4.0}]}
+    s = direct_records.summarize(rounds)["m"]
+    assert (s["o_direct"], s["buffered"]) == (2.0, 2.0)
+    assert s["ratio"] == 1.0 and s["range"] == "0.50-3.00" and s["faster"] == 1
