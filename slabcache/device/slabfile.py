@@ -206,15 +206,17 @@ class SlotRecords:
         """Whether records are written with O_DIRECT (see the class)."""
         return self._direct_fd is not None
 
-    def _put(self, pieces: list[bytes], offset: int, total: int) -> None:
-        """Write ``pieces`` at ``offset``; with O_DIRECT, padded with zeros
-        to ``total`` bytes (whole records)."""
+    def _put(self, raw: bytes, slot: int) -> None:
+        """One record's bytes into ``slot``'s record."""
+        offset = self.g.record_offset(slot)
         if self._direct_fd is None:
-            if len(pieces) == 1:
-                os.pwrite(self._fd, pieces[0], offset)
-            else:
-                pwritev_all(self._fd, pieces, offset)
-            return
+            os.pwrite(self._fd, raw, offset)
+        else:
+            self._put_direct([raw], offset, self.g.record_bytes)
+
+    def _put_direct(self, pieces: list[bytes], offset: int, total: int) -> None:
+        """``pieces`` at ``offset`` with O_DIRECT, through an aligned buffer
+        padded with zeros to ``total`` bytes (whole records)."""
         buf = as_numpy(self._scratch.get(total))
         pos = 0
         for p in pieces:
@@ -224,15 +226,13 @@ class SlotRecords:
         pwritev_all(self._direct_fd, [buf], offset)
 
     def write(self, slot: int, rec: SlotRecord) -> None:
-        rb = self.g.record_bytes
-        self._put([pack_record(rec, rb)], self.g.record_offset(slot), rb)
+        self._put(pack_record(rec, self.g.record_bytes), slot)
 
     def write_fields(self, slot: int, generation: int, length: int, checksum: int,
                      key_hash: bytes, meta: bytes) -> None:
         """:meth:`write` of a record with these fields."""
-        rb = self.g.record_bytes
-        raw = pack_record_fields(generation, length, checksum, key_hash, meta, rb)
-        self._put([raw], self.g.record_offset(slot), rb)
+        self._put(pack_record_fields(generation, length, checksum, key_hash, meta, self.g.record_bytes),
+                  slot)
 
     def write_many(self, rows: list[tuple[int, int, int, int, bytes, bytes]]) -> None:
         """:meth:`write_fields` for each (slot, generation, length, checksum,
@@ -256,12 +256,12 @@ class SlotRecords:
             self._write_run(run, first, last)
 
     def _write_run(self, run: list[bytes], first: int, last: int) -> None:
-        """The padded records of slots ``first`` to ``last``: one pwritev
-        when the run has few enough pieces (IOV_MAX), the rest after a short
-        write; pwritev_all otherwise."""
+        """The padded records of slots ``first`` to ``last``: with O_DIRECT,
+        one request; buffered, one pwritev when the run has few enough pieces
+        (IOV_MAX), the rest after a short write; pwritev_all otherwise."""
         offset = self.g.record_offset(first)
         if self._direct_fd is not None:
-            self._put(run, offset, (last - first + 1) * self.g.record_bytes)
+            self._put_direct(run, offset, (last - first + 1) * self.g.record_bytes)
             return
         if len(run) > 512:
             pwritev_all(self._fd, run, offset)
@@ -275,7 +275,7 @@ class SlotRecords:
         return unpack_record(raw)
 
     def clear(self, slot: int) -> None:
-        self._put([EMPTY_RECORD], self.g.record_offset(slot), self.g.record_bytes)
+        self._put(EMPTY_RECORD, slot)
 
     def read_payload(self, slot: int, length: int) -> bytes:
         """A slot's payload bytes through the buffered descriptor (fsck, compact)."""

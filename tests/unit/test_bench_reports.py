@@ -3,6 +3,7 @@ every round of every run pooled, each round's contenders still paired.
 The README's LMCache and vLLM tables are made this way."""
 
 import errno
+import importlib
 import json
 import os
 import subprocess
@@ -71,17 +72,18 @@ def test_a_report_of_several_runs_pools_their_rounds_in_pairs(tmp_path, script):
     assert _ratio_cell(script, row, a)[1].startswith("**3.00x** (2.00-4.00)")
 
 
-def _report_module():
+def _bench(name: str):
+    """The module ``benchmarks/<name>.py`` (the scripts import each other by
+    their bare names, as they do when run)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
-        import report
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
-    return report
 
 
 def test_each_round_reads_back_in_one_shuffled_order_for_every_contender():
-    read_order = _report_module().read_order
+    read_order = _bench("report").read_order
     written = [f"prompt-{i}" for i in range(48)]
     first = read_order(written, 0)
     assert sorted(first) == sorted(written)  # each request read once
@@ -146,11 +148,7 @@ def test_the_unverified_contenders_are_the_plugin_without_checksums(tmp_path):
     each in its pair's mode; the plain contenders verify."""
     pytest.importorskip("lmcache", reason="benchmarks/lmcache_engine.py needs lmcache "
                         "(./tools/bootstrap.sh --with-lmcache)")
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import lmcache_engine
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    lmcache_engine = _bench("lmcache_engine")
     seen = {}
     for name in ("slabcache-mmap", "slabcache-mmap-unverified", "slabcache-direct-unverified"):
         path = tmp_path / name
@@ -165,19 +163,10 @@ def test_the_unverified_contenders_are_the_plugin_without_checksums(tmp_path):
                     "slabcache-direct-unverified": ("direct", False)}
 
 
-def _disk_reuse_module():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import disk_reuse
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    return disk_reuse
-
-
 def test_the_disk_reuse_report_pairs_each_rewrite_with_its_rounds_fresh_write():
     """Each kind over fresh is taken round by round, so a slow round of the
     disk slows both of its writes alike (a ratio of medians would not)."""
-    summarize = _disk_reuse_module().summarize
+    summarize = _bench("disk_reuse").summarize
     rounds = [{"fresh": 1.0, "rewrite": 3.0, "zero-range": 1.0},
               {"fresh": 2.0, "rewrite": 2.0, "zero-range": 4.0},
               {"fresh": 3.0, "rewrite": 3.0, "zero-range": 3.0}]
@@ -190,7 +179,7 @@ def test_the_disk_reuse_report_pairs_each_rewrite_with_its_rounds_fresh_write():
 def test_zero_range_keeps_the_file_and_reads_back_zeros(tmp_path):
     """The zero-range kind rewrites blocks the disk has seen: the file keeps
     its size (and blocks) and reads back as zeros."""
-    zero_range = _disk_reuse_module().zero_range
+    zero_range = _bench("disk_reuse").zero_range
     path = tmp_path / "f"
     path.write_bytes(b"\xab" * (1 << 20))
     try:
@@ -206,11 +195,7 @@ def test_zero_range_keeps_the_file_and_reads_back_zeros(tmp_path):
 def test_the_direct_records_comparison_opens_what_it_names(tmp_path, monkeypatch):
     """Each contender's store writes its records the way it is named, and
     the summary pairs the two round by round."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import direct_records
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    direct_records = _bench("direct_records")
     monkeypatch.setattr(direct_records, "VALUE", 1 << 20)
     for contender, direct in (("o_direct", True), ("buffered", False)):
         s = direct_records.open_store(str(tmp_path / contender), contender, 8)
