@@ -37,11 +37,12 @@ Workloads, blocks per second (ratio slabcache / fs):
   resolves the batch on a background thread at the step's end).
 
 With fio on PATH, each round also times the device itself (DEVICE): O_DIRECT
-reads of the block size in order at queue depth 32 over a file of the
-working set's size, written just before; each tier's cold loads are
-reported as a share of it.  On the development machines' virtual disk fs's
-16 synchronous load threads get more than fio's one queue (up to 130% at 1
-MiB): there it is a floor for the device, not a ceiling.
+writes of the block size in order at queue depth 16 into a new file of the
+working set's size, then reads of it in order at queue depth 32; each
+tier's stores and cold loads are reported as a share of them, round by
+round.  On the development machines' virtual disk fs's 16 synchronous load
+threads get more than fio's one queue (up to 130% at 1 MiB): there it is a
+floor for the device, not a ceiling.
 
 Each round runs the contenders in turn, the order reversed every other
 round; figures are medians over rounds.
@@ -83,6 +84,11 @@ CONTENDERS = ("fs", "slabcache-direct", "slabcache-mmap", "memory")
 # generous line.
 DEVICE = "fio-read"
 DEVICE_QD = 32
+# The device's own rate for stores: O_DIRECT writes of the block size in
+# order, at fs's 16 store threads' depth, into a new file of the working
+# set's size (as each tier's store writes blocks the disk has not seen: a
+# new slab, new files; benchmarks/disk_reuse.py shows what that costs here).
+DEVICE_WRITE_QD = 16
 
 
 def make_tier(name: str, root: str, block: int, capacity_blocks: int, primary):
@@ -204,6 +210,19 @@ def drop_tier_cache(name: str, tier, root: str) -> float | None:
     return resident(paths, ranges)
 
 
+def time_device(fio: str, device: str, block: int, n_blocks: int) -> dict:
+    """The device's blocks/s for stores and cold loads (DEVICE): O_DIRECT
+    writes of ``n_blocks`` blocks into a new file at ``device``, then reads
+    of it."""
+    common = (f"--filename={device}", f"--bs={block}", f"--size={n_blocks * block}")
+    if os.path.exists(device):
+        os.unlink(device)  # blocks the disk has not seen, as a tier's store gets
+    os.sync()
+    wrote = fio_gbps(fio, "--rw=write", f"--iodepth={DEVICE_WRITE_QD}", *common)
+    read = fio_gbps(fio, "--readonly", "--rw=read", f"--iodepth={DEVICE_QD}", *common)
+    return {"store": wrote * 1e9 / block, "cold_load": read * 1e9 / block}
+
+
 def one_size(label: str, block: int, base: str, rounds: int, quick: bool,
              contenders: tuple[str, ...] = CONTENDERS) -> dict:
     from slabcache.testing.vllm_tier import Primary
@@ -225,10 +244,9 @@ def one_size(label: str, block: int, base: str, rounds: int, quick: bool,
                     # are: the virtual disk's host keeps recent writes
                     # cached, and a ceiling read from an older file was
                     # slower than fs's own loads.
-                    common = (f"--filename={device}", f"--bs={block}", f"--size={n_blocks * block}")
-                    fio_gbps(fio, "--rw=write", "--iodepth=1", *common)
-                    gbps = fio_gbps(fio, "--readonly", "--rw=read", f"--iodepth={DEVICE_QD}", *common)
-                    res.setdefault(DEVICE, {}).setdefault("cold_load", []).append(gbps * 1e9 / block)
+                    dev = res.setdefault(DEVICE, {})
+                    for work, rate in time_device(fio, device, block, n_blocks).items():
+                        dev.setdefault(work, []).append(rate)
                     continue
                 root = os.path.join(base, f"{name}-{label}")
                 shutil.rmtree(root, ignore_errors=True)
@@ -302,6 +320,23 @@ def pool(reports: list[dict]) -> dict:
     return out
 
 
+def device_shares(label: str, r: dict) -> str:
+    """Each tier's cold loads, and stores where the run timed the device's
+    writes, as a share of the device's rate: round by round against that
+    round's fio run, medians."""
+    def share(name: str, work: str) -> str:
+        ours, dev = r[name]["runs"][work], r[DEVICE]["runs"][work]
+        return f"{name} {statistics.median(a / b for a, b in zip(ours, dev)):.0%}"
+
+    tiers = [n for n in r if n not in (DEVICE, "memory")]
+    line = (f"{label}: the device (fio, reads in order, queue depth {DEVICE_QD}) {r[DEVICE]['cold_load']:.0f} "
+            "blocks/s; cold loads " + ", ".join(share(n, "cold_load") for n in tiers) + " of it")
+    if "store" in r[DEVICE]:  # runs before the device's writes were timed have none
+        line += (f"; writes (in order into a new file, queue depth {DEVICE_WRITE_QD}) {r[DEVICE]['store']:.0f} "
+                 "blocks/s; stores " + ", ".join(share(n, "store") for n in tiers) + " of it")
+    return line
+
+
 def report(results: dict) -> str:
     """Ratios to fs (median over rounds, range over rounds) and each one's
     share of the gap from fs to the in-memory ceiling; then the raw figures."""
@@ -326,10 +361,7 @@ def report(results: dict) -> str:
     lines.append("")
     for label, r in results.items():
         if DEVICE in r:
-            dev = r[DEVICE]["cold_load"]
-            lines.append(f"{label}: the device (fio, reads in order, queue depth {DEVICE_QD}) {dev:.0f} blocks/s; cold loads "
-                         + ", ".join(f"{n} {r[n]['cold_load'] / dev:.0%}" for n in r if n not in (DEVICE, "memory"))
-                         + " of it")
+            lines.append(device_shares(label, r))
     lines.append("")
     for label, r in results.items():
         for name, s in r.items():

@@ -143,6 +143,57 @@ def test_the_lmcache_report_puts_each_tier_beside_the_device(tmp_path):
     assert "the device" not in out.stdout
 
 
+def test_the_vllm_report_puts_stores_and_cold_loads_beside_the_device():
+    """Each tier's stores and cold loads as a share of fio's writes and
+    reads, paired round by round with that round's fio run; runs from
+    before the device's writes were timed report loads only."""
+    vllm_tier = _bench("vllm_tier")
+
+    def runs(store, cold):
+        return {"store": sorted(store)[1], "cold_load": sorted(cold)[1],
+                "runs": {"store": store, "cold_load": cold}}
+
+    # Three rounds; fio writes 10, 20, 40 blocks/s and reads 100, 100, 25.
+    # fs's shares by round: stores 100%, 50%, 100%; cold loads 100%, 50%,
+    # 200% (the ratio of its medians would be 50% each).
+    r = {"fs": runs([10, 10, 40], [100, 50, 50]),
+         "slabcache-direct": runs([10, 10, 10], [50, 100, 25]),
+         "memory": runs([1000] * 3, [1000] * 3),
+         vllm_tier.DEVICE: runs([10, 20, 40], [100, 100, 25])}
+    line = vllm_tier.device_shares("1M", r)
+    assert line == ("1M: the device (fio, reads in order, queue depth 32) 100 blocks/s; cold loads "
+                    "fs 100%, slabcache-direct 100% of it; writes (in order into a new file, queue "
+                    "depth 16) 20 blocks/s; stores fs 100%, slabcache-direct 50% of it")
+    for name in r:
+        del r[name]["runs"]["store"], r[name]["store"]
+    assert vllm_tier.device_shares("1M", r).endswith("cold loads fs 100%, slabcache-direct 100% of it")
+
+
+def test_the_vllm_device_writes_a_new_file_each_round(tmp_path, monkeypatch):
+    """The device's writes go to blocks the disk has not seen, as every
+    tier's store does (a new slab, new files): the file is gone when fio
+    writes it."""
+    vllm_tier = _bench("vllm_tier")
+    device = tmp_path / "device-1M"
+    calls = []
+
+    def fio_gbps(fio, *args):
+        calls.append((args, device.exists()))
+        if "--rw=write" in args:
+            device.write_bytes(b"x")
+        return 1.0
+
+    monkeypatch.setattr(vllm_tier, "fio_gbps", fio_gbps)
+    for _ in range(2):
+        assert vllm_tier.time_device("fio", str(device), 1 << 20, 32) == {"store": 1e9 / (1 << 20),
+                                                                          "cold_load": 1e9 / (1 << 20)}
+    writes = [(args, existed) for args, existed in calls if "--rw=write" in args]
+    assert len(writes) == 2 and not any(existed for _args, existed in writes)
+    assert all("--iodepth=16" in args and f"--filename={device}" in args for args, _e in writes)
+    reads = [args for args, _e in calls if "--rw=read" in args]
+    assert len(reads) == 2 and all("--readonly" in args for args in reads)
+
+
 def test_the_unverified_contenders_are_the_plugin_without_checksums(tmp_path):
     """``--unverified`` adds the plugin opened with slabcache.checksum false,
     each in its pair's mode; the plain contenders verify."""
