@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -259,3 +260,48 @@ def test_the_direct_records_comparison_opens_what_it_names(tmp_path, monkeypatch
     s = direct_records.summarize(rounds)["m"]
     assert (s["o_direct"], s["buffered"]) == (2.0, 2.0)
     assert s["ratio"] == 1.0 and s["range"] == "0.50-3.00" and s["faster"] == 1
+
+
+def test_the_writeback_report_splits_a_fill_into_burst_last_half_and_sync():
+    writeback = _bench("writeback")
+    batch = writeback.VALUE * writeback.BATCH
+    first = writeback.BURST // batch
+    # Eight batches: the burst's take 1 s each, the rest 2 s; the sync 4 s.
+    times = [1.0] * first + [2.0] * (8 - first) + [4.0]
+    r = writeback.rates(times, 8 * batch)
+    assert r["burst"] == first * batch / first / 1e9
+    assert r["last half"] == 4 * batch / 8.0 / 1e9
+    assert r["until on disk"] == 8 * batch / (sum(times)) / 1e9
+
+
+@pytest.mark.parametrize("contender", ["slab-mmap", "files", "slab-direct"])
+def test_each_writeback_contender_writes_what_it_names(tmp_path, monkeypatch, contender):
+    """Every value lands where the contender says (a store of that engine,
+    or a file each), and the fill's last figure is its sync."""
+    from slabcache import SlabStore
+
+    writeback = _bench("writeback")
+    monkeypatch.setattr(writeback, "VALUE", 1 << 20)
+    values = [torch.full((1 << 20,), i, dtype=torch.uint8) for i in range(writeback.BATCH)]
+    engines = []
+
+    class Opener:
+        @staticmethod
+        def open(*args, **kwargs):
+            s = SlabStore.open(*args, **kwargs)
+            engines.append(s.engine.name)
+            return s
+
+    monkeypatch.setattr(writeback, "SlabStore", Opener)
+    root = tmp_path / "fill"
+    times = writeback.fill(str(root), contender, values, 3 * writeback.BATCH << 20)
+    assert engines == ([] if contender == "files" else [contender.split("-")[1]])
+    assert len(times) == 3 + 1 and all(t >= 0 for t in times)
+    if contender == "files":
+        names = sorted(os.listdir(root))
+        assert names == sorted(f"{b}-{i}.chunk" for b in range(3) for i in range(writeback.BATCH))
+        assert (root / "2-3.chunk").read_bytes() == bytes([3]) * (1 << 20)
+    else:
+        with SlabStore.open(root / "store") as s:
+            assert len(s.keys()) == 3 * writeback.BATCH
+            assert torch.equal(s.get("2-3"), values[3])
