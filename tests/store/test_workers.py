@@ -154,6 +154,35 @@ def test_close_finishes_queued_puts(tmp_path, engine):
         assert len(s) == 40
 
 
+def test_close_waits_for_an_operation_in_flight_and_refuses_new_ones(tmp_path, engine):
+    """close() on one thread while a put runs on another: close waits for
+    it, calls begun once the store is closed raise, and the put lands."""
+    p = tmp_path / "s"
+    s = SlabStore.open(p, capacity_bytes=64 * 4096, slot_bytes=4096, io=engine, engine_wrapper=_Gate)
+    value = rand_tensor(4000, 7)
+    gate = s.engine.arm()
+    stored = []
+    putter = threading.Thread(target=lambda: stored.append(s.put("inflight", value)))
+    putter.start()
+    assert gate.started.wait(10)  # the put is inside the engine's write
+    closer = threading.Thread(target=s.close)
+    closer.start()
+    deadline = time.monotonic() + 10
+    while not s.closed and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert s.closed
+    with pytest.raises(StoreClosedError):
+        s.get("inflight")
+    closer.join(0.3)
+    assert closer.is_alive()  # still waiting for the put
+    gate.release.set()
+    putter.join(10)
+    closer.join(10)
+    assert not closer.is_alive() and stored == [True]
+    with SlabStore.open(p, io=engine) as s:
+        assert torch.equal(s.get("inflight"), value)
+
+
 def test_close_can_cancel_queued_puts(make_store):
     s = make_store(capacity_bytes=64 * 4096, io_threads=1, engine_wrapper=_Gate)
     gate = s.engine.arm()
