@@ -280,8 +280,11 @@ class Index(Gate, Headroom, Failures):
         self._enter()
         try:
             return self.env.begin(db=self.dbs["entries"])
+        except lmdb.Error:
+            self._leave()
         except BaseException:
             self._leave()
+            raise
         return LookupTxn(self)._begin(self.dbs["entries"])
 
     def _end_lookup(self, txn: lmdb.Transaction, exc: BaseException | None = None) -> None:

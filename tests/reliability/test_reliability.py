@@ -371,6 +371,72 @@ def test_a_full_index_map_leaks_nothing_and_close_still_works(tmp_path):
     assert check(p, progress=False).exit_code in (0, 1)
 
 
+@pytest.mark.parametrize("batch", [False, True])
+def test_a_lookup_whose_begin_finds_the_map_grown_follows_it(tmp_path, monkeypatch, batch):
+    """A read's lookup whose transaction cannot begin because another
+    process grew the map (MDB_MAP_RESIZED) follows the map and reads; a
+    damaged index, found at the begin or by the read, is named, not raised
+    raw; either way the lookup leaves no transaction counted in flight."""
+    import lmdb
+
+    from slabcache import CorruptStoreError
+
+    with SlabStore.open(tmp_path / "s", capacity_bytes=64 * 4096, slot_bytes=4096) as s:
+        assert s.put("k", expected("k"))
+        idx = s._index
+        real = idx.env
+        raised, followed = [], []
+
+        class Env:
+            """The real environment, whose begins raise ``error`` until
+            it is cleared (the map followed, for MapResizedError)."""
+            error = lmdb.MapResizedError
+
+            def __getattr__(self, name):
+                return getattr(real, name)
+
+            get_error = None  # raised by the transaction's get instead
+
+            def begin(self, **kw):
+                if self.error is not None:
+                    raised.append(self.error)
+                    raise self.error("raised by the test")
+                txn = real.begin(**kw)
+                if self.get_error is None:
+                    return txn
+                error = self.get_error
+
+                class Txn:
+                    def get(self, *a, **k):
+                        raise error("raised by the test")
+
+                    def abort(self):
+                        txn.abort()
+
+                return Txn()
+
+        def follow():
+            followed.append(True)
+            fake.error = None
+
+        fake = Env()
+        monkeypatch.setattr(idx, "env", fake)
+        monkeypatch.setattr(idx, "_follow_map", follow)
+        got = s.get_many(["k"])[0] if batch else s.get("k")
+        assert torch.equal(got, expected("k"))
+        assert raised == [lmdb.MapResizedError] * 2 and followed == [True]
+        assert idx._inflight() == 0
+        fake.error = lmdb.CorruptedError
+        with pytest.raises(CorruptStoreError, match="fsck"):
+            s.lookup(["k"]) if batch else s.contains("k")
+        assert idx._inflight() == 0
+        fake.error, fake.get_error = None, lmdb.CorruptedError
+        with pytest.raises(CorruptStoreError, match="fsck"):
+            s.lookup(["k"]) if batch else s.contains("k")
+        assert idx._inflight() == 0
+        monkeypatch.undo()
+
+
 def test_an_index_map_grown_by_another_process_is_followed(tmp_path):
     from slabcache.format.layout import StorePaths
 
