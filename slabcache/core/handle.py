@@ -13,6 +13,7 @@ import threading
 import weakref
 
 from ..errors import ConfigError, StorageFullError, StoreClosedError, StoreForkedError
+from ..index.gate import in_flight
 from .allocator import SlotAllocator
 from .jobs import Jobs
 from .opener import open_store
@@ -246,18 +247,11 @@ class _OpGuard:
         if self._store._closed:  # only close() waits
             self._drained.set()
 
-    def in_flight(self) -> int:
-        """Operations in flight, or more (never fewer): reading a count
-        takes a number from it, both are read once and ``left`` first (as
-        Gate._inflight)."""
-        left = next(self._left)
-        return next(self._entered) - left
-
     def wait_idle(self) -> None:
         """Return once no operation is in flight (close(), ``_closed`` set)."""
         while True:
             self._drained.clear()  # before counting: an end after the count wakes the wait
-            if not self.in_flight():
+            if not in_flight(self._entered, self._left):
                 return
             self._drained.wait(0.05)
 

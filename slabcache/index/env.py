@@ -21,7 +21,7 @@ from .gate import Gate
 from .owner import Liveness
 from .room import Headroom, back_whole_file, open_rw
 from .txn import TABLES
-from .txns import Prelude, LookupTxn, ReadTxn, WriteTxn
+from .txns import Prelude, ReadTxn, WriteTxn, begin_lookup, end_read
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +143,7 @@ class Index(Gate, Headroom, Failures):
                 f"the index at {path} is incomplete ({exc}); run `slabcache fsck "
                 f"{store_dir} --rebuild-index`"
             ) from exc
+        self.entries_db = self.dbs["entries"]  # every lookup's (txns.begin_lookup)
         self.liveness = Liveness(os.path.join(store_dir, LOCK))
         self.alive = self.liveness.is_alive
         self._new_locks()
@@ -270,51 +271,27 @@ class Index(Gate, Headroom, Failures):
     # The hot path: lookups in their own read transaction, without the
     # IndexTxn wrapper.
 
-    def _lookup_txn(self) -> lmdb.Transaction:
-        """A read transaction on the entries table, the gate entered; end it
-        with :meth:`_end_lookup`.  Begun and ended here rather than through
-        LookupTxn, whose object and with-statement were half of a lookup's
-        cost (1.14 us against 0.62, and every get takes two).  A begin that
-        fails takes LookupTxn's careful path (a map another process grew,
-        what LMDB's errors mean)."""
-        self._enter()
-        try:
-            return self.env.begin(db=self.dbs["entries"])
-        except lmdb.Error:
-            self._leave()
-        except BaseException:
-            self._leave()
-            raise
-        return LookupTxn(self)._begin(self.dbs["entries"])
-
-    def _end_lookup(self, txn: lmdb.Transaction, exc: BaseException | None = None) -> None:
-        """Abort ``txn`` and leave the gate; then raise what ``exc``, if
-        any, means (as LookupTxn's exit does)."""
-        txn.abort()
-        self._leave()
-        if exc is not None:
-            if isinstance(exc, lmdb.Error):
-                self.fail(exc)
-            raise exc
-
     def raw_entry(self, ikey: bytes) -> bytes | None:
-        """The stored entry of an index key, or None, in its own read transaction."""
-        txn = self._lookup_txn()
+        """The stored entry of an index key, or None, in its own read
+        transaction (a get takes two: no list for one key)."""
+        txn = begin_lookup(self)
         try:
             raw = txn.get(ikey)
         except BaseException as exc:
-            self._end_lookup(txn, exc)
-        self._end_lookup(txn)
+            end_read(self, txn, exc)
+            raise
+        end_read(self, txn)
         return raw
 
     def raw_entries(self, ikeys) -> list[bytes | None]:
         """:meth:`raw_entry` for each index key, in one read transaction."""
-        txn = self._lookup_txn()
+        txn = begin_lookup(self)
         try:
             raws = [txn.get(k) for k in ikeys]
         except BaseException as exc:
-            self._end_lookup(txn, exc)
-        self._end_lookup(txn)
+            end_read(self, txn, exc)
+            raise
+        end_read(self, txn)
         return raws
 
     def ref(self, ikey: bytes, canon: bytes) -> EntryRef | None:

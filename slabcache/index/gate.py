@@ -19,6 +19,16 @@ import threading
 import time
 
 
+def in_flight(entered: itertools.count, left: itertools.count) -> int:
+    """How many have entered and not left, or more (never fewer), from two
+    counts each taken once on the way in and once on the way out.  Reading
+    a count takes a number from it; both are read once, so the difference
+    holds, and ``left`` is read first: one that enters and leaves between
+    the two reads is counted as in flight, never one in flight as gone."""
+    gone = next(left)
+    return next(entered) - gone
+
+
 class Gate:
     """The in-flight count and pauses of one Index (a mixin: these run on
     every transaction, so they cost no more than a method of the Index)."""
@@ -50,13 +60,8 @@ class Gate:
             next(self._left)
 
     def _inflight(self) -> int:
-        """Transactions in flight, or more (never fewer).  Reading a count
-        takes a number from it; both are read once, so the difference
-        holds, and ``left`` is read first: a transaction that enters and
-        leaves between the two reads is counted as in flight, never one
-        in flight as gone."""
-        left = next(self._left)
-        return next(self._entered) - left
+        """Transactions in flight, or more (never fewer): in_flight."""
+        return in_flight(self._entered, self._left)
 
     def _pause(self, deadline: float) -> bool:
         """Hold new transactions back and wait (until ``deadline``) for

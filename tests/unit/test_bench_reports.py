@@ -238,7 +238,8 @@ def test_zero_range_keeps_the_file_and_reads_back_zeros(tmp_path):
         zero_range(str(path), 1 << 20)
     except OSError as exc:
         if exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS):
-            pytest.skip(f"the filesystem under {tmp_path} has no FALLOC_FL_ZERO_RANGE ({exc})")
+            pytest.skip(f"the filesystem under {tmp_path} has no FALLOC_FL_ZERO_RANGE ({exc}); "
+                        "disk_reuse.py's zero-range writes need ext4 or XFS (set TMPDIR to one)")
         raise
     data = path.read_bytes()
     assert len(data) == 1 << 20 and data == bytes(1 << 20)
