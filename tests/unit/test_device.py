@@ -205,6 +205,34 @@ def test_a_large_value_goes_into_the_page_cache_in_pieces(tmp_path, monkeypatch,
         eng.close()
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["one-buffer", "two-parts"])
+def test_a_large_read_whose_head_is_cached_in_part_reads_the_rest(tmp_path, monkeypatch, split):
+    """mmap: a large value's first piece is read without waiting for the
+    disk (RWF_NOWAIT), which returns what the page cache holds, often part
+    of the piece; the rest of the value, from that byte on, is read after.
+    The page cache here holds 100,000 bytes of it (not a page or piece
+    boundary), into one buffer and into two parts."""
+    path = str(tmp_path / "slab")
+    g, _cid = create_slab(path, 2 * (6 << 20), 6 << 20)
+    eng = make_engine("mmap", path, g)
+    try:
+        data = torch.randint(0, 256, (5 << 20,), dtype=torch.uint8)
+        digest = eng.write(1, [data], hashed=True)
+        held = 100_000
+
+        def cached_in_part(dst, offset):
+            first = dst[0][:held]
+            return os.preadv(eng.fd, [first], offset)
+
+        monkeypatch.setattr(eng, "_cached", cached_in_part)
+        out = torch.zeros(5 << 20, dtype=torch.uint8)
+        outs = [out[:3 << 20], out[3 << 20:]] if split else [out]
+        assert eng.read_into(1, outs, hashed=True) == digest
+        assert torch.equal(out, data)
+    finally:
+        eng.close()
+
+
 @pytest.mark.parametrize("io", ["mmap", "direct"])
 def test_write_many_stops_at_a_run_that_fails(slab, io, monkeypatch):
     path, g = slab
