@@ -43,18 +43,28 @@ class EntryOps:
     def add(self, ikey: bytes, canon: bytes, slot: int, generation: int, length: int,
             checksum: int, meta_raw: bytes, policy: Policy, now: float) -> UseStats:
         """A new entry, last in its use order; returns its use statistics."""
-        return self.add_many([(slot, generation, ikey, canon, length, checksum, meta_raw)],
-                             policy, now)[0]
+        tick = self.tick() + 1
+        use = self.put_entry((slot, generation, ikey, canon, length, checksum, meta_raw), tick,
+                             policy, now)
+        self.set_tick(tick)
+        return use
 
     def add_many(self, rows, policy: Policy, now: float) -> list[UseStats]:
         """:meth:`add` for each (slot, generation, ikey, canon, length,
-        checksum, meta_raw) in order, the clock read and written once."""
+        checksum, meta_raw) in order, the clock read and written once, each
+        table written with one call (a batch's commit)."""
         tick = self.tick()
-        out = []
-        for row in rows:
+        out, entries, order = [], [], []
+        for slot, generation, ikey, canon, length, checksum, meta_raw in rows:
             tick += 1
-            out.append(self.put_entry(row, tick, policy, now))
+            use = UseStats(tick, 0, tick)
+            entries.append((ikey, encode_entry(slot, generation, length, checksum, use, now, now,
+                                               meta_raw, canon)))
+            order.append((policy.order_key(slot, use), ikey))
+            out.append(use)
         if out:
+            self._put_rows(entries, "entries")
+            self._put_rows(order, "order", policy.files_last)
             self.set_tick(tick)
         return out
 
@@ -68,6 +78,16 @@ class EntryOps:
                                         canon), db=self.db["entries"])
         self.txn.put(policy.order_key(slot, use), ikey, db=self.db["order"])
         return use
+
+    def _put_rows(self, rows: list, table: str, last: bool = False) -> None:
+        """Put (key, value) ``rows`` into ``table`` with one call.  ``last``:
+        every key sorts after the table's (the policy files new and used
+        entries last), so LMDB appends them without searching; a key that
+        does not (an index whose clock was set back) is put plainly."""
+        with self.txn.cursor(db=self.db[table]) as cur:
+            _consumed, added = cur.putmulti(rows, append=last)
+            if added != len(rows):  # only with append: put every row the usual way
+                cur.putmulti(rows)
 
     def free_entry(self, e: Entry, policy: Policy) -> None:
         """Remove ``e``: its entry, its place in the eviction order, its pins;
@@ -84,21 +104,29 @@ class EntryOps:
         """Record batched uses: ``uses`` maps index key -> (count, wall time,
         slot, generation).  A use of an entry that was evicted or replaced
         since (another slot or generation) is dropped.  Entries are patched
-        in place and the clock advanced once for the batch."""
+        in place, the clock advanced once for the batch, and each table read
+        or written with one call where LMDB has one."""
         entries, order = self.db["entries"], self.db["order"]
+        with self.txn.cursor(db=entries) as cur:
+            found = cur.getmulti(list(uses))  # only the keys still stored
         tick = self.tick()
-        for ikey, (count, when, slot, gen) in uses.items():
-            raw = self.txn.get(ikey, db=entries)
-            if raw is None or slot_gen_of(raw) != (slot, gen):
+        patched, moved, delete = [], [], self.txn.delete
+        for ikey, raw in found:
+            count, when, slot, gen = uses[ikey]
+            if slot_gen_of(raw) != (slot, gen):
                 continue
             old = use_of(raw)
             tick += 1
             new = UseStats(tick, old.hits + count, old.inserted)
+            patched.append((ikey, with_use(raw, new, when)))
             old_key, new_key = policy.order_key(slot, old), policy.order_key(slot, new)
-            self.txn.put(ikey, with_use(raw, new, when), db=entries)
             if new_key != old_key:
-                self.txn.delete(old_key, db=order)
-                self.txn.put(new_key, ikey, db=order)
+                delete(old_key, db=order)
+                moved.append((new_key, ikey))
+        if patched:
+            self._put_rows(patched, "entries")
+        if moved:
+            self._put_rows(moved, "order", policy.files_last)
         self.set_tick(tick)
 
     def use_if_stored(self, ikey: bytes, canon: bytes, policy: Policy, now: float) -> bool:

@@ -35,6 +35,9 @@ class Policy(abc.ABC):
     name: str = ""
     # True when the victim is the *last* entry in key order (MRU).
     from_end: bool = False
+    # True when an entry's order key, new or after a use, sorts after every
+    # other (it leads with the clock, which only grows): the index appends it.
+    files_last: bool = False
 
     @abc.abstractmethod
     def order_key(self, slot: int, use: UseStats) -> bytes:
@@ -43,6 +46,7 @@ class Policy(abc.ABC):
 
 class LRU(Policy):
     name = "lru"
+    files_last = True
 
     def order_key(self, slot: int, use: UseStats) -> bytes:
         return _BE2.pack(use.tick, slot)
@@ -55,6 +59,7 @@ class MRU(LRU):
 
 class FIFO(Policy):
     name = "fifo"
+    files_last = True  # for new entries; a use does not move one
 
     def order_key(self, slot: int, use: UseStats) -> bytes:
         return _BE2.pack(use.inserted, slot)

@@ -67,6 +67,34 @@ def test_victim_follows_the_policy(index):
         assert [ikey for _k, ikey in t.order_keys()] == [b"a"]
 
 
+def _filed(t, policy):
+    """Each entry's order key as the policy computes it, against the order table."""
+    want = sorted((policy.order_key(e.slot, e.use), e.ikey) for e in t.entries())
+    return want, list(t.order_keys())
+
+
+@pytest.mark.parametrize("policy", ["lru", "fifo", "mru", "lfu"])
+def test_a_batch_is_filed_in_order_even_when_the_clock_is_behind(index, policy):
+    """A batch's entries and uses are appended to the order table when the
+    policy files them last; an index whose clock was set back (so some keys
+    sort before existing ones) still files every one of them."""
+    pol = make_policy(policy)
+    row = lambda k, slot: (slot, 1, k, k, 10, 99, b"")  # noqa: E731
+    with index.write() as t:
+        t.set_policy(pol)
+        t.add_many([row(b"a", 0), row(b"b", 1)], pol, 0.0)
+        t.set_tick(0)  # the clock behind the order table
+        t.add_many([row(b"c", 2), row(b"d", 3)], pol, 0.0)
+        want, got = _filed(t, pol)
+        assert got == want and len(got) == 4
+        a, c = t.entry(b"a"), t.entry(b"c")
+        t.set_tick(0)
+        t.record_uses({b"a": (2, 1.0, a.slot, a.generation), b"c": (1, 1.0, c.slot, c.generation)}, pol)
+        want, got = _filed(t, pol)
+        assert got == want and len(got) == 4
+        assert t.entry(b"a").use.hits == 2 and t.entry(b"c").use.hits == 1
+
+
 def test_reap_dead_releases_what_a_dead_process_held(index, me):
     # A handle whose lock is gone, and one recorded by format version 1
     # (pid and start time) for a pid that does not exist.
