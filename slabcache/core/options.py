@@ -42,8 +42,11 @@ class StoreOptions:
     injection).  ``share_group``: files 0660 / directories 0770 instead of
     0600 / 0700.  ``trust_directory``: open a directory another user owns,
     or others can write.  ``use_refresh_seconds``: a read moves its entry
-    in the policy's order only if it was not used for this long (hits are
-    still counted).
+    in the policy's order (and counts in its entry's hits) only if it was
+    not used for this long (the store's hit counter counts every read); 1 s
+    by default, as in every host integration (CacheLib's
+    LRU refresh time, memcached's bump interval): recording each use costs
+    about 3 us a read; 0 makes the order exact.
     """
 
     path: str
@@ -61,7 +64,7 @@ class StoreOptions:
     engine_wrapper: Callable | None = None
     share_group: bool = False
     trust_directory: bool = False
-    use_refresh_seconds: float = 0.0
+    use_refresh_seconds: float = 1.0
 
     def validate(self, names: Mapping[str, str] | None = None) -> "StoreOptions":
         """A checked copy with an absolute path and the policy's name in

@@ -26,7 +26,7 @@ def _cli(*args):
 @pytest.fixture
 def store_path(tmp_path):
     p = tmp_path / "s"
-    with SlabStore.open(p, capacity_bytes=8 * 4096, slot_bytes=4096) as s:
+    with SlabStore.open(p, capacity_bytes=8 * 4096, slot_bytes=4096, use_refresh_seconds=0) as s:
         s.put("a", torch.zeros(10, dtype=torch.bfloat16))
         s.put(b"b", [torch.ones(3, 4), torch.arange(5)])
         s.get("a")

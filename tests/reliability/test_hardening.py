@@ -363,7 +363,8 @@ def test_a_repeated_key_in_a_batch_shares_its_first_outcome(tmp_path):
 
 
 def test_a_failed_reserve_gives_back_the_orphans_and_uses_it_took(tmp_path, monkeypatch):
-    with SlabStore.open(tmp_path / "s", capacity_bytes=16 * 4096, slot_bytes=4096) as s:
+    with SlabStore.open(tmp_path / "s", capacity_bytes=16 * 4096, slot_bytes=4096,
+                        use_refresh_seconds=0) as s:  # every read owes a use
         s.put("a", expected("a"))
         # An orphan (a reservation whose give-back failed) and a pending use.
         r = s._allocator.reserve(make_key("orphan"))

@@ -223,7 +223,8 @@ class StoreVsModel(RuleBasedStateMachine):
         import tempfile
 
         self.dir = tempfile.mkdtemp()
-        self.s = SlabStore.open(self.dir, capacity_bytes=self.CAP * 4096, slot_bytes=4096, policy="lru")
+        self.s = SlabStore.open(self.dir, capacity_bytes=self.CAP * 4096, slot_bytes=4096, policy="lru",
+                                use_refresh_seconds=0)  # the model is exact LRU
         self.model: dict[str, int] = {}  # key -> last use tick
         self.pins: dict[str, int] = {}
         self.tick = 0

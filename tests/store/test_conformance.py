@@ -238,7 +238,8 @@ def _fill(s, n):
     ("lfu", ["k0", "k0", "k2"], ["k1", "k3"]),  # fewest uses; ties by least recent
 ])
 def test_eviction_order(make_store, policy, uses, expected_victims):
-    s = make_store(capacity_bytes=4 * 4096, policy=policy)
+    # Exact order: every read moves its entry (no refresh window).
+    s = make_store(capacity_bytes=4 * 4096, policy=policy, use_refresh_seconds=0)
     _fill(s, 4)
     for k in uses:
         assert s.get(k) is not None
@@ -275,6 +276,26 @@ def test_use_refresh_window_skips_recent_uses_but_counts_hits(make_store, monkey
     assert "k1" in s and "k2" not in s
 
 
+def test_by_default_a_read_moves_its_entry_at_most_once_a_second(make_store, monkeypatch):
+    """The default handle opens with the one-second window every host
+    integration uses: a read within a second of the entry's last use moves
+    nothing; a later one does; ``touch`` always does."""
+    s = make_store(capacity_bytes=3 * 4096, policy="lru")
+    assert s.options.use_refresh_seconds == 1.0
+    _fill(s, 3)
+    assert s.get("k0") is not None  # just written: no move, k0 stays least recent
+    s.put("n0", rand_tensor(1, 9))
+    assert "k0" not in s and "k1" in s
+    s.touch(["k1"])  # an explicit use moves it whatever the window
+    s.put("n1", rand_tensor(1, 10))
+    assert "k1" in s and "k2" not in s
+    later = time.time() + 2
+    monkeypatch.setattr(time, "time", lambda: later)
+    assert s.get("n0") is not None  # a second on: the read moves n0 past k1 and n1
+    s.put("n2", rand_tensor(1, 11))
+    assert "n0" in s and "k1" not in s
+
+
 @pytest.mark.parametrize("bad", [-1, float("nan"), float("inf"), True, "1"])
 def test_use_refresh_window_must_be_seconds(make_store, bad):
     with pytest.raises(ConfigError, match="use_refresh_seconds"):
@@ -283,7 +304,8 @@ def test_use_refresh_window_must_be_seconds(make_store, bad):
 
 def test_policy_order_survives_reopen(tmp_path, engine):
     p = tmp_path / "s"
-    with SlabStore.open(p, capacity_bytes=3 * 4096, slot_bytes=4096, policy="lru", io=engine) as s:
+    with SlabStore.open(p, capacity_bytes=3 * 4096, slot_bytes=4096, policy="lru", io=engine,
+                        use_refresh_seconds=0) as s:  # the read moves k0
         _fill(s, 3)
         s.get("k0")
     with SlabStore.open(p, io=engine) as s:
@@ -294,7 +316,8 @@ def test_policy_order_survives_reopen(tmp_path, engine):
 
 def test_policy_change_on_reopen(tmp_path, engine):
     p = tmp_path / "s"
-    with SlabStore.open(p, capacity_bytes=3 * 4096, slot_bytes=4096, policy="lru", io=engine) as s:
+    with SlabStore.open(p, capacity_bytes=3 * 4096, slot_bytes=4096, policy="lru", io=engine,
+                        use_refresh_seconds=0) as s:  # the read moves k0
         _fill(s, 3)
         s.get("k0")
     with SlabStore.open(p, policy="fifo", io=engine) as s:

@@ -39,7 +39,7 @@ def _fill(s, n: int, prefix: str = "k") -> None:
 @pytest.mark.parametrize("engine", ["mmap"], indirect=True)
 def test_a_large_store_keeps_one_slot_free_and_evicts_in_policy_order(make_store):
     n = KEEP_FREE_FROM
-    s = make_store(capacity_bytes=n * 4096, policy="lru")
+    s = make_store(capacity_bytes=n * 4096, policy="lru", use_refresh_seconds=0)  # exact order
     _fill(s, n)
     # Taking the last free slot evicted the least recent entry ahead of need.
     st = s.stats()
@@ -137,7 +137,7 @@ def test_a_failed_inline_write_keeps_pending_uses_and_counters(make_store, monke
     # Every transaction writes the counters, so the failed put's transaction
     # takes some with it when it is aborted.
     monkeypatch.setattr(uses_module, "COUNTER_FLUSH_SECONDS", 0.0)
-    s = make_store(capacity_bytes=8 * 4096, engine_wrapper=FaultyEngine)
+    s = make_store(capacity_bytes=8 * 4096, engine_wrapper=FaultyEngine, use_refresh_seconds=0)
     assert s.put("a", rand_tensor(100, 1))
     assert s.get("a") is not None and s.get("missing") is None
     s.engine.inject("eio_write")
