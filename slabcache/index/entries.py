@@ -55,12 +55,11 @@ class EntryOps:
         table written with one call (a batch's commit)."""
         tick = self.tick()
         out, entries, order = [], [], []
-        for slot, generation, ikey, canon, length, checksum, meta_raw in rows:
+        for row in rows:
             tick += 1
-            use = UseStats(tick, 0, tick)
-            entries.append((ikey, encode_entry(slot, generation, length, checksum, use, now, now,
-                                               meta_raw, canon)))
-            order.append((policy.order_key(slot, use), ikey))
+            use, entry, filed = _new_entry(row, tick, policy, now)
+            entries.append(entry)
+            order.append(filed)
             out.append(use)
         if out:
             self._put_rows(entries, "entries")
@@ -72,11 +71,9 @@ class EntryOps:
         """Write the entry of ``row`` (slot, generation, ikey, canon, length,
         checksum, meta_raw) last in its use order at ``tick``; the caller
         advances the clock."""
-        slot, generation, ikey, canon, length, checksum, meta_raw = row
-        use = UseStats(tick, 0, tick)
-        self.txn.put(ikey, encode_entry(slot, generation, length, checksum, use, now, now, meta_raw,
-                                        canon), db=self.db["entries"])
-        self.txn.put(policy.order_key(slot, use), ikey, db=self.db["order"])
+        use, (ikey, raw), (order_key, _ikey) = _new_entry(row, tick, policy, now)
+        self.txn.put(ikey, raw, db=self.db["entries"])
+        self.txn.put(order_key, ikey, db=self.db["order"])
         return use
 
     def _put_rows(self, rows: list, table: str, last: bool = False) -> None:
@@ -152,3 +149,13 @@ class EntryOps:
             while ok:
                 yield bytes(cur.key()), bytes(cur.value())
                 ok = cur.prev() if reverse else cur.next()
+
+
+def _new_entry(row, tick: int, policy: Policy, now: float):
+    """(use statistics, (index key, encoded entry), (order key, index key))
+    of a new entry for ``row`` (slot, generation, ikey, canon, length,
+    checksum, meta_raw), last in its use order at ``tick``."""
+    slot, generation, ikey, canon, length, checksum, meta_raw = row
+    use = UseStats(tick, 0, tick)
+    raw = encode_entry(slot, generation, length, checksum, use, now, now, meta_raw, canon)
+    return use, (ikey, raw), (policy.order_key(slot, use), ikey)
