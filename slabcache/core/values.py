@@ -197,13 +197,14 @@ class Plan:
     byte count, torch dtype and shape.  Cached per encoded description, so
     the hot path decodes each distinct layout once."""
 
-    __slots__ = ("desc", "length", "_tensors")
+    __slots__ = ("desc", "length", "_tensors", "_complex")
 
     def __init__(self, desc: ValueDesc):
         self.desc = desc
         self.length = desc.length
         self._tensors = [(n, getattr(torch, dt), tuple(shape))
                          for dt, shape, n in zip(desc.dtypes, desc.shapes, desc.nbytes)]
+        self._complex = self._tensors[0][1].is_complex  # only these can be conjugate views
 
     def direct_parts(self, out) -> list[torch.Tensor] | None:
         """The byte part to read straight into ``out`` when it is exactly a
@@ -212,8 +213,11 @@ class Plan:
         if self.desc.is_list or type(out) is not torch.Tensor:
             return None
         n, dtype, shape = self._tensors[0]
+        # A lazy negative or conjugate view is refused by the general path:
+        # its bytes are not its values.
         if (out.dtype is dtype and out.shape == shape and out.is_cpu and n
-                and out.layout is torch.strided and out.is_contiguous()):
+                and out.layout is torch.strided and out.is_contiguous() and not out.is_neg()
+                and not (self._complex and out.is_conj())):
             # Each torch view costs microseconds here: only the ones needed.
             flat = out if len(shape) == 1 else out.view(-1)
             return [flat if dtype is torch.uint8 else flat.view(torch.uint8)]

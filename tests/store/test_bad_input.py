@@ -20,6 +20,12 @@ from slabcache.format.header import FORMAT_VERSION, SLAB_HEADER
 GOOD = torch.arange(16, dtype=torch.int32)
 
 
+def _negative(n: int) -> torch.Tensor:
+    """A contiguous int32 tensor whose negative bit is set (torch makes such
+    views lazily, e.g. of a conjugate's imaginary part)."""
+    return torch._neg_view(torch.zeros(n, dtype=torch.int32))
+
+
 def _quantized():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # quantized tensors are deprecated in torch
@@ -56,6 +62,15 @@ STORE_CASES = [
      UnsupportedValueError, "stored tensor is int32"),
     ("get_into with wrong shape", lambda s: s.get_into("keep", torch.zeros(4, 4, dtype=torch.int32)),
      UnsupportedValueError, "allocate out"),
+    # Lazy views whose bytes are not their values, as outs: refused, never
+    # filled with bytes that would read back negated or conjugated.
+    ("get_into a negative view", lambda s: s.get_into("keep", _negative(16)),
+     UnsupportedValueError, "resolve_neg"),
+    ("get_many_into a negative view", lambda s: s.get_many_into(["keep"], [_negative(16)]),
+     UnsupportedValueError, "resolve_neg"),
+    ("get_into a conjugate view", lambda s: s.put("c", torch.ones(2, dtype=torch.complex64))
+     and s.get_into("c", torch.zeros(2, dtype=torch.complex64).conj()), UnsupportedValueError,
+     "resolve_conj"),
 ]
 
 
@@ -73,6 +88,7 @@ DEEP_CASES = [
      "resolve_conj"),
     ("negative view", lambda: torch.ones(3, dtype=torch.complex64).conj().imag, UnsupportedValueError,
      "resolve_neg"),
+    ("contiguous negative view", lambda: _negative(16), UnsupportedValueError, "resolve_neg"),
     ("70,000 tensors", lambda: [torch.zeros(1, dtype=torch.uint8)] * 70_000, UnsupportedValueError,
      "at most 65535"),
 ]
@@ -104,6 +120,9 @@ def test_overlapping_outs_are_an_error_not_a_deletion(store):
     with pytest.raises(UnsupportedValueError, match="overlap"):
         store.get_many_into(["keep", "pair"], [big[:16], [big[8:16], big[16:24]]])
     assert store.stats()["checksum_failures"] == 0
+    outs = torch.zeros(48, dtype=torch.int32)  # three plain outs of keep's shape, two overlapping
+    with pytest.raises(UnsupportedValueError, match="overlap"):
+        store.get_many_into(["keep", "keep", "keep"], [outs[32:], outs[:16], outs[8:24]])
     out = [torch.empty(8, dtype=torch.int32), torch.empty(8, dtype=torch.int32)]
     assert store.get_into("pair", out) and torch.equal(out[1], pair[1])
 
