@@ -19,7 +19,7 @@ from ..format.values import ValueDesc
 from .items import Item, new_item
 from .values import (
     Plan, as_bytes, as_list, check_disjoint, described, direct_parts, host_parts, match_out, on_cuda,
-    split,
+    plain_host_value, split,
 )
 
 
@@ -67,6 +67,12 @@ class TensorVerbs:
         CUDA value (whose parts are its tensors until staged), the events
         its copies wait for when ``hold`` (work queued for later), else
         None (the current stream).  Raises as put does."""
+        plain = plain_host_value(value, extra)
+        if plain is not None:
+            desc, parts = plain
+            if desc.length > self.geometry.slot_bytes:
+                self._too_large(desc)
+            return new_item(key, parts, desc), HOST
         tensors, is_list = as_list(value)
         desc = described(tensors, is_list, extra)
         if desc.length > self.geometry.slot_bytes:
@@ -86,9 +92,14 @@ class TensorVerbs:
         keys, values = list(keys), list(values)
         if len(keys) != len(values):
             raise ValueError(f"got {len(keys)} keys but {len(values)} values; pass one value per key")
-        items, device = [], None
+        items, device, most = [], None, self.geometry.slot_bytes
         for i, (k, v) in enumerate(zip(keys, values)):
-            item, where = self._tensor_item(make_key(k), v, extra, hold)
+            key = make_key(k)
+            plain = plain_host_value(v, extra)  # _tensor_item's first case, without a call
+            if plain is not None and plain[0].length <= most:
+                items.append(new_item(key, plain[1], plain[0]))
+                continue
+            item, where = self._tensor_item(key, v, extra, hold)
             items.append(item)
             if where is not HOST:
                 device = device or {}

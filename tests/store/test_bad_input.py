@@ -110,6 +110,18 @@ def test_full_store_evicts_nothing_for_a_bad_value(store, case, make, error, fra
     assert sorted(store.keys()) == before and store.stats()["evictions"] == 0
 
 
+def test_a_lazy_view_is_refused_even_after_its_layout_was_stored(store):
+    # A layout seen before takes the short path of a put; the view's bits
+    # must still be checked there.
+    complex_value = torch.ones(2, dtype=torch.complex64)
+    for plain, lazy in ((complex_value, complex_value.conj()), (GOOD, _negative(16))):
+        assert store.put("plain", plain)
+        for put in (lambda: store.put("lazy", lazy), lambda: store.put_many(["lazy"], [lazy])):
+            with pytest.raises(UnsupportedValueError, match="resolve"):
+                put()
+        assert not store.contains("lazy")
+
+
 def test_overlapping_outs_are_an_error_not_a_deletion(store):
     pair = [torch.arange(8, dtype=torch.int32), torch.arange(8, dtype=torch.int32)]
     store.put("pair", pair)
