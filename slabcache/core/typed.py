@@ -92,14 +92,9 @@ class TensorVerbs:
         keys, values = list(keys), list(values)
         if len(keys) != len(values):
             raise ValueError(f"got {len(keys)} keys but {len(values)} values; pass one value per key")
-        items, device, most = [], None, self.geometry.slot_bytes
+        items, device = [], None
         for i, (k, v) in enumerate(zip(keys, values)):
-            key = make_key(k)
-            plain = plain_host_value(v, extra)  # _tensor_item's first case, without a call
-            if plain is not None and plain[0].length <= most:
-                items.append(new_item(key, plain[1], plain[0]))
-                continue
-            item, where = self._tensor_item(key, v, extra, hold)
+            item, where = self._tensor_item(make_key(k), v, extra, hold)
             items.append(item)
             if where is not HOST:
                 device = device or {}

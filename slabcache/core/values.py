@@ -269,7 +269,7 @@ def described(tensors: Sequence[torch.Tensor], is_list: bool, extra: bytes = b""
         key = (True, extra, *[(t.dtype, t.shape) for t in tensors])
     else:  # one tensor (every put of a KV chunk or block): no list to build
         t = tensors[0]
-        key = (False, extra, t.dtype, t.shape)
+        key = (False, extra, t.dtype, t.shape)  # the key plain_host_value looks up
     desc = _DESCS.get(key)
     if desc is None:
         desc = meta_for(tensors, is_list, extra)
