@@ -51,11 +51,15 @@ class UseTracker:
             self._pending[name] += n
         return time.monotonic() - self._last_counter_flush >= COUNTER_FLUSH_SECONDS
 
-    def stored(self, puts: int, nbytes: int) -> None:
-        """Count ``puts`` values of ``nbytes`` in all stored."""
+    def stored(self, puts: int, nbytes: int, evictions: int = 0) -> None:
+        """Count ``puts`` values of ``nbytes`` in all stored, and the
+        ``evictions`` that made room for them (one lock for a put's counts)."""
         with self._lock:
-            self._pending["puts"] += puts
-            self._pending["bytes_written"] += nbytes
+            pending = self._pending
+            pending["puts"] += puts
+            pending["bytes_written"] += nbytes
+            if evictions:
+                pending["evictions"] += evictions
 
     def pending_counters(self) -> dict[str, int]:
         with self._lock:

@@ -277,6 +277,25 @@ class SlotRecords:
     def clear(self, slot: int) -> None:
         self._put(EMPTY_RECORD, slot)
 
+    def clear_many(self, slots) -> None:
+        """:meth:`clear` each of ``slots``: the whole records of slots that
+        follow one another zeroed with one request (an eviction ahead of
+        need in a store filled in order frees such runs)."""
+        runs: list[list[int]] = []
+        for slot in sorted(set(slots)):
+            if runs and slot == runs[-1][1] + 1:
+                runs[-1][1] = slot
+            else:
+                runs.append([slot, slot])
+        rb = self.g.record_bytes
+        for first, last in runs:
+            if first == last:
+                self._put(EMPTY_RECORD, first)
+            elif self._direct_fd is None:
+                pwritev_all(self._fd, [_zeros((last - first + 1) * rb)], self.g.record_offset(first))
+            else:
+                self._put_direct([], self.g.record_offset(first), (last - first + 1) * rb)
+
     def read_payload(self, slot: int, length: int) -> bytes:
         """A slot's payload bytes through the buffered descriptor (fsck, compact)."""
         return os.pread(self._fd, length, self.g.slot_offset(slot)) if length else b""

@@ -34,6 +34,7 @@ class RepairOps:
     def forget_free(self, slot: int) -> None:
         """Take ``slot`` off the free list (it is in use, or out of range)."""
         self.txn.delete(U64.pack(slot), db=self.db["free"])
+        self._free_listed = None  # the list may be empty now
 
     def rebuild_order(self, policy: Policy, entries=None) -> None:
         """Rewrite the eviction order from ``entries`` (default: all) under ``policy``."""

@@ -53,15 +53,16 @@ class SlotOps:
         out: list[tuple[int, int]] = []
         if self._no_free or count <= 0:
             return out
-        if self._free_listed:
+        if self._free_listed is not False:
             with self.txn.cursor(db=self.db["free"]) as cur:
                 ok = cur.first()
                 while ok and len(out) < count:
                     out.append((U64.unpack(cur.key())[0], _U32.unpack(cur.value())[0]))
                     cur.delete()  # leaves the cursor on the next record, or on none
                     ok = bool(cur.key())
-            if len(out) < count:
-                self._free_listed = False  # until a slot is released in this transaction
+            # Whether a listed slot is left, known until this transaction
+            # changes the list again: has_free_slot need not look.
+            self._free_listed = ok
         if len(out) < count:
             nxt = self.next_unused()
             end = min(slot_count, nxt + count - len(out))
@@ -92,10 +93,10 @@ class SlotOps:
         return listed + max(0, slot_count - self.next_unused())
 
     def has_free_slot(self, slot_count: int) -> bool:
-        with self.txn.cursor(db=self.db["free"]) as cur:
-            if cur.first():
-                return True
-        return self.next_unused() < slot_count
+        if self._free_listed is None:
+            with self.txn.cursor(db=self.db["free"]) as cur:
+                self._free_listed = cur.first()
+        return self._free_listed or self.next_unused() < slot_count
 
     def reserve(self, slot: int, generation: int, who: bytes) -> None:
         self.txn.put(U64.pack(slot), _U32.pack(generation) + who, db=self.db["reserved"])
@@ -178,40 +179,48 @@ class SlotOps:
     def evict_next(self, policy: Policy) -> tuple[int, int] | None:
         """Evict the first entry in eviction order that nobody alive has
         pinned and hand its (slot, generation) to the caller, who reuses the
-        slot; None when every entry is pinned.  The entry is removed through
-        its order key as found, without decoding more than its head (every
-        put at capacity runs this)."""
-        entries = self.db["entries"]
+        slot; None when every entry is pinned."""
+        got = self.evict(policy, 1)
+        return got[0] if got else None
+
+    def evict(self, policy: Policy, count: int) -> list[tuple[int, int]]:
+        """Evict up to ``count`` entries, the first in eviction order that
+        nobody alive has pinned, and hand their (slot, generation) to the
+        caller; fewer when the rest are pinned.  Each entry is removed
+        through its order key as found, without decoding more than its head
+        (every put at capacity runs this), with one walk for them all.  A
+        policy that evicts from the end (MRU) evicts one at a time."""
+        entries, txn, out = self.db["entries"], self.txn, []
         if self._pins_exist is None:
-            with self.txn.cursor(db=self.db["pins"]) as cur:
+            with txn.cursor(db=self.db["pins"]) as cur:
                 self._pins_exist = cur.first()
         backward = policy.from_end
-        with self.txn.cursor(db=self.db["order"]) as cur:
+        if backward:
+            count = min(count, 1)
+        with txn.cursor(db=self.db["order"]) as cur:
             ok = cur.last() if backward else cur.first()
-            while ok:
+            while ok and len(out) < count:
                 ikey = bytes(cur.value())
-                raw = self.txn.get(ikey, db=entries)
-                if raw is not None and not (self._pins_exist and self._held(ikey)):
-                    got = slot_gen_of(raw)
-                    if got is None:
-                        raise CorruptStoreError(
-                            "an index entry is truncated; run `slabcache fsck --repair`")
-                    cur.delete()
-                    self.txn.delete(ikey, db=entries)
-                    self._vacate(got[0])
-                    if self.evicted is None:
-                        self.evicted = [canon_of(raw)]
-                    else:
-                        self.evicted.append(canon_of(raw))
-                    return got
-                ok = cur.prev() if backward else cur.next()
-        return None
+                raw = txn.get(ikey, db=entries)
+                if raw is None or (self._pins_exist and self._held(ikey)):
+                    ok = cur.prev() if backward else cur.next()
+                    continue
+                got = slot_gen_of(raw)
+                if got is None:
+                    raise CorruptStoreError(
+                        "an index entry is truncated; run `slabcache fsck --repair`")
+                ok = cur.delete() and bool(cur.key())  # on the next in order, or on none
+                txn.delete(ikey, db=entries)
+                self._vacate(got[0])
+                if self.evicted is not None:  # a handle reports what it evicts
+                    self.evicted.append(canon_of(raw))
+                out.append(got)
+        return out
 
-    def free_next(self, policy: Policy) -> bool:
-        """Evict the policy's next victim onto the free list; False when
-        every entry is pinned."""
-        got = self.evict_next(policy)
-        if got is None:
-            return False
-        self.release_slot(*got)
-        return True
+    def free_next(self, policy: Policy, count: int = 1) -> int:
+        """Evict up to ``count`` of the policy's next victims onto the free
+        list; how many (0 when every entry is pinned)."""
+        got = self.evict(policy, count)
+        for slot, gen in got:
+            self.release_slot(slot, gen)
+        return len(got)

@@ -45,15 +45,17 @@ class IndexTxn(MetaOps, EntryOps, SlotOps, PinOps, RepairOps):
         # is (most transactions vacate nothing).
         self.vacated: list[int] | None = None
         # Canonical keys of the entries evicted to make room, for a handle
-        # that reports them (SlabStore.watch_evictions); None until one is.
+        # that reports them (SlabStore.watch_evictions: its allocator's
+        # prelude sets a list); None where nobody asked, and the keys are
+        # not even read out of their entries.
         self.evicted: list[bytes] | None = None
         # What a batch of puts in one write transaction need not ask again:
         # None until known, then whether any pin exists; whether the free
-        # list and the unused slots ran out; whether the free list may hold
-        # a slot.
+        # list and the unused slots ran out; whether the free list holds a
+        # slot.
         self._pins_exist: bool | None = None
         self._no_free = False
-        self._free_listed = True  # False once the free table was found empty
+        self._free_listed: bool | None = None  # None until known
         # The clock and the allocation high-water mark as this transaction
         # last read or wrote them (None until then): a batch of puts moves
         # both once a key and need not read them back each time.

@@ -17,6 +17,7 @@ import torch
 from slabcache import ConfigError, SlabStore, UnsupportedValueError
 from slabcache.admin.fsck import check
 from slabcache.cli import main as cli_main
+from slabcache.core.allocator import PUT_AHEAD
 from slabcache.core.values import describe
 from slabcache.core.items import Item
 from slabcache.format.keys import make_key
@@ -207,8 +208,8 @@ except ConfigError as exc:
 
 
 def test_a_rebuilt_index_never_brings_back_what_was_evicted_or_replaced(tmp_path):
-    """Stores of 256+ slots keep one free by evicting ahead of need; puts at
-    capacity evict too.  Every evicted slot's record is cleared, so a
+    """Stores of 256+ slots keep slots free by evicting ahead of need (runs
+    of adjacent victims at once); puts at capacity evict too.  Every evicted slot's record is cleared, so a
     rebuild restores exactly what the index held."""
     p = tmp_path / "s"
     with SlabStore.open(p, capacity_bytes=256 * 4096, slot_bytes=4096) as s:
@@ -558,7 +559,8 @@ def test_batched_reads_and_key_lists_on_a_full_filesystem_are_never_a_signal(tmp
     assert r.returncode == 0, f"exit {r.returncode} (-7/135 is SIGBUS): {r.stderr[-2000:]}"
     rep = json.loads(r.stdout.strip().splitlines()[-1])
     assert rep["other_errors"] == [] and rep["wrong"] == 0, rep
-    assert rep["stored"] == 3999 and rep["right_after"] >= 3998
+    # The put at capacity keeps slots free ahead of need: up to PUT_AHEAD go.
+    assert rep["stored"] == 3999 and rep["right_after"] >= 3999 - PUT_AHEAD
     assert rep["ops"]["get_many"] == "ok" and rep["ops"]["get_many again"] == "ok"
     assert set(rep["ops"].values()) <= {"ok", "full"} and rep["fsck_exit"] == 0
 

@@ -5,9 +5,9 @@ writes its payload inside its one index write transaction (no entry names a
 free slot, so nobody can read it before the commit); otherwise it reserves
 a slot, writes, and commits.  A small batch does the same for every key it
 finds a free slot for, a group of up to INLINE_BATCH_BYTES at a time.  Such
-stores of KEEP_FREE_FROM slots or more keep one slot free ahead of need (a
-batch: as many as it had keys, up to one in KEEP_AHEAD_PER) so that puts
-at capacity take the first way too.
+stores of KEEP_FREE_FROM slots or more keep slots free ahead of need (a
+single put: up to PUT_AHEAD; a batch: as many as it had keys; up to one in
+KEEP_AHEAD_PER either way) so that puts at capacity take the first way too.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 from slabcache import SlabIOError, SlabStore
 from slabcache.core import uses as uses_module
 from slabcache.admin.fsck import check
-from slabcache.core.allocator import KEEP_AHEAD_PER, KEEP_FREE_FROM
+from slabcache.core.allocator import KEEP_AHEAD_PER, KEEP_FREE_FROM, PUT_AHEAD
 from slabcache.testing import FaultyEngine, child_env, expected
 from tests.helpers import rand_tensor
 
@@ -37,18 +37,25 @@ def _fill(s, n: int, prefix: str = "k") -> None:
 
 
 @pytest.mark.parametrize("engine", ["mmap"], indirect=True)
-def test_a_large_store_keeps_one_slot_free_and_evicts_in_policy_order(make_store):
-    n = KEEP_FREE_FROM
+@pytest.mark.parametrize("n", [KEEP_FREE_FROM, 8 * KEEP_AHEAD_PER])
+def test_a_large_store_keeps_slots_free_ahead_and_evicts_in_policy_order(make_store, n):
+    ahead = min(PUT_AHEAD, n // KEEP_AHEAD_PER)  # 2, then 8
     s = make_store(capacity_bytes=n * 4096, policy="lru", use_refresh_seconds=0)  # exact order
     _fill(s, n)
-    # Taking the last free slot evicted the least recent entry ahead of need.
+    # Taking the last free slot evicted the least recent entries ahead of need.
     st = s.stats()
-    assert st["slots_used"] == n - 1 and st["slots_free"] == 1 and st["evictions"] == 1
-    assert "k0" not in s and all(f"k{i}" in s for i in range(1, n))
-    assert s.get("k1") is not None  # k1 is now the most recent: k2 goes next
-    assert s.put("new", rand_tensor(100, 999))
-    assert "k2" not in s and "k1" in s and "new" in s
-    assert s.stats()["slots_used"] == n - 1
+    assert st["slots_used"] == n - ahead and st["slots_free"] == ahead and st["evictions"] == ahead
+    assert all(f"k{i}" not in s for i in range(ahead)) and all(f"k{i}" in s for i in range(ahead, n))
+    assert s.get(f"k{ahead}") is not None  # now the most recent: the next ones go first
+    for j in range(ahead - 1):  # each takes a slot kept free, evicting nothing
+        assert s.put(f"new{j}", rand_tensor(100, 900 + j))
+    assert s.stats()["evictions"] == ahead and s.stats()["slots_free"] == 1
+    assert s.put("last", rand_tensor(100, 999))  # takes the last: the next victims go
+    assert s.stats()["evictions"] == 2 * ahead and s.stats()["slots_used"] == n - ahead
+    gone = [f"k{i}" for i in range(ahead + 1, 2 * ahead + 1)]
+    assert all(k not in s for k in gone) and f"k{ahead}" in s and f"k{2 * ahead + 1}" in s
+    assert "last" in s and all(f"new{j}" in s for j in range(ahead - 1))
+    assert check(s.path, progress=False).exit_code == 0  # every victim's record cleared
 
 
 @pytest.mark.parametrize("engine", ["mmap"], indirect=True)
@@ -60,7 +67,7 @@ def test_a_batch_at_capacity_leaves_slots_free_for_the_next_single_put(make_stor
     assert s.stats()["slots_free"] == n // KEEP_AHEAD_PER  # kept for the next batch
     assert s.put("single", rand_tensor(100, 1))
     st = s.stats()
-    assert st["slots_used"] == n - 1 and st["evictions"] == 1 + 40 + 1
+    assert st["slots_used"] == n - 1 and st["evictions"] == (n + 40 + 1) - (n - 1)  # all kept but those
     assert all(f"b{i}" in s for i in range(40)) and "single" in s
 
 
@@ -230,9 +237,12 @@ def test_batches_at_capacity_keep_the_next_batch_free_and_take_one_transaction(m
     batch of that size after it takes one transaction and leaves as many
     slots free again, evicting in policy order."""
     n, batch = 4 * KEEP_FREE_FROM, 8  # at most one slot in 128 kept free: 8
+    ahead = min(PUT_AHEAD, n // KEEP_AHEAD_PER)  # what the fill's last put evicted
     s = make_store(capacity_bytes=n * 4096, policy="lru")
     _fill(s, n)
-    assert s.stats()["slots_free"] == 1
+    for j in range(ahead - 1):  # single puts take those slots but the last
+        assert s.put(f"p{j}", rand_tensor(100, 500 + j))
+    assert s.stats()["slots_free"] == 1 and s.stats()["evictions"] == ahead
     txns, evictions = [], s.stats()["evictions"]
     for b in range(4):
         keys = [f"b{b}-{i}" for i in range(batch)]
@@ -245,7 +255,7 @@ def test_batches_at_capacity_keep_the_next_batch_free_and_take_one_transaction(m
     assert txns == [3, 1, 1, 1]
     gone = s.stats()["evictions"] - evictions
     assert gone == 4 * batch + batch - 1  # each batch's keys, and the slots kept free ahead
-    first = 1 + gone  # k0 was evicted by the fill; the oldest go first
+    first = ahead + gone  # the fill evicted the first ahead; the oldest go first
     assert all(f"k{i}" not in s for i in range(first)) and f"k{first}" in s
     _no_leak(s)
 

@@ -9,7 +9,7 @@ from slabcache import LayoutMismatchError, SlabIOError
 from slabcache.device import EngineWrapper, make_engine
 from slabcache.device.slabfile import SlotRecords, check_geometry, create_slab, read_slab_header
 from slabcache.format.checksum import checksum
-from slabcache.format.records import SlotRecord
+from slabcache.format.records import EMPTY_RECORD, SlotRecord
 
 
 @pytest.fixture
@@ -269,6 +269,33 @@ def test_slot_records_of_adjacent_slots_are_written_with_one_request(slab, monke
         for slot, gen, length, csum, khash, meta in rows:
             assert recs.read(slot) == SlotRecord(gen, length, csum, khash, meta)
         assert recs.read(4) == keep  # padding ends at each record's end
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_records_of_adjacent_slots_are_cleared_with_one_request(tmp_path, monkeypatch, direct):
+    """Victims evicted ahead of need lie side by side when the store was
+    filled in order: their records are zeroed whole, a run with one
+    request (with O_DIRECT where records fill whole blocks), and no record
+    beside a run is touched."""
+    path = str(tmp_path / "slab")
+    g, _cid = create_slab(path, 8 * (256 << 10), 256 << 10)  # records of one block each
+    rows = [(slot, slot + 1, 10 * slot, 7 * slot, bytes([slot]) * 8, b"m" * (slot + 1))
+            for slot in range(7)]
+    with SlotRecords(path, g, writable=True, direct=direct) as recs:
+        assert recs.direct == direct
+        recs.write_many(rows)
+        seen = _record_writes(monkeypatch, g)
+        recs.clear_many([5, 3, 1, 2, 3])
+        monkeypatch.undo()
+        alone = g.record_bytes if direct else len(EMPTY_RECORD)  # O_DIRECT pads to the block
+        assert [(off, n) for _flags, off, n in seen] == [(g.record_offset(1), 3 * g.record_bytes),
+                                                         (g.record_offset(5), alone)]
+        for slot, gen, length, csum, khash, meta in rows:
+            want = None if slot in (1, 2, 3, 5) else SlotRecord(gen, length, csum, khash, meta)
+            assert recs.read(slot) == want, slot
+    with open(path, "rb") as f:  # each cleared run is zeros to its last byte
+        f.seek(g.record_offset(1))
+        assert f.read(3 * g.record_bytes) == bytes(3 * g.record_bytes)
 
 
 @pytest.mark.parametrize("short", ["short write", "more pieces than IOV_MAX"])

@@ -101,6 +101,15 @@ def test_free_slots_come_from_the_list_then_the_mark(index):
         t.release_slot(1, 5)
         assert t.is_free(1) and t.free_count(3) == 1 and t.has_free_slot(3)
         assert t.take_free_slot(3) == (1, 5) and not t.has_free_slot(3)
+        t.release_slot(2, 7)
+        t.forget_free(2)  # a repair took it off the list: none is left
+        assert not t.has_free_slot(3) and t.take_free_slot(3) is None
+    with index.write() as t:  # what a transaction knows of the list ends with it
+        t.release_slot(0, 1)
+        t.release_slot(2, 1)
+    with index.write() as t:
+        assert t.take_free_slot(3) == (0, 1) and t.has_free_slot(3)
+        assert t.take_free_slot(3) == (2, 1) and not t.has_free_slot(3)
 
 
 def test_a_batch_takes_free_slots_from_the_list_then_the_mark_in_one_go(index):
