@@ -1,13 +1,18 @@
 """Finding entries, reading their bytes, and proving the bytes are theirs.
 
-Readers look an entry up, copy its bytes, then check in the index that the
-entry still names the same slot and generation: a slot is rewritten only
-after its entry is gone and with a new generation, so a read that passes
-that check saw no rewrite, and a read that fails it is a miss.  A checksum
-mismatch is a miss too (counted, and the entry is dropped once a second
-read of the slot into the store's own buffer confirms it); wrong bytes are
-never served.  Every miss is counted here (:meth:`Reader.find`,
-:meth:`Reader.lookup`, :meth:`Reader._judge`).
+Readers look an entry up and copy its bytes.  Bytes whose checksum equals
+the entry's are the entry's value, whatever happened to the slot meanwhile
+(a 64-bit hash of other bytes matches by chance one time in 2**64, the
+odds every read of a damaged slot already runs).  Any other read (a
+mismatch, a store or entry without checksums) is then checked in the index:
+the entry must still name the same slot and generation.  A slot is
+rewritten only after its entry is gone and with a new generation, so a
+read that passes that check saw no rewrite, and a read that fails it is a
+miss.  A checksum mismatch on a slot that was not rewritten is a miss too
+(counted, and the entry is dropped once a second read of the slot into the
+store's own buffer confirms it); wrong bytes are never served.  Every miss
+is counted here (:meth:`Reader.find`, :meth:`Reader.lookup`,
+:meth:`Reader._judge`).
 """
 
 from __future__ import annotations
@@ -111,14 +116,18 @@ class Reader:
         """Fill ``parts`` with ``e``'s bytes; False (a miss) unless they are
         verified to be the entry's."""
         digest = self._copy(e, parts)
-        now_at = None if digest is _IO_FAILED else self.index.slot_gen(e.ikey)
-        ok, due = self._judge(e, digest, now_at)
+        if self.checksum and digest == e.checksum != 0:  # proven: no second lookup
+            ok, due = True, self.uses.hit(e)
+        else:
+            now_at = None if digest is _IO_FAILED else self.index.slot_gen(e.ikey)
+            ok, due = self._judge(e, digest, now_at)
         self._flush_if(due)
         return ok
 
     def read_many(self, refs: Sequence[EntryRef], parts_list: Sequence[list[torch.Tensor]]) -> list[bool]:
-        """:meth:`read` for many entries with one validation transaction (the
-        engine reads large values side by side, Engine.read_many_into)."""
+        """:meth:`read` for many entries, with one validation transaction for
+        those their checksums do not prove (the engine reads large values
+        side by side, Engine.read_many_into)."""
         if not refs:
             return []
         digests = self.engine.read_many_into([e.slot for e in refs], parts_list, self.checksum)
@@ -126,17 +135,24 @@ class Reader:
             if isinstance(d, OSError):
                 log.error("%s; serving a miss", d)
                 digests[i] = _IO_FAILED
-        now_at = self.index.slot_gens([e.ikey for e in refs])
-        oks, served, check = [], [], self.checksum
-        for e, d, cur in zip(refs, digests, now_at):
-            # The common verdict inline (bytes copied, entry still there,
-            # checksum equal); _judge sorts out every other case.
-            if d is not _IO_FAILED and cur == (e.slot, e.generation) and (
-                    not check or e.checksum == 0 or d == e.checksum):
+        oks, served, doubt, check = [], [], [], self.checksum
+        for i, (e, d) in enumerate(zip(refs, digests)):
+            if check and d == e.checksum != 0:  # proven by its checksum
                 served.append(e)
                 oks.append(True)
             else:
-                oks.append(self._judge(e, d, cur)[0])
+                doubt.append(i)
+                oks.append(False)
+        if doubt:  # one validation transaction for the rest
+            for i, cur in zip(doubt, self.index.slot_gens([refs[i].ikey for i in doubt])):
+                e, d = refs[i], digests[i]
+                # The common verdict inline (bytes copied unchecked, entry
+                # still there); _judge sorts out every other case.
+                if d is not _IO_FAILED and cur == (e.slot, e.generation) and (not check or e.checksum == 0):
+                    served.append(e)
+                    oks[i] = True
+                else:
+                    oks[i] = self._judge(e, d, cur)[0]
         self._flush_if(self.uses.hit_many(served))
         return oks
 

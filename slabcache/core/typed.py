@@ -180,9 +180,9 @@ class TensorVerbs:
             return ok
 
     def get_many(self, keys: Sequence[str | bytes]) -> list:
-        """Values for ``keys`` (None for misses): one lookup transaction and
-        one validation transaction for the batch; large reads run in
-        parallel on the workers."""
+        """Values for ``keys`` (None for misses): one lookup transaction for
+        the batch, each value verified (Reader.read_many); large reads run
+        in parallel on the workers."""
         found = self.lookup(keys)
         hits = [i for i, f in enumerate(found) if f is not None]
         values, parts = {}, []

@@ -22,14 +22,16 @@ class FaultyEngine(EngineWrapper):
 
     ``mode``: one of MODES.  ``every``: fault one call in this many (1 =
     every call).  ``after_read``, when set, is called with the slot number
-    after each read and before the store validates it (to force a race
-    with eviction deterministically).
+    after each read and before the store validates it, ``before_read``
+    before the read starts (to force a race with eviction or a rewrite of
+    the slot deterministically).
     """
 
     def __init__(self, inner, mode: str | None = None, every: int = 1, delay: float = 0.002):
         super().__init__(inner)
         self.delay = delay
         self.after_read: Callable[[int], None] | None = None
+        self.before_read: Callable[[int], None] | None = None
         self._lock = threading.Lock()
         self.inject(mode, every)
 
@@ -93,6 +95,8 @@ class FaultyEngine(EngineWrapper):
             time.sleep(self.delay)
         if self._due("eio_read"):
             raise self._fail("reading", slot, errno.EIO, "injected I/O error on read")
+        if self.before_read is not None:
+            self.before_read(slot)
         digest = self.inner.read_into(slot, parts, hashed)
         if self.after_read is not None:
             self.after_read(slot)

@@ -507,6 +507,63 @@ def test_read_racing_an_eviction_is_a_miss(make_store):
     assert torch.equal(s.get("new"), rand_tensor(4096, 2))
 
 
+def _read_old(s, how: str):
+    if how == "get":
+        return s.get("old")
+    if how == "get_many":
+        return s.get_many(["old"])[0]
+    out = torch.zeros(4096, dtype=torch.uint8)
+    return out if s.get_into("old", out) else None
+
+
+def _validations(s, monkeypatch) -> list:
+    """Count the reads' second lookups (the index's slot_gen / slot_gens)."""
+    calls, index = [], s._index
+    for name in ("slot_gen", "slot_gens"):
+        real = getattr(index, name)
+        monkeypatch.setattr(index, name, lambda *a, _r=real, _n=name: (calls.append(_n), _r(*a))[1])
+    return calls
+
+
+@pytest.mark.parametrize("how", ["get", "get_into", "get_many"])
+def test_a_verified_read_of_a_slot_rewritten_meanwhile_is_a_miss(make_store, monkeypatch, how):
+    """With checksums, bytes of the slot's next value fail the old entry's
+    checksum; the index then shows the slot changed hands: a miss, not
+    damage (nothing counted as a checksum failure, the new entry kept)."""
+    s = make_store(capacity_bytes=1 * 4096, engine_wrapper=FaultyEngine)
+    s.put("old", rand_tensor(4096, 1))
+
+    def rewrite_before_read(slot):
+        s.engine.before_read = None
+        assert s.put("new", rand_tensor(4096, 2))  # reuses the one slot
+
+    s.engine.before_read = rewrite_before_read
+    checks = _validations(s, monkeypatch)
+    assert _read_old(s, how) is None
+    assert checks, "a read whose checksum failed was not validated in the index"
+    assert s.stats()["checksum_failures"] == 0
+    assert torch.equal(s.get("new"), rand_tensor(4096, 2))
+
+
+@pytest.mark.parametrize("how", ["get", "get_into", "get_many"])
+def test_bytes_proven_by_their_checksum_need_no_second_lookup(make_store, monkeypatch, how):
+    """With checksums, bytes that match the entry's checksum are its value,
+    even if the entry is evicted right after they were copied: served,
+    without the index read that an unverified read takes to validate."""
+    s = make_store(capacity_bytes=1 * 4096, engine_wrapper=FaultyEngine)
+    s.put("old", rand_tensor(4096, 1))
+
+    def evict_after_read(slot):
+        s.engine.after_read = None
+        assert s.put("new", rand_tensor(4096, 2))  # evicts old, rewrites its slot
+
+    s.engine.after_read = evict_after_read
+    checks = _validations(s, monkeypatch)
+    got = _read_old(s, how)
+    assert got is not None and torch.equal(got, rand_tensor(4096, 1))
+    assert checks == [] and "old" not in s
+
+
 def test_reopen_serves_everything(tmp_path, engine):
     p = tmp_path / "s"
     with SlabStore.open(p, capacity_bytes=32 * 4096, slot_bytes=4096, io=engine) as s:
