@@ -11,6 +11,12 @@ per put size and path, the time each put's transactions hold the lock
 second process dirtying the page cache as fast as it can (the kernel then
 throttles writers: a pwrite into the page cache can wait for write-back).
 
+Batches of values of up to 256 KiB are written in groups of
+INLINE_BATCH_BYTES, each inside the one transaction that claims its free
+slots: the same is measured for put_many of 32 x 64 KiB with groups of 1
+MiB (the default) and 2 MiB, per transaction (the lock is held once a
+group), with the time a key costs beside it.
+
 Run:  python benchmarks/lock_hold.py [--dir DIR] [--puts N] [--json FILE]
 """
 
@@ -28,10 +34,13 @@ import time
 import torch
 
 from slabcache import SlabStore
+from slabcache.core import writer
 from slabcache.core.allocator import KEEP_FREE_FROM
 
 KiB = 1 << 10
 SIZES = (16 * KiB, 64 * KiB, 256 * KiB)
+BATCH, BATCH_VALUE = 32, 64 * KiB
+GROUPS = (1 << 20, 2 << 20)  # bytes a transaction of put_many writes
 
 
 def _dirty(path: str, stop) -> None:
@@ -97,6 +106,35 @@ def measure(root: str, size: int, inline: bool, puts: int) -> dict:
             "hold_us_max": max(longest) * 1e6, "hold_us_mean": statistics.mean(per_put) * 1e6}
 
 
+def measure_batches(root: str, group: int, batches: int) -> dict:
+    """put_many of BATCH values of BATCH_VALUE, in groups of ``group`` bytes
+    a transaction: each transaction's hold, and the time a key takes."""
+    path = os.path.join(root, f"b{group}")
+    shutil.rmtree(path, ignore_errors=True)
+    default = writer.INLINE_BATCH_BYTES
+    writer.INLINE_BATCH_BYTES = group
+    try:
+        with SlabStore.open(path, capacity_bytes=(batches * BATCH + 8) * BATCH_VALUE,
+                            slot_bytes=BATCH_VALUE) as s:
+            v = torch.randint(0, 256, (BATCH_VALUE,), dtype=torch.uint8)
+            vals = [v] * BATCH
+            s.put("warm", v)
+            timed = _Timed(s)
+            t0 = time.perf_counter()
+            for b in range(batches):
+                s.put_many([f"b{b}-{i}" for i in range(BATCH)], vals)
+            per_key = (time.perf_counter() - t0) / (batches * BATCH)
+            holds = sorted(timed.holds)
+    finally:
+        writer.INLINE_BATCH_BYTES = default
+        shutil.rmtree(path, ignore_errors=True)
+    q = lambda p: holds[min(len(holds) - 1, int(p * len(holds)))] * 1e6  # noqa: E731
+    return {"size": BATCH_VALUE, "path": f"put_many, {group >> 20} MiB groups",
+            "hold_us_p50": q(0.5), "hold_us_p99": q(0.99), "hold_us_p999": q(0.999),
+            "hold_us_max": holds[-1] * 1e6, "hold_us_mean": statistics.mean(holds) * 1e6,
+            "transactions_a_batch": len(holds) / batches, "us_a_key": per_key * 1e6}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", help="a directory on the disk to measure (default: a temporary one)")
@@ -118,16 +156,22 @@ def main() -> int:
                     row = measure(root, size, inline, args.puts)
                     row["page_cache_pressure"] = pressure
                     rows.append(row)
+            for r in range(2):  # taking turns, each first once
+                for group in (GROUPS if r == 0 else GROUPS[::-1]):
+                    row = measure_batches(root, group, max(1, args.puts // BATCH))
+                    row["page_cache_pressure"] = pressure
+                    rows.append(row)
         finally:
             stop.set()
             if dirtier is not None:
                 dirtier.join()
-    print(f"{'pressure':>8} {'size':>6} {'path':>17} {'p50 us':>8} {'p99 us':>8} {'p99.9 us':>9} "
-          f"{'max us':>9}")
+    print(f"{'pressure':>8} {'size':>6} {'path':>27} {'p50 us':>8} {'p99 us':>8} {'p99.9 us':>9} "
+          f"{'max us':>9} {'us a key':>9}")
     for r in rows:
-        print(f"{str(r['page_cache_pressure']):>8} {r['size'] // KiB:>5}K {r['path']:>17} "
+        per_key = f"{r['us_a_key']:>9.1f}" if "us_a_key" in r else ""
+        print(f"{str(r['page_cache_pressure']):>8} {r['size'] // KiB:>5}K {r['path']:>27} "
               f"{r['hold_us_p50']:>8.0f} {r['hold_us_p99']:>8.0f} {r['hold_us_p999']:>9.0f} "
-              f"{r['hold_us_max']:>9.0f}")
+              f"{r['hold_us_max']:>9.0f} {per_key}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

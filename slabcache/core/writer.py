@@ -58,6 +58,9 @@ INLINE_PUT_BYTES = 256 << 10
 # for it (Writer._put_many_free), as a single small put is: other writers
 # wait for up to this many bytes into the page cache, and each key saves
 # its reservation (three index operations) and its share of a transaction.
+# put_many of 32 x 64 KiB (benchmarks/lock_hold.py): 1 MiB groups hold the
+# lock 279-291 us at the median; 2 MiB groups 527-549 us, saving 1.4-2.1 us
+# of a key's 20-22.5.
 INLINE_BATCH_BYTES = 1 << 20
 
 
