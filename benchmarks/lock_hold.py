@@ -82,6 +82,15 @@ class _Timed:
         index.write = Timed
 
 
+def _holds(seconds: list[float], longest: float) -> dict:
+    """Quantiles and mean of ``seconds`` (holds), and the ``longest``
+    single hold, in microseconds."""
+    seconds = sorted(seconds)
+    q = lambda p: seconds[min(len(seconds) - 1, int(p * len(seconds)))] * 1e6  # noqa: E731
+    return {"hold_us_p50": q(0.5), "hold_us_p99": q(0.99), "hold_us_p999": q(0.999),
+            "hold_us_max": longest * 1e6, "hold_us_mean": statistics.mean(seconds) * 1e6}
+
+
 def measure(root: str, size: int, inline: bool, puts: int) -> dict:
     path = os.path.join(root, f"s{size}-{int(inline)}")
     shutil.rmtree(path, ignore_errors=True)
@@ -99,11 +108,8 @@ def measure(root: str, size: int, inline: bool, puts: int) -> dict:
             per_put.append(sum(timed.holds))
             longest.append(max(timed.holds))
     shutil.rmtree(path, ignore_errors=True)
-    per_put.sort()
-    q = lambda p: per_put[min(len(per_put) - 1, int(p * len(per_put)))] * 1e6  # noqa: E731
     return {"size": size, "path": "one transaction" if inline else "two transactions",
-            "hold_us_p50": q(0.5), "hold_us_p99": q(0.99), "hold_us_p999": q(0.999),
-            "hold_us_max": max(longest) * 1e6, "hold_us_mean": statistics.mean(per_put) * 1e6}
+            **_holds(per_put, max(longest))}
 
 
 def measure_batches(root: str, group: int, batches: int) -> dict:
@@ -124,15 +130,13 @@ def measure_batches(root: str, group: int, batches: int) -> dict:
             for b in range(batches):
                 s.put_many([f"b{b}-{i}" for i in range(BATCH)], vals)
             per_key = (time.perf_counter() - t0) / (batches * BATCH)
-            holds = sorted(timed.holds)
+            holds = list(timed.holds)
     finally:
         writer.INLINE_BATCH_BYTES = default
         shutil.rmtree(path, ignore_errors=True)
-    q = lambda p: holds[min(len(holds) - 1, int(p * len(holds)))] * 1e6  # noqa: E731
     return {"size": BATCH_VALUE, "path": f"put_many, {group >> 20} MiB groups",
-            "hold_us_p50": q(0.5), "hold_us_p99": q(0.99), "hold_us_p999": q(0.999),
-            "hold_us_max": holds[-1] * 1e6, "hold_us_mean": statistics.mean(holds) * 1e6,
-            "transactions_a_batch": len(holds) / batches, "us_a_key": per_key * 1e6}
+            **_holds(holds, max(holds)), "transactions_a_batch": len(holds) / batches,
+            "us_a_key": per_key * 1e6}
 
 
 def main() -> int:
