@@ -27,7 +27,7 @@ import xxhash
 from ..errors import SlabIOError
 from ..format.checksum import CHECKSUM_BLOCK, checksum
 from ..format.header import Geometry
-from .memory import as_numpy
+from .memory import as_numpy, byte_buffer
 
 # Helper threads per engine: at least this many, so large O_DIRECT reads
 # keep several requests in flight even on a 2-core machine.
@@ -144,7 +144,7 @@ class Engine(abc.ABC):
         if len(parts) == 1 and n <= CHECKSUM_BLOCK:
             # The common small write: one buffer conversion serves the write
             # and the hash (a value within one checksum block hashes whole).
-            a = as_numpy(parts[0])
+            a = byte_buffer(parts[0])
             try:
                 self._write_one(self.geometry.slot_offset(slot), parts[0], a, n)
             except OSError as exc:
@@ -208,7 +208,7 @@ class Engine(abc.ABC):
 
     def _write_run(self, first: int, parts: list[torch.Tensor], hashed: bool) -> list:
         """Whole-slot values into ``first``, ``first + 1``, ...: their checksums.  Raises SlabIOError."""
-        arrays = [as_numpy(p) for p in parts]
+        arrays = [byte_buffer(p) for p in parts]
         # One hash each (a run, at most COALESCE_BYTES, is within a checksum block).
         digests = [xxhash.xxh3_64_intdigest(a) for a in arrays] if hashed else [None] * len(arrays)
         n = len(parts) * self.geometry.slot_bytes

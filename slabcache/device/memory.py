@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import threading
 
 import torch
@@ -32,6 +33,30 @@ class AlignedScratch:
 def as_numpy(t: torch.Tensor):
     """A buffer-protocol view of a uint8 CPU tensor (no copy)."""
     return t.numpy()
+
+
+# ctypes array types by length, for byte_buffer (a batch's values share one).
+_BUFFER_TYPES: dict[int, type] = {}
+_BUFFER_TYPES_MAX = 256
+
+
+def byte_buffer(t: torch.Tensor):
+    """A buffer-protocol view of a byte part (a 1-D contiguous uint8 CPU
+    tensor: the store builds its parts and checks its outs so), for
+    os.preadv/pwritev and xxhash: a ctypes array at its address, 0.41 us a
+    tensor here against t.numpy()'s 0.64, and a batch's values take one
+    each.  The view holds ``t``, so the memory outlives it."""
+    n = t.numel()
+    kind = _BUFFER_TYPES.get(n)
+    if kind is None or not t.is_cpu:
+        if n == 0 or not t.is_cpu:  # no address to view; numpy names a wrong device
+            return t.numpy()
+        if len(_BUFFER_TYPES) >= _BUFFER_TYPES_MAX:
+            _BUFFER_TYPES.clear()
+        kind = _BUFFER_TYPES[n] = ctypes.c_ubyte * n
+    buf = kind.from_address(t.data_ptr())
+    buf.tensor = t
+    return buf
 
 
 class Span:

@@ -36,7 +36,7 @@ from ..format.checksum import CHECKSUM_BLOCK, block_hasher, combine_digests
 from ..format.header import Geometry
 from ..errors import SlabIOError
 from .engine import Engine, cores, in_batch, read_or_error
-from .memory import Span, as_numpy
+from .memory import Span, as_numpy, byte_buffer
 from .slabfile import open_slab
 from .syscalls import PAGE, mapping_address, page_cached, preadv_all, pwritev_all
 
@@ -207,10 +207,10 @@ class MmapEngine(Engine):
         if n < FUSE_FROM:
             if len(parts) != 1:  # one preadv into every part, one streaming hash
                 return super()._read_hashed(offset, parts, n, hashed)
-            dst = as_numpy(parts[0])
+            dst = byte_buffer(parts[0])
             got = os.preadv(self.fd, [dst], offset)
             if got != n:
-                preadv_all(self.fd, [dst[got:]], offset + got)
+                preadv_all(self.fd, [memoryview(dst)[got:]], offset + got)
             return _hash(dst) if hashed else None
         dst = Span(parts)  # the pieces below may straddle parts
         # A large value: read and hashed piece by piece, each piece hashed
@@ -388,12 +388,12 @@ class MmapEngine(Engine):
             if n > room or n > CHECKSUM_BLOCK or not 0 <= slot < count:
                 out.append(read_or_error(self.read_into, slot, parts, hashed))
                 continue
-            a = as_numpy(parts[0])
+            a = byte_buffer(parts[0])
             offset = g.slot_offset(slot)
             try:
                 got = os.preadv(fd, [a], offset)
                 if got != n:
-                    preadv_all(fd, [a[got:]], offset + got)
+                    preadv_all(fd, [memoryview(a)[got:]], offset + got)
             except OSError as exc:
                 out.append(SlabIOError(f"reading slot {slot} of {self.path} failed: {exc}"))
                 continue

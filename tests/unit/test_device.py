@@ -327,6 +327,37 @@ def test_a_run_of_slot_records_is_written_whole(tmp_path, monkeypatch, short):
             assert recs.read(slot) == SlotRecord(gen, length, csum, khash, meta), slot
 
 
+@pytest.mark.parametrize("how", ["read_into", "read_many_into"])
+def test_a_short_read_of_a_small_value_is_finished(slab, monkeypatch, how):
+    """A read the kernel answers only in part (a signal, a short preadv) is
+    read on from where it stopped, into the same buffer."""
+    path, g = slab
+    eng = make_engine("mmap", path, g)
+    try:
+        data = [torch.randint(0, 256, (5000,), dtype=torch.uint8) for _ in range(2)]
+        digests = [eng.write(slot, [d], hashed=True) for slot, d in ((2, data[0]), (5, data[1]))]
+        real, shorted = os.preadv, []
+
+        def short_first(fd, bufs, off, *flags):
+            if not flags and len(shorted) < 2 and len(bufs) == 1 and len(memoryview(bufs[0])) > 1000:
+                shorted.append(off)
+                return real(fd, [memoryview(bufs[0])[:777]], off)
+            return real(fd, bufs, off, *flags)
+
+        monkeypatch.setattr(os, "preadv", short_first)
+        outs = [torch.zeros(5000, dtype=torch.uint8) for _ in range(2)]
+        if how == "read_into":
+            got = [eng.read_into(slot, [o], hashed=True) for slot, o in ((2, outs[0]), (5, outs[1]))]
+        else:
+            got = eng.read_many_into([2, 5], [[outs[0]], [outs[1]]], hashed=True)
+        monkeypatch.undo()
+        assert len(shorted) == 2
+        assert got == digests
+        assert all(torch.equal(o, d) for o, d in zip(outs, data))
+    finally:
+        eng.close()
+
+
 def test_page_cached_says_what_the_page_cache_holds_and_reads_nothing(tmp_path):
     import mmap
 
@@ -409,3 +440,24 @@ def test_a_direct_store_writes_whole_block_records_with_o_direct(tmp_path, monke
         assert "k5" not in s
         for k in ("k0", "k1", "k2", "k3", "k4"):
             assert torch.equal(s.get(k), values[k]), k
+
+
+def test_a_byte_buffer_views_its_tensor_and_keeps_it_alive():
+    import gc
+    import weakref
+
+    from slabcache.device.memory import byte_buffer
+
+    t = torch.arange(4096, dtype=torch.int32).view(torch.uint8)[100:9000]
+    want, alive = bytes(t.numpy()), weakref.ref(t)
+    buf = byte_buffer(t)
+    del t
+    gc.collect()
+    assert alive() is not None  # its memory cannot be freed under the view
+    assert bytes(buf) == want and len(memoryview(buf)) == 8900
+    memoryview(buf).cast("B")[:3] = b"abc"  # writable: reads land in it
+    assert bytes(buf[:3]) == b"abc"
+    del buf
+    gc.collect()
+    assert alive() is None
+    assert len(memoryview(byte_buffer(torch.empty(0, dtype=torch.uint8)))) == 0
