@@ -461,3 +461,16 @@ def test_a_byte_buffer_views_its_tensor_and_keeps_it_alive():
     gc.collect()
     assert alive() is None
     assert len(memoryview(byte_buffer(torch.empty(0, dtype=torch.uint8)))) == 0
+
+
+def test_a_byte_buffer_of_memory_off_the_cpu_is_refused_not_viewed():
+    """A tensor whose memory the CPU cannot address (here on the meta
+    device, as one on a GPU) gets numpy's error, never a view at its
+    address, even when a view of its length was made before."""
+    from slabcache.device.memory import byte_buffer
+
+    byte_buffer(torch.zeros(4, dtype=torch.uint8))  # a view type of this length exists
+    with pytest.raises(TypeError, match="meta"):
+        byte_buffer(torch.empty(4, dtype=torch.uint8, device="meta"))
+    with pytest.raises(TypeError, match="meta"):
+        byte_buffer(torch.empty(7, dtype=torch.uint8, device="meta"))  # a length not seen
