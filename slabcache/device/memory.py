@@ -43,14 +43,14 @@ _BUFFER_TYPES_MAX = 256
 def byte_buffer(t: torch.Tensor):
     """A buffer-protocol view of a byte part (a 1-D contiguous uint8 CPU
     tensor: the store builds its parts and checks its outs so), for
-    os.preadv/pwritev and xxhash: a ctypes array at its address, 0.41 us a
-    tensor here against t.numpy()'s 0.64, and a batch's values take one
-    each.  The view holds ``t``, so the memory outlives it."""
+    os.preadv/pwritev and xxhash: a ctypes array at its address, about
+    0.47 us a tensor here against t.numpy()'s 0.70, and a batch's values
+    take one each.  The view holds ``t``, so the memory outlives it."""
     n = t.numel()
+    if n == 0 or not t.is_cpu:  # no address to view; numpy names a wrong device
+        return t.numpy()
     kind = _BUFFER_TYPES.get(n)
-    if kind is None or not t.is_cpu:
-        if n == 0 or not t.is_cpu:  # no address to view; numpy names a wrong device
-            return t.numpy()
+    if kind is None:
         if len(_BUFFER_TYPES) >= _BUFFER_TYPES_MAX:
             _BUFFER_TYPES.clear()
         kind = _BUFFER_TYPES[n] = ctypes.c_ubyte * n
