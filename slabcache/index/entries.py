@@ -43,6 +43,8 @@ class EntryOps:
     def add(self, ikey: bytes, canon: bytes, slot: int, generation: int, length: int,
             checksum: int, meta_raw: bytes, policy: Policy, now: float) -> UseStats:
         """A new entry, last in its use order; returns its use statistics."""
+        if ikey != canon:
+            self._drop_collided(ikey, canon, policy)
         tick = self.tick() + 1
         use = self.put_entry((slot, generation, ikey, canon, length, checksum, meta_raw), tick,
                              policy, now)
@@ -54,16 +56,24 @@ class EntryOps:
         checksum, meta_raw) in order, the clock read and written once, each
         table written with one call (a batch's commit)."""
         tick = self.tick()
-        out, entries, order = [], [], []
+        out, entries, order, hashed = [], [], [], []
         for row in rows:
             tick += 1
+            if row[2] != row[3]:  # a long key: after the rest, one at a time (_drop_collided)
+                hashed.append((len(out), row, tick))
+                out.append(None)
+                continue
             use, entry, filed = _new_entry(row, tick, policy, now)
             entries.append(entry)
             order.append(filed)
             out.append(use)
-        if out:
+        if entries:
             self._put_rows(entries, "entries")
             self._put_rows(order, "order", policy.files_last)
+        for i, row, at in hashed:
+            self._drop_collided(row[2], row[3], policy)
+            out[i] = self.put_entry(row, at, policy, now)
+        if out:
             self.set_tick(tick)
         return out
 
@@ -75,6 +85,14 @@ class EntryOps:
         self.txn.put(ikey, raw, db=self.db["entries"])
         self.txn.put(order_key, ikey, db=self.db["order"])
         return use
+
+    def _drop_collided(self, ikey: bytes, canon: bytes, policy: Policy) -> None:
+        """Before a long key's new entry goes in: free the entry of another
+        key whose hash is the same index key (a put of a stored key is a
+        use, so an entry found here holds another key)."""
+        raw = self.txn.get(ikey, db=self.db["entries"])
+        if raw is not None and canon_of(raw) != canon:
+            self.free_entry(Entry.decode(ikey, raw), policy)
 
     def _put_rows(self, rows: list, table: str, last: bool = False) -> None:
         """Put (key, value) ``rows`` into ``table`` with one call.  ``last``:

@@ -360,3 +360,37 @@ def test_a_failed_group_keeps_the_groups_before_it_and_leaves_its_slots_free(mak
     for slot in range(16):
         if slot not in written:
             assert records.read(slot) is None, slot
+
+
+# -- long keys whose index keys collide ------------------------------------
+
+@pytest.mark.parametrize("path,size", [
+    ("put", 4096), ("put_many", 4096), ("one_batch", 4096),  # one index transaction
+    ("put", 300 << 10), ("one_batch", 300 << 10),  # over 256 KiB: reserved, then committed
+])
+def test_a_long_key_whose_index_key_collides_replaces_the_other_entry_whole(tmp_path, monkeypatch,
+                                                                           path, size):
+    """Keys over MAX_INLINE_KEY bytes are indexed by a hash: should two
+    share one, the later put frees the other's entry (its slot, its place
+    in the order) on every put path, and reads still tell the keys apart."""
+    from slabcache.format import keys as keys_module
+
+    monkeypatch.setattr(keys_module, "index_key", lambda canon: b"#" + bytes(32))  # every long key
+    first, second = "a" * 500, "b" * 500
+    with SlabStore.open(tmp_path / "s", capacity_bytes=8 * (512 << 10), slot_bytes=512 << 10,
+                        io="mmap") as s:
+        if path == "one_batch":  # both in one batch: the later one stays
+            assert s.put_many([first, second], [rand_tensor(size, 1), rand_tensor(size, 2)]) == [True] * 2
+        elif path == "put_many":
+            assert s.put(first, rand_tensor(size, 1))
+            assert s.put_many([second, "short"], [rand_tensor(size, 2), rand_tensor(size, 3)]) == [True] * 2
+        else:
+            assert s.put(first, rand_tensor(size, 1)) and s.put(second, rand_tensor(size, 2))
+        assert torch.equal(s.get(second), rand_tensor(size, 2))
+        assert s.get(first) is None and first not in s
+        want = 2 if path == "put_many" else 1  # the second key (and "short")
+        st = s.stats()
+        assert st["slots_used"] == want and st["slots_free"] == st["slots_total"] - want
+        with s._index.read() as t:
+            assert len(list(t.order_keys())) == want
+    assert check(tmp_path / "s", progress=False).exit_code == 0
