@@ -56,11 +56,11 @@ class EntryOps:
         checksum, meta_raw) in order, the clock read and written once, each
         table written with one call (a batch's commit)."""
         tick = self.tick()
-        out, entries, order, hashed = [], [], [], []
+        out, entries, order, long_rows = [], [], [], []
         for row in rows:
             tick += 1
-            if row[2] != row[3]:  # a long key: after the rest, one at a time (_drop_collided)
-                hashed.append((len(out), row, tick))
+            if row[2] != row[3]:  # a long key (its index key a hash): after the rest, one at a time
+                long_rows.append((len(out), row, tick))
                 out.append(None)
                 continue
             use, entry, filed = _new_entry(row, tick, policy, now)
@@ -70,7 +70,7 @@ class EntryOps:
         if entries:
             self._put_rows(entries, "entries")
             self._put_rows(order, "order", policy.files_last)
-        for i, row, at in hashed:
+        for i, row, at in long_rows:  # _drop_collided must see the rows put before
             self._drop_collided(row[2], row[3], policy)
             out[i] = self.put_entry(row, at, policy, now)
         if out:
