@@ -256,6 +256,42 @@ def test_a_key_in_two_slots_is_restored_in_neither(tmp_path):
     assert _fsck(p, "--rebuild-index").findings[-1].detail.startswith("restored 1 ")
 
 
+def test_a_rebuild_keeps_one_of_two_long_keys_whose_index_keys_collide_and_clears_the_other(
+        tmp_path, monkeypatch):
+    """Keys over MAX_INLINE_KEY bytes are indexed by a hash.  Should two
+    stored keys share one, a rebuild can index only one: it keeps the later
+    slot's, as a put would, and clears the other's record, so that the next
+    rebuild neither finds it again nor leaves its slot both free and named."""
+    import slabcache.admin.rebuild as rebuild_module
+    import slabcache.format.keys as keys_module
+
+    p = tmp_path / "s"
+    first, second = "a" * 500, "b" * 500
+    with SlabStore.open(p, capacity_bytes=16 * 4096, slot_bytes=4096) as s:
+        s.put(first, rand_tensor(1000, 1))
+        s.put("keep", rand_tensor(1000, 3))
+        s.put(second, rand_tensor(1000, 2))
+        slots = {k: s.entry(k).slot for k in (first, second)}
+    assert slots[first] < slots[second]
+    collide = lambda canon: b"#" + bytes(32) if len(canon) > keys_module.MAX_INLINE_KEY else canon  # noqa: E731
+    monkeypatch.setattr(keys_module, "index_key", collide)
+    monkeypatch.setattr(rebuild_module, "index_key", collide)
+    res = _fsck(p, "--rebuild-index")
+    dropped = [f for f in res.findings if f.kind == "colliding entry"]
+    assert [(f.slot, f.fixed) for f in dropped] == [(slots[first], True)]
+    assert res.findings[-1].detail.startswith("restored 2 ")
+    with SlabStore.open(p) as s:
+        assert first not in s
+        assert torch.equal(s.get(second), rand_tensor(1000, 2))
+        assert torch.equal(s.get("keep"), rand_tensor(1000, 3))
+        assert s._writer.records.read(slots[first]) is None
+        assert s.stats()["slots_used"] == 2
+    assert check(p, deep=True, progress=False).exit_code == 0
+    again = _fsck(p, "--rebuild-index")
+    assert "colliding entry" not in [f.kind for f in again.findings]
+    assert again.findings[-1].detail.startswith("restored 2 ")
+
+
 # ------------------------------------------------------------------ foreign index
 
 
