@@ -107,8 +107,9 @@ def rebuild_from_records(paths: StorePaths, g: Geometry, creation_id: bytes, res
 
 def _drop_collisions(found: dict[bytes, list[tuple]], res: CheckResult) -> list[int]:
     """Two long keys whose hashes give the same index key cannot both be
-    indexed: keep the one in the later slot, as a put of the later key
-    would have, and take the other out of ``found``.  Returns the slots
+    indexed: keep the one in the later slot (which of the two was put last
+    cannot be told; both are right values of their keys, so either may
+    stay), and take the other out of ``found``.  Returns the slots
     dropped, whose records are to be cleared: a record left there would
     come back, and collide again, at the next rebuild."""
     by_ikey: dict[bytes, bytes] = {}

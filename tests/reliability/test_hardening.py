@@ -260,7 +260,7 @@ def test_a_rebuild_keeps_one_of_two_long_keys_whose_index_keys_collide_and_clear
         tmp_path, monkeypatch):
     """Keys over MAX_INLINE_KEY bytes are indexed by a hash.  Should two
     stored keys share one, a rebuild can index only one: it keeps the later
-    slot's, as a put would, and clears the other's record, so that the next
+    slot's and clears the other's record, so that the next
     rebuild neither finds it again nor leaves its slot both free and named."""
     import slabcache.admin.rebuild as rebuild_module
     import slabcache.format.keys as keys_module
