@@ -29,8 +29,9 @@ def rebuild_from_records(paths: StorePaths, g: Geometry, creation_id: bytes, res
     the index), so every record names an entry that was stored, unless a
     crash cut a put or an eviction short.  A key found in two slots cannot
     be told apart (generations count per slot), so neither is restored.
-    Two long keys whose hashes collide on one index key: the later slot's
-    is restored, the other's record cleared.
+    Of two long keys whose hashes are one index key, the later slot's is
+    restored (which was put last cannot be told; either is a right value)
+    and the other's record cleared.
     The new index takes the modes and owner of the old one, or the slab's.
     """
     tmp = paths.index_rebuild
@@ -72,7 +73,6 @@ def rebuild_from_records(paths: StorePaths, g: Geometry, creation_id: bytes, res
                      "newer cannot be told; neither is restored", fixed=True, key=canon)
                 unused += slots
                 del found[canon]
-        unused += _drop_collisions(found, res)
         header = read_header_bytes(paths.slab)
         idx = Index.acquire(tmp, map_size=default_map_size(g.slot_count), create=True)
         try:
@@ -88,6 +88,11 @@ def rebuild_from_records(paths: StorePaths, g: Geometry, creation_id: bytes, res
                     t.add(index_key(canon), canon, slot, rec.generation, rec.length, rec.checksum,
                              meta.encode(), pol, now)
                     used.add(slot)
+                # An entry that a long key's entry replaced (their hashes the
+                # same index key: EntryOps.add) left its slot vacated, as any
+                # dropped entry does: its record goes with the unused ones.
+                # Taken before the free slots below are released (vacated too).
+                collided, t.vacated = t.vacated or [], None
                 mark = max(used) + 1 if used else 0
                 t.set_next_unused(mark)
                 for s in range(mark):
@@ -95,7 +100,13 @@ def rebuild_from_records(paths: StorePaths, g: Geometry, creation_id: bytes, res
                         t.release_slot(s, 0)
         finally:
             idx.release()
-        for slot in unused:  # free now: a record there would come back at the next rebuild
+        if collided:
+            at = {c[0][0]: canon for canon, c in found.items()}
+            for slot in collided:
+                add(res, "colliding entry", "its key shares an index key with a key in a later "
+                     "slot, whose entry is restored", fixed=True, slot=slot, key=at[slot])
+                del found[at[slot]]
+        for slot in unused + collided:  # free now: a record there would come back at the next rebuild
             records.clear(slot)
     res.entries = len(found)
     _take_modes(paths, tmp)
@@ -103,27 +114,6 @@ def rebuild_from_records(paths: StorePaths, g: Geometry, creation_id: bytes, res
         shutil.rmtree(paths.index)
     os.rename(tmp, paths.index)
     add(res, "index rebuilt", f"restored {len(found)} entries from the slot records", fixed=True)
-
-
-def _drop_collisions(found: dict[bytes, list[tuple]], res: CheckResult) -> list[int]:
-    """Two long keys whose hashes give the same index key cannot both be
-    indexed: keep the one in the later slot (which of the two was put last
-    cannot be told; both are right values of their keys, so either may
-    stay), and take the other out of ``found``.  Returns the slots
-    dropped, whose records are to be cleared: a record left there would
-    come back, and collide again, at the next rebuild."""
-    by_ikey: dict[bytes, bytes] = {}
-    dropped = []
-    for canon, copies in sorted(found.items(), key=lambda kv: kv[1][0][0]):
-        ikey = index_key(canon)
-        other = by_ikey.get(ikey)
-        if other is not None:
-            slot = found.pop(other)[0][0]
-            add(res, "colliding entry", f"its key shares an index key with the key in slot "
-                 f"{copies[0][0]}; the later slot's entry is restored", fixed=True, slot=slot, key=other)
-            dropped.append(slot)
-        by_ikey[ikey] = canon
-    return dropped
 
 
 def _take_modes(paths: StorePaths, new: str) -> None:

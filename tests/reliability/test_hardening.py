@@ -269,8 +269,10 @@ def test_a_rebuild_keeps_one_of_two_long_keys_whose_index_keys_collide_and_clear
     first, second = "a" * 500, "b" * 500
     with SlabStore.open(p, capacity_bytes=16 * 4096, slot_bytes=4096) as s:
         s.put(first, rand_tensor(1000, 1))
+        s.put("gone", rand_tensor(1000, 4))  # removed: a free slot between them
         s.put("keep", rand_tensor(1000, 3))
         s.put(second, rand_tensor(1000, 2))
+        s.remove(["gone"])
         slots = {k: s.entry(k).slot for k in (first, second)}
     assert slots[first] < slots[second]
     collide = lambda canon: b"#" + bytes(32) if len(canon) > keys_module.MAX_INLINE_KEY else canon  # noqa: E731
