@@ -90,12 +90,14 @@ class UseTracker:
             for e in refs:
                 if refresh and wall - e.used < refresh:
                     continue
-                u = self._uses.get(e.ikey)
+                # A used key goes last: a flush records the uses in this
+                # order, and the eviction order follows it.
+                u = self._uses.pop(e.ikey, None)
                 if u is None:
-                    self._uses[e.ikey] = [1, wall, e.slot, e.generation]
-                else:
-                    u[0] += 1
-                    u[1] = wall
+                    u = [0, wall, e.slot, e.generation]
+                u[0] += 1
+                u[1] = wall
+                self._uses[e.ikey] = u
             n = len(self._uses)
             return (n and (n >= USE_BATCH or now - self._last_use_flush >= USE_FLUSH_SECONDS)
                     or now - self._last_counter_flush >= COUNTER_FLUSH_SECONDS)
@@ -151,11 +153,13 @@ class UseTracker:
         with self._lock:
             if len(self._uses) + len(uses) > MAX_PENDING_USES:
                 uses = {}  # the index keeps refusing them (full): forget the oldest
-            for ikey, (count, wall, slot, gen) in uses.items():
-                u = self._uses.get(ikey)
-                if u is None:
-                    self._uses[ikey] = [count, wall, slot, gen]
-                else:
-                    u[0] += count
+            # The uses taken back are older than those pending now: first.
+            merged = {ikey: list(u) for ikey, u in uses.items()}
+            for ikey, u in self._uses.items():
+                old = merged.pop(ikey, None)
+                if old is not None:
+                    u[0] += old[0]
+                merged[ikey] = u
+            self._uses = merged
             for name, n in (delta or {}).items():
                 self._pending[name] += n

@@ -233,6 +233,8 @@ def _fill(s, n):
 
 @pytest.mark.parametrize("policy,uses,expected_victims", [
     ("lru", ["k0"], ["k1", "k2"]),  # k0 refreshed, so k1 then k2 go
+    # Uses waiting for one flush keep their order: k0's second use is its last.
+    ("lru", ["k0", "k1", "k2", "k3", "k0"], ["k1", "k2"]),
     ("mru", ["k1"], ["k1", "new0"]),  # most recent goes first: k1 (used), then the newcomer
     ("fifo", ["k0"], ["k0", "k1"]),  # use does not matter
     ("lfu", ["k0", "k0", "k2"], ["k1", "k3"]),  # fewest uses; ties by least recent

@@ -265,6 +265,18 @@ def test_uses_given_back_past_the_cap_are_forgotten():
     assert u.pending_keys() == 10  # the index keeps refusing them: not hoarded
 
 
+def test_pending_uses_keep_their_order_and_uses_given_back_go_before_them():
+    """A flush records uses in the order they wait in: the eviction order."""
+    u = UseTracker(LRU())
+    from slabcache.index.entry import EntryRef
+
+    ref = {k: EntryRef(k, k, i, 1, 10, 0, b"") for i, k in enumerate([b"a", b"b", b"c"])}
+    u.hit_many([ref[b"a"], ref[b"b"], ref[b"a"]])  # a's second use is the later one
+    assert list(u._uses) == [b"b", b"a"] and u._uses[b"a"][0] == 2
+    u.give_back(({b"c": (1, 0.0, 2, 1), b"a": (3, 0.0, 0, 1)}, None))  # taken before those
+    assert list(u._uses) == [b"c", b"b", b"a"] and u._uses[b"a"][0] == 5
+
+
 def test_a_handle_that_only_misses_still_writes_its_counters(parts, monkeypatch):
     import slabcache.core.uses as uses_module
 
