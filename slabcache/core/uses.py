@@ -93,7 +93,9 @@ class UseTracker:
                 # A used key goes last: a flush records the uses in this
                 # order, and the eviction order follows it.
                 u = self._uses.pop(e.ikey, None)
-                if u is None:
+                if u is None or u[2] != e.slot or u[3] != e.generation:
+                    # None waiting, or only uses of an entry another process
+                    # has replaced since (a flush would drop them, this too).
                     u = [0, wall, e.slot, e.generation]
                 u[0] += 1
                 u[1] = wall
@@ -157,7 +159,7 @@ class UseTracker:
             merged = {ikey: list(u) for ikey, u in uses.items()}
             for ikey, u in self._uses.items():
                 old = merged.pop(ikey, None)
-                if old is not None:
+                if old is not None and old[2:] == u[2:]:  # not a replaced entry's
                     u[0] += old[0]
                 merged[ikey] = u
             self._uses = merged

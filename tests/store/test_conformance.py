@@ -672,6 +672,39 @@ def test_put_by_one_handle_is_visible_to_another(tmp_path, engine):
         assert "k" not in a
 
 
+def test_a_use_waiting_for_a_flush_follows_its_key_replaced_by_another_process(
+        tmp_path, engine, monkeypatch):
+    """A read of a key that another process removed and stored again, while
+    a use of its old entry waited in this handle, is a use of the new entry:
+    exact LRU evicts the keys read before it, not it."""
+    from slabcache.core import uses
+
+    # Uses wait for this handle's next write, however long the other takes.
+    monkeypatch.setattr(uses, "USE_FLUSH_SECONDS", 3600.0)
+    monkeypatch.setattr(uses, "COUNTER_FLUSH_SECONDS", 3600.0)
+    p = tmp_path / "s"
+    with SlabStore.open(p, capacity_bytes=4 * 4096, slot_bytes=4096, io=engine,
+                        use_refresh_seconds=0) as s:
+        _fill(s, 4)
+        assert s.get("k0") is not None  # a use of k0's entry, waiting for this handle's next write
+        run_py(f"""
+            import sys
+            from slabcache import SlabStore
+            from tests.helpers import rand_tensor
+            with SlabStore.open(sys.argv[1], io="{engine}") as o:
+                assert o.remove("k0") and o.put("k0", rand_tensor(16, 50))
+        """, str(p))
+        for k in ("k1", "k2", "k3", "k0"):
+            assert s.get(k) is not None
+        assert torch.equal(s.get("k0"), rand_tensor(16, 50))
+        victims = []
+        for j in range(2):
+            before = set(s.keys())
+            s.put(f"new{j}", rand_tensor(16, 100 + j))
+            victims += sorted(before - set(s.keys()))
+        assert victims == ["k1", "k2"]
+
+
 # ------------------------------------------------------------------ life
 
 

@@ -277,6 +277,24 @@ def test_pending_uses_keep_their_order_and_uses_given_back_go_before_them():
     assert list(u._uses) == [b"c", b"b", b"a"] and u._uses[b"a"][0] == 5
 
 
+def test_a_use_of_a_replaced_entry_is_not_counted_with_its_successors():
+    """Another process replaced an entry while a use of it waited: a read of
+    the new entry starts its own use (a flush drops the old entry's, as it
+    names a slot and generation no longer stored), and a use taken back of
+    the old entry adds nothing to the new one's."""
+    from slabcache.index.entry import EntryRef
+
+    u = UseTracker(LRU())
+    old, new = EntryRef(b"a", b"a", 0, 1, 10, 0, b""), EntryRef(b"a", b"a", 3, 2, 10, 0, b"")
+    u.hit_many([old, old])
+    u.hit_many([new])
+    assert u._uses[b"a"][0] == 1 and u._uses[b"a"][2:] == [3, 2]
+    u.give_back(({b"a": (4, 0.0, 0, 1)}, None))
+    assert u._uses[b"a"][0] == 1 and u._uses[b"a"][2:] == [3, 2]
+    u.give_back(({b"a": (4, 0.0, 3, 2)}, None))  # the same entry's: counted
+    assert u._uses[b"a"][0] == 5
+
+
 def test_a_handle_that_only_misses_still_writes_its_counters(parts, monkeypatch):
     import slabcache.core.uses as uses_module
 
