@@ -46,6 +46,7 @@ import time
 import torch
 import xxhash
 
+import slabcache
 from slabcache import SlabStore
 from slabcache.core.allocator import KEEP_FREE_FROM
 
@@ -233,7 +234,9 @@ def profile(directory: str, size: int = 16 * KiB, n: int = 2000, top: int = 10) 
             pr.disable()
             text = io.StringIO()
             pstats.Stats(pr, stream=text).sort_stats("tottime").print_stats(top)
-            lines = [ln for ln in text.getvalue().splitlines() if ln.strip()]
+            # The package's files by their path in the repository, wherever it lies.
+            root = os.path.dirname(os.path.dirname(os.path.abspath(slabcache.__file__))) + os.sep
+            lines = [ln.replace(root, "") for ln in text.getvalue().splitlines() if ln.strip()]
             start = next(i for i, ln in enumerate(lines) if ln.lstrip().startswith("ncalls"))
             out.append(f"{what} ({n} x {size >> 10} KiB), top {top} by own time:\n" +
                        "\n".join(lines[start:start + top + 1]))
