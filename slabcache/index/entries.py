@@ -43,8 +43,8 @@ class EntryOps:
     def add(self, ikey: bytes, canon: bytes, slot: int, generation: int, length: int,
             checksum: int, meta_raw: bytes, policy: Policy, now: float) -> UseStats:
         """A new entry, last in its use order; returns its use statistics."""
-        if ikey != canon:
-            self._drop_collided(ikey, canon, policy)
+        if ikey != canon:  # a put of a stored key is a use: one found here is another's
+            self.holds_or_clears(ikey, canon, policy)
         tick = self.tick() + 1
         use = self.put_entry((slot, generation, ikey, canon, length, checksum, meta_raw), tick,
                              policy, now)
@@ -70,8 +70,8 @@ class EntryOps:
         if entries:
             self._put_rows(entries, "entries")
             self._put_rows(order, "order", policy.files_last)
-        for i, row, at in long_rows:  # _drop_collided must see the rows put before
-            self._drop_collided(row[2], row[3], policy)
+        for i, row, at in long_rows:  # holds_or_clears must see the rows put before
+            self.holds_or_clears(row[2], row[3], policy)
             out[i] = self.put_entry(row, at, policy, now)
         if out:
             self.set_tick(tick)
@@ -86,13 +86,17 @@ class EntryOps:
         self.txn.put(order_key, ikey, db=self.db["order"])
         return use
 
-    def _drop_collided(self, ikey: bytes, canon: bytes, policy: Policy) -> None:
-        """Before a long key's new entry goes in: free the entry of another
-        key whose hash is the same index key (a put of a stored key is a
-        use, so an entry found here holds another key)."""
+    def holds_or_clears(self, ikey: bytes, canon: bytes, policy: Policy) -> bool:
+        """True when ``ikey``'s entry is ``canon``'s.  Otherwise, before
+        ``canon``'s new entry goes in, the entry of another key whose hash is
+        the same index key (only a long key's can be) is freed."""
         raw = self.txn.get(ikey, db=self.db["entries"])
-        if raw is not None and canon_of(raw) != canon:
-            self.free_entry(Entry.decode(ikey, raw), policy)
+        if raw is None:
+            return False
+        if canon_of(raw) == canon:
+            return True
+        self.free_entry(Entry.decode(ikey, raw), policy)
+        return False
 
     def _put_rows(self, rows: list, table: str, last: bool = False) -> None:
         """Put (key, value) ``rows`` into ``table`` with one call.  ``last``:

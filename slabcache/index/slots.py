@@ -17,7 +17,7 @@ import struct
 from typing import Iterator
 
 from ..errors import CorruptStoreError
-from .entry import Entry, canon_of, slot_gen_of
+from .entry import canon_of, slot_gen_of
 from .meta import U64
 from .policy import Policy
 
@@ -151,7 +151,7 @@ class SlotOps:
         """:meth:`settle` for each (slot, generation, ikey, canon, length,
         checksum, meta_raw) in order, in one loop (a batch's commit): the
         clock is read once and written once."""
-        txn, reserved, entries = self.txn, self.db["reserved"], self.db["entries"]
+        txn, reserved = self.txn, self.db["reserved"]
         tick = start = self.tick()
         out = []
         for row in rows:
@@ -162,13 +162,10 @@ class SlotOps:
                 out.append("lost")
                 continue
             txn.delete(skey, db=reserved)
-            old = txn.get(ikey, db=entries)
-            if old is not None:
-                if canon_of(old) == canon:
-                    self.release_slot(slot, generation)
-                    out.append("present")
-                    continue
-                self.free_entry(Entry.decode(ikey, old), policy)  # a long key's hash collided
+            if self.holds_or_clears(ikey, canon, policy):  # stored meanwhile, by another put
+                self.release_slot(slot, generation)
+                out.append("present")
+                continue
             tick += 1  # the new entry is last in its use order
             self.put_entry(row, tick, policy, now)
             out.append("stored")
