@@ -185,7 +185,7 @@ class FreeSlots:
     until then."""
 
     __slots__ = ("_alloc", "_items", "_cm", "_t", "_now", "_evicted", "_stored", "_nbytes",
-                 "claims")
+                 "claims", "kept")
 
     def __init__(self, alloc: "SlotAllocator", items: Sequence[Item]):
         self._alloc = alloc
@@ -193,6 +193,8 @@ class FreeSlots:
         self._cm = self._t = None
         self._evicted = self._stored = self._nbytes = 0
         self.claims: list = []
+        # Index keys of the batch's stored keys: no victim for its new ones.
+        self.kept: set[bytes] = set()
 
     def __enter__(self) -> "FreeSlots":
         a, items = self._alloc, self._items
@@ -214,6 +216,7 @@ class FreeSlots:
                     claims.append(at)
                 elif t.use_if_stored(ikey, canon, policy, now):
                     claims.append(PutStatus.PRESENT)
+                    self.kept.add(ikey)
                 else:
                     claims.append(None)
                     need.append(i)
@@ -228,7 +231,7 @@ class FreeSlots:
                     want = short + min(len(items), max(1, n // KEEP_AHEAD_PER))
                     have = t.free_count(n)
                     if have < want:
-                        self._evicted += t.free_next(policy, want - have)
+                        self._evicted += t.free_next(policy, want - have, self.kept)
             elif short:
                 a._seems_full = True  # batches at capacity reserve without asking again
         except BaseException as exc:
@@ -334,33 +337,43 @@ class SlotAllocator:
         self._last_reap = now
         return True
 
-    def reserve_many(self, keys: Sequence[Key]) -> list[Reservation | PutStatus | int]:
+    def reserve_many(self, keys: Sequence[Key], kept=()) -> list[Reservation | PutStatus | int]:
         """Reserve a slot for each key in one write transaction.  A key
         already stored is PRESENT (counted as a use); REJECTED when no slot
         can be had; a key repeated in ``keys`` gets the position of its
-        first occurrence, whose outcome it shares."""
+        first occurrence, whose outcome it shares.  No slot is taken from a
+        stored key of the batch, nor from an index key in ``kept`` (the
+        batch's stored keys found before)."""
         out: list[Reservation | PutStatus | int] = []
         first: dict[bytes, int] = {}
         now = time.time()
         n, owner, policy = self.geometry.slot_count, self.owner, self.policy
         evictions = rejected = 0
         with self.index.write(keys=len(keys), adds=len(keys) * RESERVATION_BYTES) as t:
+            # The batch's stored keys are used first, as in FreeSlots, and
+            # kept: none of them is evicted for one of its new keys (and
+            # written again after it, or lost though counted as stored).
+            need, keep = [], set(kept)
             for i, (canon, ikey) in enumerate(keys):
                 at = first.setdefault(canon, i)
                 if at != i:
                     out.append(at)
-                    continue
-                got = t.claim(ikey, canon, n, owner, policy, now, self._reap_due, self.keep_free)
-                if got is True:
+                elif t.use_if_stored(ikey, canon, policy, now):
                     out.append(PutStatus.PRESENT)
-                elif got is None:
+                    keep.add(ikey)
+                else:
+                    out.append(None)
+                    need.append(i)
+            for i in need:
+                got = t.claim(n, owner, policy, self._reap_due, self.keep_free, keep)
+                if got is None:
                     rejected += 1
-                    out.append(PutStatus.REJECTED)
+                    out[i] = PutStatus.REJECTED
                 else:
                     evictions += got[2]
                     # A free slot found, or one left free for the next put.
                     self._seems_full = bool(self._seems_full and got[2] and not self.keep_free)
-                    out.append(Reservation(self, got[0], got[1]))
+                    out[i] = Reservation(self, got[0], got[1])
             self._clear_vacated(t)
         if evictions:
             self._overflowed = True

@@ -164,7 +164,7 @@ class Writer:
         if error is not None:
             raise error  # the rest are not tried, as in _put_many_reserved
         rest = [i for i, cl in enumerate(c.claims) if cl is None]
-        rest_out = dict(zip(rest, self._put_many_reserved([items[i] for i in rest]))) if rest else {}
+        rest_out = dict(zip(rest, self._put_many_reserved([items[i] for i in rest], c.kept))) if rest else {}
         out: list[bool] = []
         for i, cl in enumerate(c.claims):
             if cl is None:
@@ -175,11 +175,11 @@ class Writer:
                 out.append(True)  # PRESENT, or written and committed
         return out
 
-    def _put_many_reserved(self, items: Sequence[Item]) -> list[bool]:
+    def _put_many_reserved(self, items: Sequence[Item], kept=()) -> list[bool]:
         """put_many with one transaction to reserve every slot and one to
-        commit every entry written."""
+        commit every entry written (``kept``: see reserve_many)."""
         alloc = self.allocator
-        got = alloc.reserve_many([it.key for it in items])
+        got = alloc.reserve_many([it.key for it in items], kept)
         todo = [(r, it) for r, it in zip(got, items) if isinstance(r, Reservation)]
         ok, bad, error = _outcomes(self._write_all([(r.slot, r.generation, it) for r, it in todo]))
         done = [(*todo[i], csum) for i, csum in ok]

@@ -114,26 +114,25 @@ class SlotOps:
         with self.txn.cursor(db=self.db["reserved"]) as cur:
             return [(U64.unpack(k)[0], _U32.unpack_from(v)[0], bytes(v[4:])) for k, v in cur]
 
-    def claim(self, ikey: bytes, canon: bytes, slot_count: int, owner: bytes, policy: Policy,
-              now: float, reap_due, keep_free: bool = False) -> tuple[int, int, int] | bool | None:
-        """Reserve a slot for ``canon``: (slot, new generation, how many
-        entries were evicted for it), True when the key is already stored (its
-        use recorded), None when no slot can be had.  A free slot comes
-        first, then slots of dead processes' reservations (when
-        ``reap_due()`` says so), then the policy's victim, evicted here
-        (with ``keep_free``, the next victim too, onto the free list)."""
-        if self.use_if_stored(ikey, canon, policy, now):
-            return True
+    def claim(self, slot_count: int, owner: bytes, policy: Policy, reap_due,
+              keep_free: bool = False, keep=()) -> tuple[int, int, int] | None:
+        """Reserve a slot for a key not stored (the caller has asked
+        use_if_stored): (slot, new generation, how many entries were evicted
+        for it), None when no slot can be had.  A free slot comes first, then
+        slots of dead processes' reservations (when ``reap_due()`` says so),
+        then the policy's victim, evicted here (with ``keep_free``, the next
+        victim too, onto the free list); never the entry of an index key in
+        ``keep`` (the stored keys of the caller's batch)."""
         got = self.take_free_slot(slot_count)
         if got is None and reap_due():
             self.reap_dead()
             got = self.take_free_slot(slot_count)
         evicted = 0
         if got is None:
-            got = self.evict_next(policy)
+            got = self.evict_next(policy, keep)
             if got is None:
                 return None
-            evicted = 1 + (keep_free and self.free_next(policy))
+            evicted = 1 + (keep_free and self.free_next(policy, 1, keep))
         slot, gen = got
         gen = next_generation(gen)
         self.txn.put(U64.pack(slot), _U32.pack(gen) + owner, db=self.db["reserved"])
@@ -173,17 +172,18 @@ class SlotOps:
             self.set_tick(tick)
         return out
 
-    def evict_next(self, policy: Policy) -> tuple[int, int] | None:
+    def evict_next(self, policy: Policy, keep=()) -> tuple[int, int] | None:
         """Evict the first entry in eviction order that nobody alive has
         pinned and hand its (slot, generation) to the caller, who reuses the
         slot; None when every entry is pinned."""
-        got = self.evict(policy, 1)
+        got = self.evict(policy, 1, keep)
         return got[0] if got else None
 
-    def evict(self, policy: Policy, count: int) -> list[tuple[int, int]]:
+    def evict(self, policy: Policy, count: int, keep=()) -> list[tuple[int, int]]:
         """Evict up to ``count`` entries, the first in eviction order that
-        nobody alive has pinned, and hand their (slot, generation) to the
-        caller; fewer when the rest are pinned.  Each entry is removed
+        nobody alive has pinned and whose index keys are not in ``keep``, and
+        hand their (slot, generation) to the caller; fewer when the rest are
+        pinned or kept.  Each entry is removed
         through its order key as found, without decoding more than its head
         (every put at capacity runs this), with one walk for them all.  A
         policy that evicts from the end (MRU) evicts one at a time."""
@@ -199,7 +199,7 @@ class SlotOps:
             while ok and len(out) < count:
                 ikey = bytes(cur.value())
                 raw = txn.get(ikey, db=entries)
-                if raw is None or (self._pins_exist and self._held(ikey)):
+                if raw is None or (self._pins_exist and self._held(ikey)) or (keep and ikey in keep):
                     ok = cur.prev() if backward else cur.next()
                     continue
                 got = slot_gen_of(raw)
@@ -214,10 +214,10 @@ class SlotOps:
                 out.append(got)
         return out
 
-    def free_next(self, policy: Policy, count: int = 1) -> int:
-        """Evict up to ``count`` of the policy's next victims onto the free
-        list; how many (0 when every entry is pinned)."""
-        got = self.evict(policy, count)
+    def free_next(self, policy: Policy, count: int = 1, keep=()) -> int:
+        """Evict up to ``count`` of the policy's next victims (see evict)
+        onto the free list; how many (0 when every entry is pinned)."""
+        got = self.evict(policy, count, keep)
         for slot, gen in got:
             self.release_slot(slot, gen)
         return len(got)

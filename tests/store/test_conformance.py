@@ -254,6 +254,50 @@ def test_eviction_order(make_store, policy, uses, expected_victims):
     assert s.stats()["evictions"] == 2
 
 
+@pytest.mark.parametrize("policy,left", [
+    ("lru", ["k1", "k3", "n0", "n1"]),  # k2, least recent once k1 is used, made room for n1
+    ("fifo", ["k1", "k3", "n0", "n1"]),  # k1 came first, but the batch names it: k2
+    ("lfu", ["k1", "k3", "n0", "n1"]),
+    ("mru", ["k0", "k1", "k2", "n1"]),  # k1 most recent once used, but named: n0
+])
+@pytest.mark.parametrize("slot_bytes,nbytes", [(4096, 1000), (512 << 10, 300 << 10)])
+def test_a_batch_keeps_its_stored_keys_when_it_evicts_for_its_new_ones(make_store, policy, left,
+                                                                      slot_bytes, nbytes):
+    """A put_many at capacity that names a stored key counts it as used
+    and evicts for its new keys only entries it does not name: the stored
+    key is neither evicted and written again nor lost while reported
+    stored.  (Small values: after a batch that found no free slot; values
+    over 256 KiB: always reserved.)"""
+    s = make_store(capacity_bytes=4 * slot_bytes, slot_bytes=slot_bytes, policy=policy,
+                   use_refresh_seconds=0)
+
+    def value(i):
+        return torch.full((nbytes // 4,), i, dtype=torch.int32)
+
+    for i in range(4):
+        assert s.put(f"k{i}", value(i))
+    assert s.put_many(["n0"], [value(10)]) == [True]  # evicts k0 (MRU: k3)
+    assert s.put_many(["n1", "k1"], [value(11), value(99)]) == [True, True]
+    assert sorted(s.keys()) == left
+    assert torch.equal(s.get("k1"), value(1))  # a use: not written again
+    assert s.stats()["evictions"] == 2
+
+
+@pytest.mark.parametrize("slots", [4, 256])  # 256: slots are freed ahead of need
+def test_a_batch_that_runs_out_of_free_slots_keeps_its_stored_keys(make_store, slots):
+    """FIFO's next victim is the oldest entry even when used; a batch that
+    names it and needs one slot more than are free evicts others."""
+    s = make_store(capacity_bytes=slots * 4096, policy="fifo")
+    for i in range(slots):
+        assert s.put(f"k{i}", rand_tensor(16, i))
+    oldest = next(i for i in range(slots) if f"k{i}" in s)
+    new = [f"n{j}" for j in range(s.stats()["slots_free"] + 1)]
+    keys = new + [f"k{oldest}"]
+    assert s.put_many(keys, [rand_tensor(16, 500 + j) for j in range(len(keys))]) == [True] * len(keys)
+    assert all(k in s for k in keys) and f"k{oldest + 1}" not in s
+    assert torch.equal(s.get(f"k{oldest}"), rand_tensor(16, oldest))
+
+
 def test_touch_counts_as_use_and_contains_does_not(make_store):
     s = make_store(capacity_bytes=3 * 4096, policy="lru")
     _fill(s, 3)

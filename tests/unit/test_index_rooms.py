@@ -131,11 +131,12 @@ def test_claim_takes_a_free_slot_then_evicts(index, me):
     lru = LRU()
     never = lambda: False  # noqa: E731 - no reaping in this test
     with index.write() as t:
-        got = t.claim(b"a", b"a", 1, me, lru, 0.0, never)
+        got = t.claim(1, me, lru, never)
         assert got == (0, 1, 0) and t.reservation(0) == (1, me)
         t.settle(0, 1, me, b"a", b"a", 10, 7, b"", lru, 0.0)
-        assert t.claim(b"a", b"a", 1, me, lru, 0.0, never) is True  # stored: a use
-        assert t.claim(b"b", b"b", 1, me, lru, 0.0, never) == (0, next_generation(1), 1)
+        assert t.claim(1, me, lru, never, keep={b"a"}) is None  # kept: no victim
+        assert t.entry(b"a") is not None
+        assert t.claim(1, me, lru, never) == (0, next_generation(1), 1)
         assert t.entry(b"a") is None and t.vacated == [0]
 
 
@@ -144,7 +145,7 @@ def test_claim_returns_none_when_every_entry_is_pinned(index, me):
         _add(t, b"a", 0)
         t.set_next_unused(1)
         t.pin(b"a", me)
-        assert t.claim(b"b", b"b", 1, me, LRU(), 0.0, lambda: False) is None
+        assert t.claim(1, me, LRU(), lambda: False) is None
 
 
 def test_settle_stores_finds_present_or_lost(index, me):
