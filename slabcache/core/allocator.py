@@ -165,7 +165,7 @@ class FreeSlot:
 
 
 class FreeSlots:
-    """``with allocator.claim_free_many(items) as c``: :class:`FreeSlot` for
+    """``with allocator.claim_free_many(items, kept) as c``: :class:`FreeSlot` for
     a batch, one write transaction open inside.  ``c.claims[i]`` for each
     item: PRESENT (its key is stored: a use was counted), the position of
     the key's first occurrence (a repeat, sharing its outcome), a free
@@ -187,14 +187,15 @@ class FreeSlots:
     __slots__ = ("_alloc", "_items", "_cm", "_t", "_now", "_evicted", "_stored", "_nbytes",
                  "claims", "kept")
 
-    def __init__(self, alloc: "SlotAllocator", items: Sequence[Item]):
+    def __init__(self, alloc: "SlotAllocator", items: Sequence[Item], kept: set[bytes]):
         self._alloc = alloc
         self._items = items
         self._cm = self._t = None
         self._evicted = self._stored = self._nbytes = 0
         self.claims: list = []
-        # Index keys of the batch's stored keys: no victim for its new ones.
-        self.kept: set[bytes] = set()
+        # Index keys of the batch's entries (the caller's, and its stored
+        # keys found here): no victim for its new keys.
+        self.kept = kept
 
     def __enter__(self) -> "FreeSlots":
         a, items = self._alloc, self._items
@@ -301,9 +302,9 @@ class SlotAllocator:
         """A free slot for ``key`` inside one write transaction (FreeSlot)."""
         return FreeSlot(self, key)
 
-    def claim_free_many(self, items: Sequence[Item]) -> FreeSlots:
+    def claim_free_many(self, items: Sequence[Item], kept: set[bytes]) -> FreeSlots:
         """Free slots for a batch inside one write transaction (FreeSlots)."""
-        return FreeSlots(self, items)
+        return FreeSlots(self, items, kept)
 
     def _end_claim(self, cm, t: IndexTxn, exc_info: tuple, claimed, stored: int, nbytes: int,
                    evicted: int) -> None:
@@ -343,7 +344,7 @@ class SlotAllocator:
         can be had; a key repeated in ``keys`` gets the position of its
         first occurrence, whose outcome it shares.  No slot is taken from a
         stored key of the batch, nor from an index key in ``kept`` (the
-        batch's stored keys found before)."""
+        batch's entries stored before this part of it)."""
         out: list[Reservation | PutStatus | int] = []
         first: dict[bytes, int] = {}
         now = time.time()

@@ -8,9 +8,6 @@ import sys
 
 import pytest
 import torch
-from hypothesis import settings
-from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from slabcache import SlabIOError, SlabStore, StorageFullError
 from slabcache.testing import (
@@ -207,97 +204,6 @@ def test_disk_full_at_creation_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.undo()
     with SlabStore.open(p, capacity_bytes=64 * 4096, slot_bytes=4096) as s:  # works once there is room
         assert s.put("k", expected("k"))
-
-
-# ------------------------------------------------------------------ model check
-
-
-class StoreVsModel(RuleBasedStateMachine):
-    """The store against a dict with the same capacity, LRU and pin rules."""
-
-    CAP = 4
-    KEYS = st.sampled_from([f"m{i}" for i in range(7)])
-
-    def __init__(self):
-        super().__init__()
-        import tempfile
-
-        self.dir = tempfile.mkdtemp()
-        self.s = SlabStore.open(self.dir, capacity_bytes=self.CAP * 4096, slot_bytes=4096, policy="lru",
-                                use_refresh_seconds=0)  # the model is exact LRU
-        self.model: dict[str, int] = {}  # key -> last use tick
-        self.pins: dict[str, int] = {}
-        self.tick = 0
-
-    def _use(self, k):
-        self.tick += 1
-        self.model[k] = self.tick
-
-    @rule(k=KEYS)
-    def put(self, k):
-        got = self.s.put(k, expected(k))
-        if k in self.model:
-            assert got
-            self._use(k)
-            return
-        if len(self.model) >= self.CAP:
-            free = [x for x in self.model if not self.pins.get(x)]
-            if not free:
-                assert got is False
-                return
-            victim = min(free, key=self.model.get)
-            del self.model[victim]
-        assert got
-        self._use(k)
-
-    @rule(k=KEYS)
-    def get(self, k):
-        v = self.s.get(k)
-        if k in self.model:
-            assert v is not None and torch.equal(v, expected(k))
-            self._use(k)
-        else:
-            assert v is None
-
-    @rule(k=KEYS)
-    def touch(self, k):
-        self.s.touch([k])
-        if k in self.model:
-            self._use(k)
-
-    @rule(k=KEYS)
-    def pin(self, k):
-        assert self.s.pin(k) == (k in self.model)
-        if k in self.model:
-            self.pins[k] = self.pins.get(k, 0) + 1
-
-    @precondition(lambda self: any(self.pins.values()))
-    @rule(data=st.data())
-    def unpin(self, data):
-        k = data.draw(st.sampled_from(sorted(x for x, n in self.pins.items() if n)))
-        assert self.s.unpin(k)
-        self.pins[k] -= 1
-
-    @rule(k=KEYS)
-    def remove(self, k):
-        assert self.s.remove(k, force=True) == (k in self.model)
-        self.model.pop(k, None)
-        self.pins.pop(k, None)
-
-    @invariant()
-    def same_keys(self):
-        assert sorted(self.s.keys()) == sorted(self.model)
-        assert self.s.prefix(sorted(self.model)) == len(self.model)
-
-    def teardown(self):
-        self.s.close()
-        import shutil
-
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-TestStoreVsModel = StoreVsModel.TestCase
-TestStoreVsModel.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
 
 
 # ------------------------------------------------------------------ stale readers

@@ -298,6 +298,21 @@ def test_a_batch_that_runs_out_of_free_slots_keeps_its_stored_keys(make_store, s
     assert torch.equal(s.get(f"k{oldest}"), rand_tensor(16, oldest))
 
 
+@pytest.mark.parametrize("policy,kept", [("mru", "k0"), ("lfu", "k1")])
+def test_a_batch_never_evicts_its_own_new_entries(make_store, policy, kept):
+    """A batch with more new keys than free slots: those written into free
+    slots join the order first, and are then MRU's newest or LFU's least
+    used entries; the keys after them evict entries the batch does not name."""
+    s = make_store(capacity_bytes=4 * 4096, policy=policy, use_refresh_seconds=0)
+    assert s.put("k0", rand_tensor(16, 0)) and s.put("k1", rand_tensor(16, 1))
+    assert s.get("k0") is not None and s.get("k1") is not None  # each used once (LFU)
+    keys = ["n0", "n1", "n2"]
+    assert s.put_many(keys, [rand_tensor(16, 10 + j) for j in range(3)]) == [True] * 3
+    assert sorted(s.keys()) == [kept, "n0", "n1", "n2"]  # MRU's newest went; LFU's least recent
+    for j, k in enumerate(keys):
+        assert torch.equal(s.get(k), rand_tensor(16, 10 + j))
+
+
 def test_touch_counts_as_use_and_contains_does_not(make_store):
     s = make_store(capacity_bytes=3 * 4096, policy="lru")
     _fill(s, 3)
