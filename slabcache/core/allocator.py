@@ -193,9 +193,7 @@ class FreeSlots:
         self._cm = self._t = None
         self._evicted = self._stored = self._nbytes = 0
         self.claims: list = []
-        # Index keys of the batch's entries (the caller's, and its stored
-        # keys found here): no victim for its new keys.
-        self.kept = kept
+        self.kept = kept  # the batch's entries' index keys: no victims for its new keys
 
     def __enter__(self) -> "FreeSlots":
         a, items = self._alloc, self._items
@@ -342,18 +340,15 @@ class SlotAllocator:
         """Reserve a slot for each key in one write transaction.  A key
         already stored is PRESENT (counted as a use); REJECTED when no slot
         can be had; a key repeated in ``keys`` gets the position of its
-        first occurrence, whose outcome it shares.  No slot is taken from a
-        stored key of the batch, nor from an index key in ``kept`` (the
-        batch's entries stored before this part of it)."""
+        first occurrence, whose outcome it shares.  No slot is taken from the
+        batch's stored keys, nor from ``kept`` (its entries stored before)."""
         out: list[Reservation | PutStatus | int] = []
         first: dict[bytes, int] = {}
         now = time.time()
         n, owner, policy = self.geometry.slot_count, self.owner, self.policy
         evictions = rejected = 0
         with self.index.write(keys=len(keys), adds=len(keys) * RESERVATION_BYTES) as t:
-            # The batch's stored keys are used first, as in FreeSlots, and
-            # kept: none of them is evicted for one of its new keys (and
-            # written again after it, or lost though counted as stored).
+            # Stored keys first, as in FreeSlots: none is then a new key's victim.
             need, keep = [], set(kept)
             for i, (canon, ikey) in enumerate(keys):
                 at = first.setdefault(canon, i)
