@@ -150,15 +150,16 @@ class Writer:
         # none is evicted for a later key of the batch (as none is where a
         # batch reserves every slot in one transaction).
         kept: set[bytes] = set()
-        for lo, hi in groups:  # one after another: a failure stops the rest
-            out.extend(self._put_many_free(items[lo:hi], kept))
+        for j, (lo, hi) in enumerate(groups):  # one after another: a failure stops the rest
+            out.extend(self._put_many_free(items[lo:hi], kept, j + 1 < len(groups)))
         return out
 
-    def _put_many_free(self, items: Sequence[Item], kept: set[bytes]) -> list[bool]:
+    def _put_many_free(self, items: Sequence[Item], kept: set[bytes], more: bool) -> list[bool]:
         """Items with a free slot written and committed inside the one write
         transaction that claims the slots (claim_free_many); the others, if
         any, reserved afterwards.  ``kept`` (see put_many) gains this
-        group's entries."""
+        group's entries where a part of the batch follows (``more``, or the
+        keys left to reserve)."""
         with self.allocator.claim_free_many(items, kept) as c:
             todo = [(cl[0], cl[1], items[i]) for i, cl in enumerate(c.claims) if type(cl) is tuple]
             done, failed, error = _outcomes(self._write_all(todo) if todo else ())
@@ -168,10 +169,12 @@ class Writer:
             c.give_back([todo[i][:2] for i in failed])
         if error is not None:
             raise error  # the rest are not tried, as in _put_many_reserved
-        kept.update(todo[i][2].key.ikey for i, _csum in done)
         rest = [i for i, cl in enumerate(c.claims) if cl is None]
+        if rest or more:
+            kept.update(todo[i][2].key.ikey for i, _csum in done)
         rest_out = dict(zip(rest, self._put_many_reserved([items[i] for i in rest], kept))) if rest else {}
-        kept.update(items[i].key.ikey for i, ok in rest_out.items() if ok)
+        if more:
+            kept.update(items[i].key.ikey for i, ok in rest_out.items() if ok)
         out: list[bool] = []
         for i, cl in enumerate(c.claims):
             if cl is None:

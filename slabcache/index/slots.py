@@ -122,7 +122,7 @@ class SlotOps:
         slots of dead processes' reservations (when ``reap_due()`` says so),
         then the policy's victim, evicted here (with ``keep_free``, the next
         victim too, onto the free list); never the entry of an index key in
-        ``keep`` (the stored keys of the caller's batch)."""
+        ``keep`` (the caller's batch's entries)."""
         got = self.take_free_slot(slot_count)
         if got is None and reap_due():
             self.reap_dead()

@@ -313,6 +313,21 @@ def test_a_batch_never_evicts_its_own_new_entries(make_store, policy, kept):
         assert torch.equal(s.get(k), rand_tensor(16, 10 + j))
 
 
+@pytest.mark.parametrize("stored", [4, 6])  # 4: the first group fits the free slots
+def test_a_batch_in_several_groups_never_evicts_its_earlier_groups(make_store, stored):
+    """Values of 256 KiB go in 1 MiB groups of four; MRU's newest entries
+    are an earlier group's, and a later group evicts the older ones."""
+    size = 256 << 10
+    s = make_store(capacity_bytes=8 * size, slot_bytes=size, policy="mru")
+    for i in range(stored):
+        assert s.put(f"k{i}", torch.full((size,), i, dtype=torch.uint8))
+    keys = [f"n{j}" for j in range(8)]
+    assert s.put_many(keys, [torch.full((size,), 10 + j, dtype=torch.uint8) for j in range(8)]) == [True] * 8
+    assert sorted(s.keys()) == keys
+    for j, k in enumerate(keys):
+        assert torch.equal(s.get(k), torch.full((size,), 10 + j, dtype=torch.uint8))
+
+
 def test_touch_counts_as_use_and_contains_does_not(make_store):
     s = make_store(capacity_bytes=3 * 4096, policy="lru")
     _fill(s, 3)
